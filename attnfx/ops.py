@@ -1,0 +1,252 @@
+"""The attnfx custom ops and the functional API.
+
+One generic op per family, registered once; the kernel is chosen by the spec string::
+
+    attnfx::attention(q, k, v, aux[], spec) -> (out, lse)
+    attnfx::attention_backward(dout, q, k, v, aux[], out, lse, spec) -> (dq, dk, dv)
+
+``q`` is (B, Hq, NQ, D), ``k`` (B, Hk, NK, D), ``v`` (B, Hk, NK, Dv), any strides; each
+aux tensor is broadcast (stride-0 views) to (B, Hq, NQ, NK).  ``lse`` is the float32
+log-sum-exp of each query row's scores (softmax), saved for the backward.
+
+Where the op runs:
+
+* CUDA tensors: the generated Triton kernels.
+* CPU tensors: a PyTorch implementation of the spec (``reference_attention``) by
+  default, or the generated Triton kernels under Triton's interpreter when
+  ``ATTNFX_INTERPRET=1`` (that is how the tests exercise the kernels without a GPU).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from attnfx.spec import AttentionSpec
+
+_TORCH_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bool": torch.bool,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "uint8": torch.uint8,
+}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _TORCH_DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def use_triton(device: torch.device) -> bool:
+    """Whether the op runs the generated Triton kernels for tensors on ``device``."""
+    if device.type == "cuda":
+        return True
+    return os.environ.get("ATTNFX_INTERPRET", "0") == "1"
+
+
+# ---------------------------------------------------------------------------------------
+# PyTorch implementation of a spec (CPU default, and the readable definition of a spec)
+# ---------------------------------------------------------------------------------------
+
+
+def apply_score_ops(s: Tensor, spec: AttentionSpec, aux: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Run the score program on float32 scores ``s`` (B, Hq, NQ, NK).
+
+    Returns the scores and a bool tensor of the pairs no fill op masked out.
+    """
+    nq, nk = s.shape[-2], s.shape[-1]
+    kept = torch.ones((), dtype=torch.bool, device=s.device)
+    for op in spec.score_ops:
+        if op.op == "mul":
+            s = s * op.value
+        elif op.op == "add":
+            s = s + op.value
+        elif op.op == "mul_aux":
+            s = s * aux[op.aux].to(s.dtype)
+        elif op.op == "add_aux":
+            s = s + aux[op.aux].to(s.dtype)
+        elif op.op == "fill_aux":
+            hit = aux[op.aux].to(torch.bool)
+            hit = hit if op.fill_where else ~hit
+            s = torch.where(hit, torch.full_like(s, op.value), s)
+            kept = kept & ~hit
+        elif op.op == "fill_pred":
+            keep = op.predicate.materialize(nq, nk, device=s.device)
+            s = torch.where(keep, s, torch.full_like(s, op.value))
+            kept = kept & keep
+    return s, kept.expand_as(s)
+
+
+def reference_attention(
+    q: Tensor, k: Tensor, v: Tensor, aux: list[Tensor], spec: AttentionSpec
+) -> tuple[Tensor, Tensor]:
+    """What the spec computes, in PyTorch: float32 scores, output in ``out_dtype``."""
+    g = spec.gqa_group
+    if g > 1:
+        k = k.repeat_interleave(g, dim=1)
+        v = v.repeat_interleave(g, dim=1)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1))
+    s, kept = apply_score_ops(s, spec, aux)
+    if spec.activation == "softmax":
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.softmax(s, dim=-1)
+    else:
+        lse = torch.zeros(s.shape[:-1], dtype=acc, device=s.device)
+        p = torch.sigmoid(s)
+    if spec.fully_masked == "zero":
+        p = torch.where(kept.any(-1, keepdim=True), p, torch.zeros_like(p))
+    out = torch.matmul(p, v.to(acc))
+    return out.to(torch_dtype(spec.out_dtype)), lse.to(torch.float32)
+
+
+def _score_grad_factor(s_shape, spec: AttentionSpec, aux: list[Tensor], device) -> Tensor:
+    """d(score program)/d(raw scores): the product of the multipliers, 0 where filled."""
+    nq, nk = s_shape[-2], s_shape[-1]
+    f = torch.ones((), dtype=torch.float32, device=device)
+    for op in spec.score_ops:
+        if op.op == "mul":
+            f = f * op.value
+        elif op.op == "mul_aux":
+            f = f * aux[op.aux].to(torch.float32)
+        elif op.op == "fill_aux":
+            hit = aux[op.aux].to(torch.bool)
+            f = torch.where(hit if op.fill_where else ~hit, 0.0, f)
+        elif op.op == "fill_pred":
+            f = torch.where(op.predicate.materialize(nq, nk, device=device), f, 0.0)
+    return f
+
+
+def reference_attention_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, aux: list[Tensor], spec: AttentionSpec
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``reference_attention``'s output, written out (the op runs below
+    autograd, so it cannot differentiate itself)::
+
+        dv = pᵀ·dO          dp = dO·vᵀ
+        ds = p ⊙ (dp − rowsum(p ⊙ dp))      (softmax)     ds = p ⊙ (1 − p) ⊙ dp   (sigmoid)
+        ds_raw = ds ⊙ f     (f: the score program's derivative)
+        dq = ds_raw·k       dk = ds_rawᵀ·q
+
+    For GQA the key/value gradients of the query heads sharing one kv head are summed.
+    """
+    g = spec.gqa_group
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kk = k.repeat_interleave(g, dim=1).to(acc) if g > 1 else k.to(acc)
+    vv = v.repeat_interleave(g, dim=1).to(acc) if g > 1 else v.to(acc)
+    qq, do = q.to(acc), dout.to(acc)
+    s, kept = apply_score_ops(torch.matmul(qq, kk.transpose(-2, -1)), spec, aux)
+    if spec.activation == "softmax":
+        p = torch.softmax(s, dim=-1)
+    else:
+        p = torch.sigmoid(s)
+    if spec.fully_masked == "zero":
+        p = torch.where(kept.any(-1, keepdim=True), p, torch.zeros_like(p))
+    dv = torch.matmul(p.transpose(-2, -1), do)
+    dp = torch.matmul(do, vv.transpose(-2, -1))
+    if spec.activation == "softmax":
+        ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+    else:
+        ds = p * (1 - p) * dp
+    ds = ds * _score_grad_factor(s.shape, spec, aux, s.device).to(acc)
+    dq = torch.matmul(ds, kk)
+    dk = torch.matmul(ds.transpose(-2, -1), qq)
+    if g > 1:
+        b, h, n, _ = dk.shape
+        dk = dk.view(b, h // g, g, n, -1).sum(2)
+        dv = dv.view(b, h // g, g, n, -1).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# The custom ops
+# ---------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("attnfx::attention", mutates_args=())
+def attention_op(q: Tensor, k: Tensor, v: Tensor, aux: list[Tensor], spec: str) -> tuple[Tensor, Tensor]:
+    s = AttentionSpec.from_key(spec)
+    _check_inputs(q, k, v, aux, s)
+    if use_triton(q.device):
+        from attnfx.codegen import run_forward
+
+        return run_forward(s, q, k, v, aux)
+    out, lse = reference_attention(q, k, v, aux, s)
+    return out.contiguous(), lse.contiguous()
+
+
+@attention_op.register_fake
+def _(q, k, v, aux, spec):
+    s = AttentionSpec.from_key(spec)
+    b, h, nq, _ = q.shape
+    out = q.new_empty((b, h, nq, v.shape[-1]), dtype=torch_dtype(s.out_dtype))
+    lse = q.new_empty((b, h, nq), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("attnfx::attention_backward", mutates_args=())
+def attention_backward_op(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, aux: list[Tensor], out: Tensor, lse: Tensor, spec: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    s = AttentionSpec.from_key(spec)
+    if use_triton(q.device):
+        from attnfx.codegen import run_backward
+
+        return run_backward(s, dout, q, k, v, aux, out, lse)
+    dq, dk, dv = reference_attention_backward(dout, q, k, v, aux, s)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@attention_backward_op.register_fake
+def _(dout, q, k, v, aux, out, lse, spec):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, aux, spec = inputs
+    out, lse = output
+    ctx.spec = spec
+    ctx.n_aux = len(aux)
+    ctx.save_for_backward(q, k, v, out, lse, *aux)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, *aux = ctx.saved_tensors
+    dq, dk, dv = attention_backward_op(dout.contiguous(), q, k, v, list(aux), out, lse, ctx.spec)
+    return dq, dk, dv, [None] * ctx.n_aux, None
+
+
+attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_inputs(q, k, v, aux, spec: AttentionSpec):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attnfx::attention expects 4-D q, k, v; got {q.dim()}, {k.dim()}, {v.dim()}")
+    if q.shape[1] != k.shape[1] * spec.gqa_group:
+        raise ValueError(f"q has {q.shape[1]} heads, k {k.shape[1]}, spec says group {spec.gqa_group}")
+    for i, a in enumerate(aux):
+        if a.dim() != 4:
+            raise ValueError(f"aux tensor {i} must be broadcast to 4-D, got shape {tuple(a.shape)}")
+
+
+# ---------------------------------------------------------------------------------------
+# Functional API
+# ---------------------------------------------------------------------------------------
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, aux: list[Tensor] | None = None) -> Tensor:
+    """Run ``spec`` on (B, H, N, D) tensors through the attnfx custom op."""
+    b, h, nq, _ = q.shape
+    nk = k.shape[-2]
+    aux = [a.expand(b, h, nq, nk) for a in (aux or [])]
+    out, _ = attention_op(q, k, v, aux, spec.key)
+    return out

@@ -1,0 +1,238 @@
+"""Mask predicates: a boolean sympy expression over the query and key index.
+
+A predicate says which (query, key) pairs are *kept*.  It is part of the IR: the mask
+analysis pass builds one from index arithmetic found in the graph, codegen prints it as
+Triton, the reference implementation materializes it with torch, and block skipping
+derives, from the same expression, which key blocks a query block may touch.
+
+Symbols: ``Q`` (query index), ``K`` (key index), ``NQ`` and ``NK`` (query and key lengths,
+known only at run time, so that one kernel serves every sequence length).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import sympy
+
+Q, K, NQ, NK = sympy.symbols("Q K NQ NK", integer=True)
+_SYMBOLS = {"Q": Q, "K": K, "NQ": NQ, "NK": NK}
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskClass:
+    """What a predicate is, for the report and for block skipping.
+
+    ``kind``: ``"none"`` (always true), ``"causal"`` (``K <= Q + offset``), ``"window"``
+    (``Q - left <= K <= Q + right``; either side may be unbounded, i.e. ``None``) or
+    ``"predicate"`` (anything else; evaluated per element, no block skipping).
+    ``left``/``right`` are sympy expressions in ``NQ``/``NK`` (e.g. ``NK - NQ`` for a
+    bottom-right aligned causal mask).
+    """
+
+    kind: str
+    left: sympy.Expr | None = None
+    right: sympy.Expr | None = None
+
+    def describe(self) -> str:
+        if self.kind == "causal":
+            return "causal" if self.right == 0 else f"causal(offset={self.right})"
+        if self.kind == "window":
+            return f"window(left={self.left}, right={self.right})"
+        return self.kind
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskPredicate:
+    expr: sympy.Basic
+
+    # -- serialization: the spec key must be a plain string ---------------------------
+    def to_key(self) -> str:
+        return sympy.srepr(self.expr)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def from_key(key: str) -> MaskPredicate:
+        return MaskPredicate(_rebind(sympy.sympify(key)))
+
+    def __str__(self) -> str:
+        return str(self.expr)
+
+    # -- classification ----------------------------------------------------------------
+    @functools.cached_property
+    def mask_class(self) -> MaskClass:
+        return classify(self.expr)
+
+    # -- evaluation ----------------------------------------------------------------------
+    def materialize(self, nq: int, nk: int, device=None):
+        """A ``(nq, nk)`` bool tensor: True where the pair is kept."""
+        import torch
+
+        q = torch.arange(nq, device=device).view(nq, 1)
+        k = torch.arange(nk, device=device).view(1, nk)
+        out = _eval_torch(self.expr, {Q: q, K: k, NQ: nq, NK: nk})
+        return torch.as_tensor(out, device=device).to(torch.bool).expand(nq, nk)
+
+    def to_triton(self, q: str = "offs_m", k: str = "offs_n", nq: str = "N_Q", nk: str = "N_K") -> str:
+        """The predicate as a Triton expression over broadcastable index vectors."""
+        return _TritonPrinter({Q: f"{q}[:, None]", K: f"{k}[None, :]", NQ: nq, NK: nk}).doprint(
+            self.expr
+        )
+
+
+def _rebind(expr):
+    """Parsed symbols lose their assumptions; map them back onto ours."""
+    return expr.xreplace({s: _SYMBOLS[s.name] for s in expr.free_symbols if s.name in _SYMBOLS})
+
+
+def _eval_torch(e, env):
+    """Evaluate the predicate subset on integer tensors (floored division and modulo,
+    like Python and sympy)."""
+    import torch
+
+    ev = lambda x: _eval_torch(x, env)
+    if e in env:
+        return env[e]
+    if e is sympy.true or e is sympy.false:
+        return bool(e)
+    if isinstance(e, sympy.Integer):
+        return int(e)
+    if isinstance(e, sympy.Rational):
+        return e.p / e.q
+    if isinstance(e, sympy.And):
+        return functools.reduce(lambda a, b: a & b, map(ev, e.args))
+    if isinstance(e, sympy.Or):
+        return functools.reduce(lambda a, b: a | b, map(ev, e.args))
+    if isinstance(e, sympy.Not):
+        return ~ev(e.args[0])
+    if isinstance(e, sympy.Rel):
+        a, b = ev(e.lhs), ev(e.rhs)
+        return {"<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b, "==": a == b, "!=": a != b}[
+            e.rel_op
+        ]
+    if isinstance(e, sympy.Add):
+        return functools.reduce(lambda a, b: a + b, map(ev, e.args))
+    if isinstance(e, sympy.Mul):
+        return functools.reduce(lambda a, b: a * b, map(ev, e.args))
+    if isinstance(e, sympy.Abs):
+        return abs(ev(e.args[0]))
+    if isinstance(e, sympy.Mod):
+        return ev(e.args[0]) % ev(e.args[1])
+    if isinstance(e, sympy.floor) and isinstance(e.args[0], sympy.Mul):
+        num, den = e.args[0].as_numer_denom()
+        return ev(num) // ev(den)
+    if isinstance(e, sympy.Min):
+        return functools.reduce(lambda a, b: torch.minimum(torch.as_tensor(a), torch.as_tensor(b)), map(ev, e.args))
+    if isinstance(e, sympy.Max):
+        return functools.reduce(lambda a, b: torch.maximum(torch.as_tensor(a), torch.as_tensor(b)), map(ev, e.args))
+    raise NotImplementedError(f"cannot evaluate {type(e).__name__} in a mask predicate: {e}")
+
+
+class _TritonPrinter:
+    """Prints the small sympy subset the mask analysis produces as Triton source."""
+
+    def __init__(self, names):
+        self.names = names
+
+    def doprint(self, e) -> str:
+        p = self.doprint
+        if e in self.names:
+            return self.names[e]
+        if e is sympy.true:
+            return "True"
+        if e is sympy.false:
+            return "False"
+        if isinstance(e, sympy.Integer):
+            return str(int(e))
+        if isinstance(e, sympy.Rational):
+            return f"({e.p} / {e.q})"
+        if isinstance(e, sympy.And):
+            return "(" + " & ".join(p(a) for a in e.args) + ")"
+        if isinstance(e, sympy.Or):
+            return "(" + " | ".join(p(a) for a in e.args) + ")"
+        if isinstance(e, sympy.Not):
+            return f"(~{p(e.args[0])})"
+        if isinstance(e, sympy.Rel):
+            return f"({p(e.lhs)} {e.rel_op} {p(e.rhs)})"
+        if isinstance(e, sympy.Add):
+            return "(" + " + ".join(p(a) for a in e.args) + ")"
+        if isinstance(e, sympy.Mul):
+            return "(" + " * ".join(p(a) for a in e.args) + ")"
+        if isinstance(e, sympy.Abs):
+            return f"tl.abs({p(e.args[0])})"
+        if isinstance(e, sympy.Mod):
+            # Python/sympy modulo is floored; Triton's % truncates like C.
+            a, b = (p(x) for x in e.args)
+            return f"((({a}) % ({b}) + ({b})) % ({b}))"
+        if isinstance(e, sympy.floor) and isinstance(e.args[0], sympy.Mul):
+            # floor(x / c) from floor division of integers
+            num, den = e.args[0].as_numer_denom()
+            return f"_floordiv({p(num)}, {p(den)})"
+        if isinstance(e, sympy.Min):
+            return _fold("tl.minimum", [p(a) for a in e.args])
+        if isinstance(e, sympy.Max):
+            return _fold("tl.maximum", [p(a) for a in e.args])
+        raise NotImplementedError(f"cannot print {type(e).__name__} in a Triton mask: {e}")
+
+
+def _fold(fn, items):
+    out = items[0]
+    for x in items[1:]:
+        out = f"{fn}({out}, {x})"
+    return out
+
+
+_FLIP = {
+    sympy.LessThan: sympy.GreaterThan,
+    sympy.GreaterThan: sympy.LessThan,
+    sympy.StrictLessThan: sympy.StrictGreaterThan,
+    sympy.StrictGreaterThan: sympy.StrictLessThan,
+}
+
+
+def _linear_bound(rel) -> tuple[str, sympy.Expr] | None:
+    """Read one relation as a bound on ``K - Q``: ``("upper", c)`` for ``K - Q <= c``,
+    ``("lower", c)`` for ``K - Q >= c``, with ``c`` free of ``Q`` and ``K``."""
+    if type(rel) not in _FLIP:
+        return None
+    diff = sympy.expand(rel.lhs - rel.rhs)  # the relation reads: diff (op) 0
+    ck, cq = diff.coeff(K), diff.coeff(Q)
+    if ck not in (1, -1) or cq != -ck:
+        return None
+    rest = sympy.expand(diff - ck * (K - Q))
+    if rest.has(Q) or rest.has(K):
+        return None
+    op = type(rel) if ck == 1 else _FLIP[type(rel)]
+    bound = sympy.expand(-rest / ck)  # K - Q (op) bound
+    if op is sympy.StrictLessThan:
+        return "upper", bound - 1
+    if op is sympy.LessThan:
+        return "upper", bound
+    if op is sympy.StrictGreaterThan:
+        return "lower", bound + 1
+    return "lower", bound
+
+
+def classify(expr) -> MaskClass:
+    if expr is sympy.true or expr == True:  # noqa: E712 - sympy booleans
+        return MaskClass("none")
+    rels = list(expr.args) if isinstance(expr, sympy.And) else [expr]
+    upper = lower = None
+    for r in rels:
+        b = _linear_bound(r)
+        if b is None:
+            return MaskClass("predicate")
+        side, val = b
+        if side == "upper":
+            if upper is not None:
+                return MaskClass("predicate")
+            upper = val
+        else:
+            if lower is not None:
+                return MaskClass("predicate")
+            lower = val
+    if lower is None and upper is not None:
+        return MaskClass("causal", None, upper)
+    # window: lower <= K - Q <= upper  ->  left = -lower, right = upper
+    return MaskClass("window", None if lower is None else sympy.expand(-lower), upper)

@@ -1,0 +1,163 @@
+"""``AttentionSpec``: the one IR between the passes and codegen.
+
+A spec says *what* an attention site computes, never how.  The computation it
+describes, for query ``q`` (B, Hq, NQ, D), key ``k`` (B, Hk, NK, D) and value ``v``
+(B, Hk, NK, Dv) with ``Hq = group * Hk``::
+
+    s   = q @ kᵀ                         (float32)
+    s   = op_n(... op_1(s))              the score program, ``score_ops`` in order
+    p   = activation(s)                  softmax over keys (or sigmoid, later)
+    out = (p @ v).to(out_dtype)
+
+Each score op reads, at most, one *aux* tensor: an extra operand of the custom op,
+already broadcast (by stride-0 views, never copies) to (B, Hq, NQ, NK).  Sizes are not
+part of the spec: one spec, and one compiled kernel, serves every sequence length.
+
+The spec is frozen and hashable, and serializes to a plain string (``key``) that is
+passed to the custom op, so the op needs no side registry to find its kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+
+from attnfx.predicate import MaskClass, MaskPredicate
+
+SCORE_OPS = ("mul", "add", "mul_aux", "add_aux", "fill_aux", "fill_pred")
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+AUX_DTYPES = DTYPES + ("bool", "int32", "int64", "uint8")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreOp:
+    """One elementwise step of the score program, applied to the float32 scores ``s``.
+
+    ============  ==========================================================
+    ``mul``       ``s * value``            (a constant: the softmax scale)
+    ``add``       ``s + value``
+    ``mul_aux``   ``s * aux[i]``           (a tensor constant along keys, e.g. a per-query scale)
+    ``add_aux``   ``s + aux[i]``           (additive bias or float mask)
+    ``fill_aux``  ``where(aux[i] == fill_where, value, s)``   (``masked_fill`` / ``where``)
+    ``fill_pred`` ``where(pred(q_idx, kv_idx), s, value)``    (an index predicate; True keeps)
+    ============  ==========================================================
+    """
+
+    op: str
+    value: float | None = None
+    aux: int | None = None
+    pred: str | None = None  # MaskPredicate key (sympy srepr), for fill_pred
+    fill_where: bool = True
+
+    def __post_init__(self):
+        if self.op not in SCORE_OPS:
+            raise ValueError(f"unknown score op {self.op!r}")
+        if self.op.endswith("_aux") and self.aux is None:
+            raise ValueError(f"{self.op} needs an aux index")
+        if self.op == "fill_pred" and self.pred is None:
+            raise ValueError("fill_pred needs a predicate")
+
+    @property
+    def predicate(self) -> MaskPredicate | None:
+        return MaskPredicate.from_key(self.pred) if self.pred is not None else None
+
+    def describe(self) -> str:
+        if self.op == "mul":
+            return f"*{self.value:.6g}"
+        if self.op == "add":
+            return f"+{self.value:.6g}"
+        if self.op == "mul_aux":
+            return f"*aux{self.aux}"
+        if self.op == "add_aux":
+            return f"+aux{self.aux}"
+        if self.op == "fill_aux":
+            return f"fill({'' if self.fill_where else '~'}aux{self.aux}, {self.value:g})"
+        return f"keep[{self.predicate.mask_class.describe()}] else {self.value:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    kind: str = "softmax"  # the report's kind: softmax | sigmoid | neighborhood | routed | temperature
+    activation: str = "softmax"  # softmax | sigmoid
+    score_ops: tuple[ScoreOp, ...] = ()
+    aux_dtypes: tuple[str, ...] = ()  # dtype of each aux tensor, by index
+    head_dim: int = 64  # D of q and k
+    head_dim_v: int = 64  # D of v and of the output
+    gqa_group: int = 1  # Hq // Hk: query heads per key/value head
+    dtype: str = "float16"  # dtype of q, k and v
+    out_dtype: str = "float16"
+    # What a query row with no kept key yields: "preserve" computes what the eager
+    # score program computes (NaN after a -inf fill, a uniform average after a finite
+    # one); "zero" returns zeros, as SDPA and most fused kernels do.
+    fully_masked: str = "preserve"
+
+    def __post_init__(self):
+        if self.activation not in ("softmax", "sigmoid"):
+            raise ValueError(f"unknown activation {self.activation!r}")
+        for d in (self.dtype, self.out_dtype):
+            if d not in DTYPES:
+                raise ValueError(f"unsupported dtype {d!r}")
+        for d in self.aux_dtypes:
+            if d not in AUX_DTYPES:
+                raise ValueError(f"unsupported aux dtype {d!r}")
+        for op in self.score_ops:
+            if op.aux is not None and not 0 <= op.aux < len(self.aux_dtypes):
+                raise ValueError(f"score op {op} reads a missing aux tensor")
+        if self.fully_masked not in ("preserve", "zero"):
+            raise ValueError(f"fully_masked must be 'preserve' or 'zero', not {self.fully_masked!r}")
+        if self.gqa_group < 1:
+            raise ValueError("gqa_group must be >= 1")
+
+    # -- serialization -----------------------------------------------------------------
+    @functools.cached_property
+    def key(self) -> str:
+        d = dataclasses.asdict(self)
+        return json.dumps(d, sort_keys=True, separators=(",", ":"))
+
+    @staticmethod
+    @functools.lru_cache(maxsize=1024)
+    def from_key(key: str) -> AttentionSpec:
+        d = json.loads(key)
+        d["score_ops"] = tuple(ScoreOp(**o) for o in d["score_ops"])
+        d["aux_dtypes"] = tuple(d["aux_dtypes"])
+        return AttentionSpec(**d)
+
+    # -- summaries for the report and for codegen --------------------------------------
+    @property
+    def scale(self) -> float:
+        """Product of the constant multipliers of the score program."""
+        return math.prod(op.value for op in self.score_ops if op.op == "mul")
+
+    @property
+    def predicates(self) -> tuple[MaskPredicate, ...]:
+        return tuple(op.predicate for op in self.score_ops if op.op == "fill_pred")
+
+    @property
+    def mask_class(self) -> MaskClass:
+        """The mask as the report shows it: none, causal, window, predicate or tensor."""
+        has_tensor = any(op.op in ("fill_aux", "add_aux") for op in self.score_ops)
+        preds = self.predicates
+        if len(preds) == 1 and not has_tensor:
+            return preds[0].mask_class
+        if not preds and not has_tensor:
+            return MaskClass("none")
+        if not preds:
+            return MaskClass("tensor")
+        return MaskClass("predicate+tensor" if has_tensor else "predicate")
+
+    def describe(self) -> str:
+        ops = " ".join(op.describe() for op in self.score_ops) or "-"
+        gqa = f" gqa={self.gqa_group}" if self.gqa_group > 1 else ""
+        return (
+            f"{self.activation} D={self.head_dim}"
+            + (f"/{self.head_dim_v}" if self.head_dim_v != self.head_dim else "")
+            + f" {self.dtype}{gqa} mask={self.mask_class.describe()} scores: {ops}"
+        )
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["scale"] = self.scale
+        d["mask"] = self.mask_class.describe()
+        return d

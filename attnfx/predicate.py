@@ -119,14 +119,23 @@ def _eval_torch(e, env):
         return abs(ev(e.args[0]))
     if isinstance(e, sympy.Mod):
         return ev(e.args[0]) % ev(e.args[1])
-    if isinstance(e, sympy.floor) and isinstance(e.args[0], sympy.Mul):
-        num, den = e.args[0].as_numer_denom()
+    if isinstance(e, sympy.floor):
+        num, den = _floor_fraction(e)
         return ev(num) // ev(den)
     if isinstance(e, sympy.Min):
         return functools.reduce(lambda a, b: torch.minimum(torch.as_tensor(a), torch.as_tensor(b)), map(ev, e.args))
     if isinstance(e, sympy.Max):
         return functools.reduce(lambda a, b: torch.maximum(torch.as_tensor(a), torch.as_tensor(b)), map(ev, e.args))
     raise NotImplementedError(f"cannot evaluate {type(e).__name__} in a mask predicate: {e}")
+
+
+def _floor_fraction(e):
+    """``floor(arg)`` as ``(num, den)`` with ``floor(arg) == num // den``.
+
+    sympy distributes the division (``floor((Q + 1)/2)`` is stored as
+    ``floor(Q/2 + 1/2)``), so the fraction is rebuilt with ``together``."""
+    num, den = sympy.fraction(sympy.together(e.args[0]))
+    return num, den
 
 
 class _TritonPrinter:
@@ -165,9 +174,9 @@ class _TritonPrinter:
             # Python/sympy modulo is floored; Triton's % truncates like C.
             a, b = (p(x) for x in e.args)
             return f"((({a}) % ({b}) + ({b})) % ({b}))"
-        if isinstance(e, sympy.floor) and isinstance(e.args[0], sympy.Mul):
+        if isinstance(e, sympy.floor):
             # floor(x / c) from floor division of integers
-            num, den = e.args[0].as_numer_denom()
+            num, den = _floor_fraction(e)
             return f"_floordiv({p(num)}, {p(den)})"
         if isinstance(e, sympy.Min):
             return _fold("tl.minimum", [p(a) for a in e.args])

@@ -208,7 +208,8 @@ def attention_backward_op(
 
 @attention_backward_op.register_fake
 def _(dout, q, k, v, aux, out, lse, spec):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # The kernels (and the reference) return contiguous gradients.
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -249,4 +250,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, aux: list[Te
     nk = k.shape[-2]
     aux = [a.expand(b, h, nq, nk) for a in (aux or [])]
     out, _ = attention_op(q, k, v, aux, spec.key)
+    return out
+
+
+def site_attention(q: Tensor, k: Tensor, v: Tensor, aux: list[Tensor], spec: str) -> Tensor:
+    """What a rewritten site calls: broadcast the aux tensors (stride-0 views) to the
+    scores' shape and run the op; returns only the output."""
+    b, h, nq, _ = q.shape
+    nk = k.shape[-2]
+    aux = [a.expand(b, h, nq, nk) for a in aux]
+    out, _ = attention_op(q, k, v, aux, spec)
     return out

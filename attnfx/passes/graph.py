@@ -1,0 +1,178 @@
+"""Small graph helpers shared by the passes: example values, constants, casts, the
+networkx view of an FX graph, and module paths."""
+
+from __future__ import annotations
+
+import operator
+
+import networkx as nx
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch._guards import detect_fake_mode
+
+
+def example_value(node):
+    """The FakeTensor (or SymInt) Dynamo recorded for ``node``, or None."""
+    if not isinstance(node, fx.Node):
+        return None
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def set_example_value(node: fx.Node) -> None:
+    """Record an example value for a node the passes inserted, by running its target on
+    the example values of its inputs under the graph's fake mode."""
+
+    def ev(a):
+        return example_value(a) if isinstance(a, fx.Node) else a
+
+    args = fx.node.map_aggregate(node.args, ev)
+    kwargs = fx.node.map_aggregate(node.kwargs, ev)
+    leaves = []
+    fx.node.map_aggregate((args, kwargs), lambda a: leaves.append(a) if isinstance(a, torch.Tensor) else None)
+    fake_mode = detect_fake_mode(leaves)
+    try:
+        if node.op == "call_method":
+            fn = getattr(args[0], node.target)
+            run = lambda: fn(*args[1:], **kwargs)
+        else:
+            run = lambda: node.target(*args, **kwargs)
+        if fake_mode is not None:
+            with fake_mode:
+                node.meta["example_value"] = run()
+        else:
+            node.meta["example_value"] = run()
+    except Exception:  # noqa: BLE001 - metadata is best effort; matching checks for None
+        node.meta.pop("example_value", None)
+
+
+def shape(node) -> tuple | None:
+    ev = example_value(node)
+    return tuple(ev.shape) if isinstance(ev, torch.Tensor) else None
+
+
+def dtype(node):
+    ev = example_value(node)
+    return ev.dtype if isinstance(ev, torch.Tensor) else None
+
+
+def requires_grad(node) -> bool:
+    ev = example_value(node)
+    return bool(isinstance(ev, torch.Tensor) and ev.requires_grad)
+
+
+def is_tensor(node) -> bool:
+    return isinstance(example_value(node), torch.Tensor)
+
+
+def is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def constant_value(x):
+    """A Python number for ``x`` if it is one, or a node that builds a 0-d constant tensor
+    from constants only (``torch.tensor(c)``, ``torch.full([], c)``, ``scalar_tensor``);
+    else None."""
+    if is_number(x):
+        return float(x)
+    if not isinstance(x, fx.Node) or x.op != "call_function":
+        return None
+    if x.target in (torch.tensor, torch.scalar_tensor, torch.as_tensor) and x.args and is_number(x.args[0]):
+        val = float(x.args[0])
+    elif x.target is torch.full and len(x.args) >= 2 and tuple(x.args[0]) == () and is_number(x.args[1]):
+        val = float(x.args[1])
+    else:
+        return None
+    dt = x.kwargs.get("dtype")
+    if isinstance(dt, torch.dtype) and dt.is_floating_point:
+        val = torch.tensor(val, dtype=dt).item()  # the value the tensor really holds
+    return val
+
+
+_CAST_METHODS = {"to", "float", "half", "bfloat16", "double", "type_as", "type", "contiguous"}
+
+
+def is_cast(node: fx.Node) -> bool:
+    """An elementwise dtype conversion (or a no-op copy) that keeps the shape."""
+    if node.op == "call_method" and node.target in _CAST_METHODS:
+        extra = node.args[1:]
+        if node.target == "to" and not all(isinstance(a, torch.dtype) for a in extra):
+            if any(not isinstance(a, (torch.dtype, torch.device, str)) for a in extra):
+                return False
+        if node.kwargs and set(node.kwargs) - {"dtype", "memory_format"}:
+            return False
+        return shape(node) == shape(node.args[0]) and shape(node) is not None
+    return False
+
+
+def dropout_identity(node: fx.Node) -> tuple[bool, str | None]:
+    """(is a dropout, reason it is not an identity or None)."""
+    if node.op == "call_function" and node.target in (F.dropout, torch.dropout, torch.nn.functional.dropout):
+        args = list(node.args)
+        p = args[1] if len(args) > 1 else node.kwargs.get("p", 0.5)
+        if node.target is torch.dropout:
+            training = args[2] if len(args) > 2 else node.kwargs.get("train", True)
+        else:
+            training = args[2] if len(args) > 2 else node.kwargs.get("training", True)
+        if training is False or p == 0:
+            return True, None
+        return True, "dropout on the probabilities in training mode"
+    return False, None
+
+
+def to_networkx(graph: fx.Graph) -> nx.DiGraph:
+    """The data-flow graph: an edge from each input node to each user."""
+    g = nx.DiGraph()
+    for n in graph.nodes:
+        g.add_node(n)
+        for inp in n.all_input_nodes:
+            g.add_edge(inp, n)
+    return g
+
+
+def module_path(node: fx.Node) -> str:
+    """The module the node was traced from, as a dotted path (from ``nn_module_stack``)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path, _ = list(stack.values())[-1]
+    path = path.replace("L['self']", "").replace("L['fn']", "")
+    for old, new in (("._modules['", "."), ("']", ""), ("['", "."), ("[", "."), ("]", "")):
+        path = path.replace(old, new)
+    return path.strip(".") or "<root>"
+
+
+def resolve_dim(dim, ndim: int) -> int | None:
+    if not isinstance(dim, int):
+        return None
+    return dim + ndim if dim < 0 else dim
+
+
+def sym_hint(x):
+    """A concrete int for an int or SymInt (its hint)."""
+    if isinstance(x, torch.SymInt):
+        return x.node.hint if x.node.hint is not None else int(x.node.shape_env.size_hint(x.node.expr))
+    return x
+
+
+def scalar_args(node: fx.Node) -> tuple:
+    return tuple(a for a in node.args if not isinstance(a, fx.Node))
+
+
+__all__ = [
+    "constant_value",
+    "dropout_identity",
+    "dtype",
+    "example_value",
+    "is_cast",
+    "is_number",
+    "is_tensor",
+    "module_path",
+    "operator",
+    "requires_grad",
+    "resolve_dim",
+    "set_example_value",
+    "shape",
+    "sym_hint",
+    "to_networkx",
+]

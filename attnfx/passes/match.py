@@ -1,0 +1,427 @@
+"""Match: find attention sites in a canonical graph and describe each as an AttentionSpec.
+
+A site is anchored on its activation node (``torch.softmax`` here, one recognizer per
+variant in ``attnfx/passes/recognize/``).  From the anchor the matcher walks
+
+* backwards through the *score chain* (scale, bias, masks, casts) to the ``q @ kᵀ``
+  product, turning each step into a ``ScoreOp``;
+* forwards through casts and identity dropout to the ``p @ v`` product.
+
+Every intermediate value (scores, probabilities) must have exactly one user: the rewrite
+deletes them.  A candidate that looks like attention but breaks a condition becomes a
+*refusal*: kept as it is, with the reason counted and reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import operator
+import os
+
+import sympy
+import torch
+import torch.fx as fx
+
+from attnfx.passes import graph as G
+from attnfx.predicate import MaskPredicate
+from attnfx.spec import AttentionSpec, ScoreOp
+
+log = logging.getLogger("attnfx")
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+
+
+def debug(msg: str, *args) -> None:
+    """``ATTNFX_DEBUG=1`` says why a candidate did not match."""
+    if os.environ.get("ATTNFX_DEBUG", "0") not in ("", "0"):
+        log.warning("attnfx: " + msg, *args)
+
+
+class Refusal(Exception):
+    """A candidate that is attention-shaped but cannot be rewritten; ``reason`` is counted."""
+
+    def __init__(self, reason: str, node: fx.Node | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.node = node
+
+
+class NoMatch(Exception):
+    """Not attention at all: nothing to report."""
+
+
+@dataclasses.dataclass
+class Operand:
+    """An input of the op: ``node``, then an optional permute (to undo a transposed key)."""
+
+    node: fx.Node
+    permute: tuple[int, ...] | None = None
+
+
+@dataclasses.dataclass
+class AuxOperand:
+    """An aux tensor of the op: ``node`` after an optional elementwise ``transform``
+    (``"neg"`` for ``s - bias``, ``"reciprocal"`` for ``s / t``)."""
+
+    node: fx.Node
+    transform: str | None = None
+
+
+@dataclasses.dataclass
+class Site:
+    kind: str
+    anchor: fx.Node  # the activation node (or the sdpa call)
+    output: fx.Node  # the node whose value the op call replaces
+    q: Operand | None = None
+    k: Operand | None = None
+    v: Operand | None = None
+    aux: list[AuxOperand] = dataclasses.field(default_factory=list)
+    spec: AttentionSpec | None = None
+    rank3: bool = False  # (B·H, N, D) operands: unsqueezed to 4-D around the op
+    where: str = ""
+    reason: str | None = None  # set for refusals
+    mask_nodes: set = dataclasses.field(default_factory=set)  # read back as predicates
+
+    @property
+    def operand_nodes(self) -> list[fx.Node]:
+        return [o.node for o in (self.q, self.k, self.v)] + [a.node for a in self.aux]
+
+
+# ---------------------------------------------------------------------------------------
+# The score chain
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ScoreChain:
+    matmul: fx.Node
+    ops: list[ScoreOp]
+    aux: list[AuxOperand]
+    nodes: list[fx.Node]  # chain nodes from the anchor's input back to (excluding) the matmul
+    mask_nodes: set
+
+
+def _reaches_matmul(x, depth: int = 0) -> bool:
+    """Whether ``x`` comes, through score-chain ops only, from a matmul."""
+    if not isinstance(x, fx.Node) or depth > 32:
+        return False
+    if x.op == "call_function" and x.target is torch.matmul:
+        return True
+    if G.is_cast(x):
+        return _reaches_matmul(x.args[0], depth + 1)
+    if x.op == "call_function" and x.target in (operator.mul, operator.truediv, operator.add, operator.sub):
+        return any(_reaches_matmul(a, depth + 1) for a in x.args[:2])
+    if x.op == "call_function" and x.target is torch.masked_fill:
+        return _reaches_matmul(x.args[0], depth + 1)
+    if x.op == "call_function" and x.target is torch.where and len(x.args) == 3:
+        return _reaches_matmul(x.args[1], depth + 1) or _reaches_matmul(x.args[2], depth + 1)
+    return False
+
+
+def walk_scores(start: fx.Node, score_shape: tuple) -> ScoreChain:
+    """Walk back from the activation's input to the ``q @ kᵀ`` matmul."""
+    ops: list[ScoreOp] = []  # collected anchor-first, reversed at the end
+    aux: list[AuxOperand] = []
+    nodes: list[fx.Node] = []
+    mask_nodes: set = set()
+    nq, nk = score_shape[-2], score_shape[-1]
+    cur = start
+    while True:
+        if not isinstance(cur, fx.Node):
+            raise NoMatch("score chain reaches a constant")
+        if cur.op == "call_function" and cur.target is torch.matmul:
+            break
+        if nodes and len(cur.users) != 1:
+            raise Refusal("scores have other users (e.g. returned or logged)", cur)
+        nodes.append(cur)
+        if G.is_cast(cur):
+            cur = cur.args[0]
+            continue
+        if cur.op != "call_function":
+            raise NoMatch(f"score chain op {cur.target} not understood")
+        t, args = cur.target, cur.args
+
+        if t in (operator.mul, operator.add, operator.truediv, operator.sub):
+            a, b = args[0], args[1]
+            if _reaches_matmul(a):
+                chain, other, chain_first = a, b, True
+            elif _reaches_matmul(b):
+                chain, other, chain_first = b, a, False
+            else:
+                raise NoMatch("arithmetic not on the scores")
+            if t in (operator.truediv, operator.sub) and not chain_first:
+                raise NoMatch(f"{t.__name__} with the scores on the right")
+            ops.append(_arith_op(t, other, aux, score_shape, cur))
+            cur = chain
+            continue
+
+        if t is torch.masked_fill:
+            x, mask, value = args
+            val = G.constant_value(value)
+            if val is None:
+                raise Refusal("masked_fill with a non-constant fill value", cur)
+            ops.append(_fill_op(mask, val, True, aux, mask_nodes, nq, nk, score_shape, cur))
+            cur = x
+            continue
+
+        if t is torch.where and len(args) == 3:
+            cond, a, b = args
+            if _reaches_matmul(a):
+                chain, other, fill_where = a, b, False
+            elif _reaches_matmul(b):
+                chain, other, fill_where = b, a, True
+            else:
+                raise NoMatch("where not on the scores")
+            val = G.constant_value(other)
+            if val is None:
+                raise Refusal("where() with a non-constant fill value", cur)
+            ops.append(_fill_op(cond, val, fill_where, aux, mask_nodes, nq, nk, score_shape, cur))
+            cur = chain
+            continue
+        raise NoMatch(f"score chain op {getattr(t, '__name__', t)} not understood")
+    return ScoreChain(cur, list(reversed(ops)), aux, nodes, mask_nodes)
+
+
+def _check_broadcast(other: fx.Node, score_shape: tuple, node: fx.Node) -> tuple:
+    shp = G.shape(other)
+    if shp is None:
+        raise Refusal("operand of the scores has no shape information", node)
+    if len(shp) > len(score_shape):
+        raise Refusal("operand broadcasts the scores to a larger shape", node)
+    for d_o, d_s in zip(reversed(shp), reversed(score_shape)):
+        if not (d_o == 1 or d_o == d_s):
+            raise Refusal(f"operand of shape {shp} does not broadcast to scores {score_shape}", node)
+    return shp
+
+
+def _arith_op(t, other, aux, score_shape, node) -> ScoreOp:
+    val = G.constant_value(other)
+    if val is not None:
+        if t is operator.mul:
+            return ScoreOp("mul", val)
+        if t is operator.truediv:
+            return ScoreOp("mul", 1.0 / val)
+        if t is operator.add:
+            return ScoreOp("add", val)
+        return ScoreOp("add", -val)
+    if not isinstance(other, fx.Node) or not G.is_tensor(other):
+        raise Refusal(f"score {t.__name__} by a symbolic or unknown value", node)
+    shp = _check_broadcast(other, score_shape, node)
+    if t in (operator.mul, operator.truediv):
+        if len(shp) >= 1 and shp[-1] != 1 and score_shape[-1] != 1:
+            raise Refusal("scale varies along the key axis", node)
+        if G.requires_grad(other):
+            raise Refusal("learnable score multiplier (a temperature): not taken by the softmax recognizer", node)
+        aux.append(AuxOperand(other, "reciprocal" if t is operator.truediv else None))
+        return ScoreOp("mul_aux", aux=len(aux) - 1)
+    if G.requires_grad(other):
+        raise Refusal("additive score bias requires grad", node)
+    aux.append(AuxOperand(other, "neg" if t is operator.sub else None))
+    return ScoreOp("add_aux", aux=len(aux) - 1)
+
+
+def _fill_op(mask, val, fill_where, aux, mask_nodes, nq, nk, score_shape, node) -> ScoreOp:
+    if not isinstance(mask, fx.Node) or not G.is_tensor(mask):
+        raise Refusal("mask is not a tensor", node)
+    _check_broadcast(mask, score_shape, node)
+    pred = _analyze(mask, nq, nk)
+    if pred is not None:
+        expr, nodes = pred
+        keep = sympy.Not(expr) if fill_where else expr
+        mask_nodes |= nodes
+        return ScoreOp("fill_pred", value=val, pred=MaskPredicate(keep).to_key())
+    aux.append(AuxOperand(mask))
+    return ScoreOp("fill_aux", value=val, aux=len(aux) - 1, fill_where=fill_where)
+
+
+def _analyze(mask: fx.Node, nq, nk):
+    """The mask as a predicate over (Q, K), or None (then it stays a tensor)."""
+    from attnfx.passes.masks import analyze_mask
+
+    try:
+        res = analyze_mask(mask, nq, nk)
+    except Exception as e:  # noqa: BLE001 - analysis failure means "keep the tensor"
+        debug("mask analysis of %s failed: %s", mask, e)
+        return None
+    if res.predicate is None:
+        debug("mask %s stays a tensor: %s", mask, res.reason)
+        return None
+    return res.predicate.expr, set(res.nodes)
+
+
+# ---------------------------------------------------------------------------------------
+# Operands
+# ---------------------------------------------------------------------------------------
+
+
+def strip_scalar_scale(x: fx.Node) -> tuple[fx.Node, list[float]]:
+    """Fold ``x * c`` / ``x / c`` (constants, x feeding only the product) into the scale."""
+    scales = []
+    while (
+        isinstance(x, fx.Node)
+        and x.op == "call_function"
+        and x.target in (operator.mul, operator.truediv)
+        and len(x.users) == 1
+    ):
+        a, b = x.args[0], x.args[1]
+        ca, cb = G.constant_value(a), G.constant_value(b)
+        if cb is not None and isinstance(a, fx.Node):
+            scales.append(cb if x.target is operator.mul else 1.0 / cb)
+            x = a
+        elif ca is not None and x.target is operator.mul and isinstance(b, fx.Node):
+            scales.append(ca)
+            x = b
+        else:
+            break
+    return x, scales
+
+
+def _as_permutation(node: fx.Node) -> tuple[fx.Node, list[int]] | None:
+    rank = len(G.shape(node) or ())
+    if node.op != "call_function":
+        return None
+    if node.target is torch.transpose:
+        src, d0, d1 = node.args
+        d0, d1 = G.resolve_dim(d0, rank), G.resolve_dim(d1, rank)
+        perm = list(range(rank))
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+        return src, perm
+    if node.target is torch.permute:
+        src, dims = node.args
+        return src, [G.resolve_dim(d, rank) for d in dims]
+    return None
+
+
+def key_operand(b: fx.Node) -> Operand:
+    """``b`` is kᵀ: find k.  ``b`` must be a transposed or permuted view whose last two dims
+    are swapped relative to a layout with the head dim last, so that k is a view again."""
+    p = _as_permutation(b)
+    if p is None:
+        raise Refusal("key operand is not a transposed view (k is not transposed)", b)
+    src, perm = p
+    kperm = perm[:-2] + [perm[-1], perm[-2]]
+    if kperm == list(range(len(perm))):
+        return Operand(src)
+    return Operand(src, tuple(kperm))
+
+
+def strip_repeat_kv(node: fx.Node) -> tuple[fx.Node, int]:
+    """Undo a materialized GQA head repeat: ``x[:, :, None].expand(B, Hk, g, N, D)
+    .reshape(B, Hk·g, N, D)`` or ``x.repeat_interleave(g, dim=1)``; returns (x, g)."""
+    n = node
+    if n.op == "call_function" and n.target is torch.repeat_interleave or (
+        n.op == "call_method" and n.target == "repeat_interleave"
+    ):
+        x = n.args[0]
+        reps = n.args[1] if len(n.args) > 1 else n.kwargs.get("repeats")
+        dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim")
+        shp = G.shape(x)
+        if isinstance(reps, int) and shp is not None and len(shp) == 4 and G.resolve_dim(dim, 4) == 1:
+            return x, reps
+        return node, 1
+    if n.op == "call_method" and n.target in ("reshape", "view") or (
+        n.op == "call_function" and n.target is torch.reshape
+    ):
+        e = n.args[0]
+        if not isinstance(e, fx.Node) or not (e.op == "call_method" and e.target == "expand"):
+            return node, 1
+        u = e.args[0]
+        eshape, ushape, oshape = G.shape(e), G.shape(u), G.shape(n)
+        if eshape is None or ushape is None or oshape is None or len(eshape) != 5 or len(oshape) != 4:
+            return node, 1
+        # u must be x with a new unit axis at 2: x[:, :, None] or x.unsqueeze(2)
+        x = None
+        if u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], tuple):
+            idx = u.args[1]
+            full = slice(None, None, None)
+            if len(idx) >= 3 and idx[0] == full and idx[1] == full and idx[2] is None and all(i == full for i in idx[3:]):
+                x = u.args[0]
+        elif u.op == "call_method" and u.target == "unsqueeze" and G.resolve_dim(u.args[1], 5) == 2:
+            x = u.args[0]
+        if x is None or ushape[2] != 1:
+            return node, 1
+        b, hk, g, nn, d = eshape
+        if oshape[0] == b and oshape[1] == hk * g and oshape[2] == nn and oshape[3] == d and isinstance(g, int):
+            return x, g
+    return node, 1
+
+
+def walk_probs(anchor: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """Forward from the activation through casts and identity dropout to ``p @ v``."""
+    cur, nodes = anchor, []
+    while True:
+        if len(cur.users) != 1:
+            raise Refusal("attention probabilities have other users (e.g. output_attentions=True)", cur)
+        (u,) = cur.users
+        if G.is_cast(u):
+            cur = u
+            nodes.append(u)
+            continue
+        is_dropout, why = G.dropout_identity(u)
+        if is_dropout:
+            if why:
+                raise Refusal(why, u)
+            cur = u
+            nodes.append(u)
+            continue
+        if u.op == "call_function" and u.target is torch.matmul and u.args[0] is cur and u.args[1] is not cur:
+            return u, nodes
+        raise NoMatch("probabilities are not multiplied by values")
+
+
+def check_head_dims(d, dv, node):
+    for name, x in (("qk", d), ("v", dv)):
+        if not isinstance(x, int):
+            raise Refusal(f"symbolic head dim ({name})", node)
+        if not MIN_HEAD_DIM <= x <= MAX_HEAD_DIM:
+            raise Refusal(f"head dim {x} ({name}) unsupported: the kernel takes {MIN_HEAD_DIM}..{MAX_HEAD_DIM}", node)
+
+
+def check_dtypes(q, k, v, node) -> torch.dtype:
+    dts = {G.dtype(q), G.dtype(k), G.dtype(v)}
+    if len(dts) != 1:
+        raise Refusal(f"mixed q/k/v dtypes {sorted(str(d) for d in dts)}", node)
+    (dt,) = dts
+    if dt not in (torch.float16, torch.bfloat16, torch.float32):
+        raise Refusal(f"dtype {dt} unsupported", node)
+    return dt
+
+
+def dtype_name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+def default_scale(d: int) -> float:
+    return 1.0 / math.sqrt(d)
+
+
+# ---------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------
+
+
+def find_sites(gm: fx.GraphModule) -> list[Site]:
+    """Every attention site of ``gm``: matched sites (``spec`` set) and refusals
+    (``reason`` set), in graph order."""
+    from attnfx.passes.recognize import RECOGNIZERS
+    from attnfx.passes.recognize.softmax import is_sdpa, match_sdpa
+
+    sites: list[Site] = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        attempts = [(r.KIND, r.match) for r in RECOGNIZERS if r.is_anchor(node)]
+        if is_sdpa(node):
+            attempts.append(("softmax", match_sdpa))
+        for kind, fn in attempts:
+            try:
+                sites.append(fn(node))
+                break
+            except Refusal as r:
+                debug("kept %s at %s: %s", kind, node, r.reason)
+                sites.append(Site(kind=kind, anchor=node, output=node, reason=r.reason, where=G.module_path(node)))
+                break
+            except NoMatch as e:
+                debug("%s at %s is not a %s site: %s", node.target, node, kind, e)
+    return sites

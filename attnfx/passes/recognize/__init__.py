@@ -1,0 +1,11 @@
+"""One recognizer per attention variant.
+
+Each module exposes ``KIND``, ``is_anchor(node)`` and ``match(node) -> Site`` (raising
+``Refusal`` or ``NoMatch``).  ``RECOGNIZERS`` is tried in order on every node.
+"""
+
+from attnfx.passes.recognize import softmax
+
+RECOGNIZERS = (softmax,)
+
+__all__ = ["RECOGNIZERS"]

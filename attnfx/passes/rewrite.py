@@ -1,0 +1,82 @@
+"""Rewrite: replace a site's nodes by one call of the attnfx op carrying its spec.
+
+``emit_call`` builds the call (operand views, aux transforms, the op, the reshape back
+for 3-D sites) into any graph, so the verify pass builds the candidate from the very
+same code that rewrites the model graph.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from attnfx import ops
+from attnfx.passes import graph as G
+from attnfx.passes.match import Site
+
+
+def emit_call(graph: fx.Graph, site: Site, lookup: Callable[[fx.Node], fx.Node]) -> fx.Node:
+    """Insert the op call for ``site`` at the graph's insertion point; ``lookup`` maps the
+    site's operand nodes to nodes of ``graph``."""
+
+    def operand(o):
+        n = lookup(o.node)
+        if o.permute is not None:
+            n = graph.call_function(torch.permute, (n, o.permute))
+        if site.rank3:
+            n = graph.call_method("unsqueeze", (n, 1))
+        return n
+
+    q, k, v = operand(site.q), operand(site.k), operand(site.v)
+    aux = []
+    for a in site.aux:
+        n = lookup(a.node)
+        if a.transform == "neg":
+            n = graph.call_function(operator.neg, (n,))
+        elif a.transform == "reciprocal":
+            n = graph.call_function(torch.reciprocal, (n,))
+        if site.rank3 and len(G.shape(a.node) or ()) == 3:
+            n = graph.call_method("unsqueeze", (n, 1))
+        aux.append(n)
+    out = graph.call_function(ops.site_attention, (q, k, v, aux, site.spec.key))
+    if site.rank3:
+        out = graph.call_method("squeeze", (out, 1))
+    return out
+
+
+def region(gm_nx: nx.DiGraph, site: Site) -> set[fx.Node]:
+    """The nodes the site's output depends on that are not (or not upstream of) an operand:
+    what the op call replaces."""
+    keep: set[fx.Node] = set()
+    for o in site.operand_nodes:
+        keep.add(o)
+        keep |= nx.ancestors(gm_nx, o)
+    nodes = (nx.ancestors(gm_nx, site.output) | {site.output}) - keep
+    return {n for n in nodes if n.op not in ("placeholder", "get_attr", "output")}
+
+
+def externals(nodes: set[fx.Node]) -> list[fx.Node]:
+    """Inputs of the region that come from outside it, in graph order."""
+    ext = {i for n in nodes for i in n.all_input_nodes if i not in nodes}
+    order = {n: i for i, n in enumerate(next(iter(nodes)).graph.nodes)} if nodes else {}
+    return sorted(ext, key=order.__getitem__)
+
+
+def apply(gm: fx.GraphModule, site: Site) -> fx.Node:
+    """Rewrite ``site`` in ``gm``: the op call replaces its output; dead nodes go."""
+    graph = gm.graph
+    with graph.inserting_before(site.output):
+        out = emit_call(graph, site, lambda n: n)
+    out.meta.update({k: v for k, v in site.output.meta.items() if k in ("example_value", "val", "nn_module_stack", "stack_trace")})
+    site.output.replace_all_uses_with(out)
+    return out
+
+
+def finish(gm: fx.GraphModule) -> None:
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()

@@ -1,0 +1,106 @@
+"""What attnfx did, per site: the ``explain`` report and the rewrite/refusal counters."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import json
+
+from attnfx.spec import AttentionSpec
+
+# "rewritten.<kind>" and "kept.<reason>" -> count, over the whole process.
+counters: collections.Counter = collections.Counter()
+
+_collectors: list[list] = []
+
+
+@dataclasses.dataclass
+class SiteRecord:
+    kind: str
+    status: str  # "rewritten" | "kept"
+    reason: str | None
+    where: str
+    spec: AttentionSpec | None = None
+    max_rel_err: float | None = None
+    graph: int = 0  # which compiled graph (in compile order)
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "status": self.status,
+            "reason": self.reason,
+            "where": self.where,
+            "max_rel_err": self.max_rel_err,
+            "graph": self.graph,
+            "spec": self.spec.to_dict() if self.spec is not None else None,
+        }
+
+
+def record(rec: SiteRecord) -> None:
+    if rec.status == "rewritten":
+        counters[f"rewritten.{rec.kind}"] += 1
+    else:
+        counters[f"kept.{rec.reason}"] += 1
+    for c in _collectors:
+        c.append(rec)
+
+
+def reset_counters() -> None:
+    counters.clear()
+
+
+@contextlib.contextmanager
+def collecting():
+    """Collect the SiteRecords of every compile inside the block."""
+    out: list[SiteRecord] = []
+    _collectors.append(out)
+    try:
+        yield out
+    finally:
+        _collectors.remove(out)
+
+
+@dataclasses.dataclass
+class Report:
+    sites: list[SiteRecord]
+
+    @property
+    def rewritten(self) -> list[SiteRecord]:
+        return [s for s in self.sites if s.status == "rewritten"]
+
+    @property
+    def kept(self) -> list[SiteRecord]:
+        return [s for s in self.sites if s.status == "kept"]
+
+    def count(self, kind: str | None = None, status: str = "rewritten") -> int:
+        return sum(1 for s in self.sites if s.status == status and (kind is None or s.kind == kind))
+
+    def to_dict(self) -> dict:
+        return {
+            "sites": [s.to_dict() for s in self.sites],
+            "rewritten": len(self.rewritten),
+            "kept": len(self.kept),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    def __str__(self) -> str:
+        head = ("#", "kind", "status", "where", "mask", "max rel err", "detail")
+        rows = []
+        for i, s in enumerate(self.sites):
+            mask = s.spec.mask_class.describe() if s.spec is not None else "-"
+            err = f"{s.max_rel_err:.2e}" if s.max_rel_err is not None else "-"
+            detail = s.reason or (s.spec.describe() if s.spec else "")
+            rows.append((str(i), s.kind, s.status, s.where or "-", mask, err, detail))
+        widths = [max(len(r[c]) for r in rows + [head]) for c in range(len(head) - 1)]
+        lines = [
+            "  ".join(h.ljust(w) for h, w in zip(head, widths)) + "  " + head[-1],
+        ]
+        lines.append("-" * len(lines[0]))
+        for r in rows:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+        n_rw, n_kept = len(self.rewritten), len(self.kept)
+        lines.append(f"{len(self.sites)} attention site(s): {n_rw} rewritten, {n_kept} kept")
+        return "\n".join(lines)

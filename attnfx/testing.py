@@ -1,0 +1,141 @@
+"""The numerical-equivalence rule (DESIGN §5), one implementation for the tests, the
+fuzzer and the runtime verify pass.
+
+For the same inputs in the working dtype: **gold** is the original computation in
+float64, **base** the original computation in the working dtype (the error the user
+already lives with), **cand** the rewrite.  ``cand`` passes when
+
+1. shape, dtype and device equal base's, and its stride order too;
+2. where gold is NaN / ±inf, cand is of the same class; where gold is finite, cand is
+   finite unless base overflowed there too;
+3. ``max|cand − gold| ≤ R·max|base − gold| + a`` with R = 2 (outputs) or 3 (gradients),
+   +1 for transcendental score transforms, and ``a`` the rounding floor of the dtype at
+   the magnitude of gold;
+4. ``mean|cand − gold| ≤ 1.2·mean|base − gold| + 1e-7`` (skipped when base's error is
+   below 1e-4 of mean |gold|).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass
+class CloseResult:
+    ok: bool
+    max_err: float = 0.0
+    max_bound: float = 0.0
+    mean_err: float = 0.0
+    mean_bound: float = 0.0
+    max_rel_err: float = 0.0
+    message: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def _stride_order(t: torch.Tensor) -> list[int]:
+    # Dims of size 1 have no meaningful stride; order the others by stride.
+    dims = [d for d in range(t.dim()) if t.shape[d] > 1]
+    return sorted(dims, key=lambda d: -t.stride(d))
+
+
+def rounding_floor(gold: torch.Tensor, dtype: torch.dtype) -> float:
+    """``a = 2·max|((gold + 0.3) − 0.3) − gold|`` evaluated in ``dtype``."""
+    g = gold[torch.isfinite(gold)]
+    if g.numel() == 0:
+        return 0.0
+    gd = g.to(dtype)
+    return 2.0 * ((gd + 0.3) - 0.3 - gd).abs().max().double().item()
+
+
+def compare(
+    cand: torch.Tensor,
+    base: torch.Tensor,
+    gold: torch.Tensor,
+    *,
+    grad: bool = False,
+    transcendental: bool = False,
+    check_strides: bool = True,
+    context: str = "",
+) -> CloseResult:
+    """Apply the rule; return a CloseResult instead of raising."""
+
+    def fail(msg, **kw):
+        return CloseResult(False, message=f"{context}{': ' if context else ''}{msg}", **kw)
+
+    if cand.shape != base.shape:
+        return fail(f"shape {tuple(cand.shape)} != {tuple(base.shape)}")
+    if cand.dtype != base.dtype:
+        return fail(f"dtype {cand.dtype} != {base.dtype}")
+    if cand.device != base.device:
+        return fail(f"device {cand.device} != {base.device}")
+    if check_strides and _stride_order(cand) != _stride_order(base):
+        return fail(f"stride order {cand.stride()} != {base.stride()}")
+
+    c, b, g = cand.double(), base.double().to(cand.device), gold.double().to(cand.device)
+    gfin = torch.isfinite(g)
+    # Rule 2: non-finite classes.
+    checks = (
+        (torch.isnan(g) & ~torch.isnan(c), "gold is NaN, cand is not"),
+        (torch.isinf(g) & (c != g), "gold is infinite, cand differs"),
+        (gfin & ~torch.isfinite(c) & torch.isfinite(b), "cand is not finite where gold and base are"),
+    )
+    for bad, what in checks:
+        if bool(bad.any()):
+            idx = tuple(int(i) for i in bad.nonzero()[0])
+            return fail(f"{what} at {idx}: cand={c[idx].item()} base={b[idx].item()} gold={g[idx].item()}")
+
+    # Rules 3 and 4 on the coordinates where all three are finite.
+    both = gfin & torch.isfinite(c) & torch.isfinite(b)
+    if not bool(both.any()):
+        return CloseResult(True)
+    ce = (c - g)[both].abs()
+    be = (b - g)[both].abs()
+    r = (3.0 if grad else 2.0) + (1.0 if transcendental else 0.0)
+    a = rounding_floor(g[both], cand.dtype)
+    max_err, max_bound = ce.max().item(), r * be.max().item() + a
+    gmax = g[both].abs().max().item()
+    rel = max_err / gmax if gmax > 0 else max_err
+    mean_err, mean_base = ce.mean().item(), be.mean().item()
+    mean_bound = 1.2 * mean_base + 1e-7
+    res = CloseResult(True, max_err, max_bound, mean_err, mean_bound, rel)
+    if max_err > max_bound:
+        flat = (c - g).abs().masked_fill(~both, -1).argmax()
+        idx = tuple(int(i) for i in torch.unravel_index(flat, c.shape))
+        res.ok = False
+        res.message = (
+            f"{context}{': ' if context else ''}max rule: |cand-gold| {max_err:.3g} > {r:g}·|base-gold| "
+            f"{be.max().item():.3g} + a {a:.3g} (= {max_bound:.3g}); worst at {idx}: cand={c[idx].item():.6g} "
+            f"base={b[idx].item():.6g} gold={g[idx].item():.6g}; shape={tuple(c.shape)} strides={cand.stride()}"
+        )
+        return res
+    skip_mean = mean_base < 1e-4 * g[both].abs().mean().item()
+    if not skip_mean and mean_err > mean_bound:
+        res.ok = False
+        res.message = (
+            f"{context}{': ' if context else ''}mean rule: mean|cand-gold| {mean_err:.3g} > 1.2·{mean_base:.3g} + 1e-7"
+        )
+    return res
+
+
+def assert_attention_close(
+    cand: torch.Tensor,
+    base: torch.Tensor,
+    gold: torch.Tensor,
+    *,
+    grad: bool = False,
+    transcendental: bool = False,
+    check_strides: bool = True,
+    context: str = "",
+) -> CloseResult:
+    """Raise AssertionError (with both errors, R, a, the worst coordinate, shapes and
+    strides) unless ``cand`` passes the DESIGN §5 rule against ``base`` and ``gold``."""
+    res = compare(
+        cand, base, gold, grad=grad, transcendental=transcendental, check_strides=check_strides, context=context
+    )
+    if not res.ok:
+        raise AssertionError(res.message)
+    return res

@@ -208,7 +208,7 @@ def _is_boolean(e) -> bool:
 def _raw(x):
     """A size / scalar as a sympy expression over the graph's own size symbols."""
     if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-        return x.node.expr
+        return _plain_sympy(x.node.expr)
     if isinstance(x, bool):
         return sympy.true if x else sympy.false
     if isinstance(x, int):
@@ -216,6 +216,26 @@ def _raw(x):
     if isinstance(x, float):
         return _float(x)
     return sympy.sympify(x)
+
+
+def _plain_sympy(e):
+    """Torch's own sympy functions (``FloorDiv``, ``PythonMod``...) as plain sympy, which
+    the predicate's printers and evaluator know."""
+    from torch.utils._sympy import functions as tf
+
+    rules = {
+        tf.FloorDiv: lambda a, b: sympy.floor(a / b),
+        tf.PythonMod: sympy.Mod,
+        tf.Mod: sympy.Mod,
+        tf.CeilDiv: lambda a, b: -sympy.floor(-a / b),
+        tf.CleanDiv: lambda a, b: a / b,
+        tf.Max: sympy.Max,
+        tf.Min: sympy.Min,
+        tf.Identity: lambda a: a,
+    }
+    for cls, fn in rules.items():
+        e = e.replace(lambda x, cls=cls: isinstance(x, cls), lambda x, fn=fn: fn(*x.args))
+    return e
 
 
 def _float(x: float):
@@ -466,7 +486,7 @@ def _finish(expr, shape, dtype) -> _V:
         ):
             raise _Refuse(f"non-integer values {expr} in an integer tensor")
     rank = len(shape)
-    ones = {_D[rank - 1 - p]: 0 for p, s in enumerate(shape) if s == 1}
+    ones = {_D[rank - 1 - p]: sympy.S.Zero for p, s in enumerate(shape) if s == 1}
     extra = {d for d in expr.free_symbols if d in _D and _D.index(d) >= rank}
     if extra:
         raise _Refuse(f"internal: index variables {extra} beyond rank {rank}")
@@ -654,9 +674,9 @@ def _h_view(name, args, kwargs, shape, dtype):
     x = args[0]
     src = [(len(x.shape) - 1 - p, s) for p, s in enumerate(x.shape) if s != 1]
     dst = [(len(shape) - 1 - p, s) for p, s in enumerate(shape) if s != 1]
-    if len(src) != len(dst) or not all(_same(a[1], b[1]) for a, b in zip(src, dst)):
+    if len(src) != len(dst) or not all(_same(a[1], b[1]) for a, b in zip(src, dst, strict=True)):
         raise _Refuse(f"{name} from {list(x.shape)} to {list(shape)} merges or splits dims")
-    return _rename(x, {_D[a[0]]: _D[b[0]] for a, b in zip(src, dst)})
+    return _rename(x, {_D[a[0]]: _D[b[0]] for a, b in zip(src, dst, strict=True)})
 
 
 def _h_expand(name, args, kwargs, shape, dtype):
@@ -686,6 +706,17 @@ def _h_permute(name, args, kwargs, shape, dtype):
         a, b = int(_int(a)) % r, int(_int(b)) % r
         perm[a], perm[b] = perm[b], perm[a]
     return _rename(x, {_D[r - 1 - perm[p]]: _D[r - 1 - p] for p in range(r)})
+
+
+def _h_getattr(name, args, kwargs, shape, dtype):
+    """``x.T`` (all dims reversed) and ``x.mT`` (last two swapped)."""
+    x, attr = args[0], args[1]
+    r = len(x.shape)
+    if attr == "T":
+        return _rename(x, {_D[j]: _D[r - 1 - j] for j in range(r)})
+    if attr == "mT" and r >= 2:
+        return _rename(x, {_D[0]: _D[1], _D[1]: _D[0]})
+    raise _Refuse(f"attribute .{attr} not understood")
 
 
 def _h_getitem(name, args, kwargs, shape, dtype):
@@ -778,6 +809,7 @@ _HANDLERS = {
     "expand": _h_expand,
     **dict.fromkeys(["permute", "transpose", "t", "swapaxes", "swapdims"], _h_permute),
     "getitem": _h_getitem,
+    "getattr": _h_getattr,
     **dict.fromkeys(
         [
             "to",
@@ -847,7 +879,9 @@ def _verify(pred: MaskPredicate, root: fx.Node, cone: list[fx.Node], nq, nk) -> 
     if biggest(assign) > _VERIFY_MAX_NUMEL:
         # Symbolic sizes: the subgraph computes the same function at any sizes, so check
         # it at small ones.  Static sizes that large are refused rather than trusted.
-        small = {s: v for s, v in zip(sorted(syms, key=str), (13, 17, 19, 23, 29, 31, 37))}
+        small = {
+            s: v for s, v in zip(sorted(syms, key=str), (13, 17, 19, 23, 29, 31, 37), strict=False)
+        }
         if len(small) != len(syms) or biggest(small) > _VERIFY_MAX_NUMEL:
             raise _Refuse("mask too large to verify")
         assign = small

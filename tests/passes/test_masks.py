@@ -472,3 +472,22 @@ def test_random_compositions_match_eager(args):
     expected = _build(prog, _ar(nq), _ar(nk), nq, nk)
     # exhaustive on the grid (independent of the analysis' own verification)
     torch.testing.assert_close(a.predicate.materialize(nq, nk), expected.expand(nq, nk))
+
+
+def test_module_with_kv_cache_bottom_right():
+    """An nn.Module whose key length is a sum of sizes (cache + new): NK = s0 + s1."""
+
+    class Attn(torch.nn.Module):
+        def forward(self, q, past, new):
+            k = torch.cat([past, new], dim=-2)
+            nq, nk = q.shape[-2], k.shape[-2]
+            s = q @ k.transpose(-1, -2)
+            m = torch.arange(nk)[None, :] <= torch.arange(nk - nq, nk)[:, None]
+            return torch.where(m[None, None], s, NEG).softmax(-1)
+
+    q, past, new = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 3, 4)
+    a = _one(Attn(), q, past, new, dynamic=True)
+    assert a.predicate is not None, a.reason
+    assert a.predicate.mask_class.describe() == "causal(offset=NK - NQ)"
+    qq, kk = _grid(3, 8)
+    _check(a, 3, 8, kk <= qq + 5)

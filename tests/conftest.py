@@ -1,0 +1,32 @@
+import os
+
+import pytest
+
+from attnfx._compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()
+
+# Small, fast hypothesis profiles: "ci" (default) for the CPU suite, "nightly" for long runs.
+try:
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile(
+        "ci", max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
+    )
+    settings.register_profile("nightly", max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # pragma: no cover
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles afresh: no cache entries or counters leak between tests."""
+    import torch
+
+    import attnfx
+
+    torch._dynamo.reset()
+    attnfx.reset_counters()
+    yield
+    torch._dynamo.reset()

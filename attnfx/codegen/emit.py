@@ -60,16 +60,21 @@ def _floordiv(a, b):
 
 
 @triton.jit
-def _block_range(row_start, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, N_COLS, diag_lo, diag_hi):
-    # Column blocks that rows [row_start, row_start + BLOCK_ROWS) can touch when every
-    # kept pair satisfies diag_lo <= col - row <= diag_hi.  Returns (lo, full_lo,
-    # full_hi, hi): blocks in [lo, full_lo) and [full_hi, hi) need the fine mask, blocks
-    # in [full_lo, full_hi) are kept entirely (and lie inside N_COLS).
-    first = tl.maximum(row_start + diag_lo, 0)
-    last = tl.minimum(row_start + BLOCK_ROWS + diag_hi, N_COLS)  # exclusive
+def _block_range(
+    row_start, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, N_COLS, visit_lo, visit_hi, diag_lo, diag_hi
+):
+    # Column blocks that rows [row_start, row_start + BLOCK_ROWS) visit, and which of them
+    # are kept entirely.  Kept pairs satisfy diag_lo <= col - row <= diag_hi; blocks with
+    # no pair in visit_lo <= col - row <= visit_hi are skipped (visit = diag when skipping
+    # is exact, unbounded otherwise).  Returns (lo, full_lo, full_hi, hi): blocks in
+    # [lo, full_lo) and [full_hi, hi) need the fine mask, blocks in [full_lo, full_hi) are
+    # kept entirely and lie inside N_COLS.
+    first = tl.maximum(row_start + visit_lo, 0)
+    last = tl.minimum(row_start + BLOCK_ROWS + visit_hi, N_COLS)  # exclusive
     lo = (first // BLOCK_COLS) * BLOCK_COLS
     hi = tl.where(last > first, ((last + BLOCK_COLS - 1) // BLOCK_COLS) * BLOCK_COLS, lo)
-    full_lo = ((tl.maximum(row_start + BLOCK_ROWS - 1 + diag_lo, 0) + BLOCK_COLS - 1) // BLOCK_COLS) * BLOCK_COLS
+    full_first = tl.maximum(row_start + BLOCK_ROWS - 1 + diag_lo, 0)
+    full_lo = ((full_first + BLOCK_COLS - 1) // BLOCK_COLS) * BLOCK_COLS
     full_last = tl.minimum(row_start + diag_hi - BLOCK_COLS + 1, N_COLS - BLOCK_COLS)
     full_hi = tl.where(full_last >= 0, (tl.maximum(full_last, 0) // BLOCK_COLS + 1) * BLOCK_COLS, 0)
     full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
@@ -409,7 +414,7 @@ def _attn_fwd_inner(
         + ["stride_vb", "stride_vh", "stride_vn", "stride_vd"]
         + ["stride_ob", "stride_oh", "stride_om", "stride_od"]
         + _aux_strides(plan, full=True)
-        + ["H_Q", "N_Q", "N_K", "diag_lo", "diag_hi"]
+        + ["H_Q", "N_Q", "N_K", "visit_lo", "visit_hi", "diag_lo", "diag_hi"]
         + [
             f"{n}: tl.constexpr"
             for n in (
@@ -495,7 +500,7 @@ def _attn_fwd(
     # -- float32 accumulators
 {_indent(init, 4)}
     # -- key blocks this query block can touch (block skipping from the mask predicate)
-    lo, full_lo, full_hi, hi = _block_range(pid_m * BLOCK_M, BLOCK_M, BLOCK_N, N_K, diag_lo, diag_hi)
+    lo, full_lo, full_hi, hi = _block_range(pid_m * BLOCK_M, BLOCK_M, BLOCK_N, N_K, visit_lo, visit_hi, diag_lo, diag_hi)
     {call("lo", "full_lo", "True")}
     {call("full_lo", "full_hi", "False")}
     {call("full_hi", "hi", "True")}
@@ -687,7 +692,7 @@ def _attn_bwd_dkdv_inner(
         + ["stride_dkb", "stride_dkh", "stride_dkn", "stride_dkd"]
         + ["stride_dvb", "stride_dvh", "stride_dvn", "stride_dvd"]
         + _aux_strides(plan, full=True)
-        + ["H_Q", "N_Q", "N_K", "diag_lo", "diag_hi"]
+        + ["H_Q", "N_Q", "N_K", "visit_lo", "visit_hi", "diag_lo", "diag_hi"]
         + consts
         + tanh
     )
@@ -720,7 +725,7 @@ def _attn_bwd_dkdv(
     dk = tl.full([BLOCK_N, BLOCK_D], 0, dtype=tl.float32)
     dv = tl.full([BLOCK_N, BLOCK_DV], 0, dtype=tl.float32)
     # -- query blocks that can see this key block: q - k in [-diag_hi, -diag_lo]
-    lo, full_lo, full_hi, hi = _block_range(pid_n * BLOCK_N, BLOCK_N, BLOCK_M, N_Q, -diag_hi, -diag_lo)
+    lo, full_lo, full_hi, hi = _block_range(pid_n * BLOCK_N, BLOCK_N, BLOCK_M, N_Q, -visit_hi, -visit_lo, -diag_hi, -diag_lo)
     n_dead = pid_n * 0  # query rows of the group with lse = -inf
     # -- GQA: the query heads that share this kv head, summed here (no atomics)
     for g in range(GROUP):
@@ -829,7 +834,7 @@ def _attn_bwd_dq_inner(
         + common_strides
         + ["stride_dqb", "stride_dqh", "stride_dqm", "stride_dqd"]
         + _aux_strides(plan, full=True)
-        + ["H_Q", "N_Q", "N_K", "diag_lo", "diag_hi"]
+        + ["H_Q", "N_Q", "N_K", "visit_lo", "visit_hi", "diag_lo", "diag_hi"]
         + consts
         + tanh
     )
@@ -868,7 +873,7 @@ def _attn_bwd_dq(
     m_row = tl.load(M + row_off + offs_m, mask=offs_m < N_Q, other={m_load_other})
     delta = tl.load(Delta + row_off + offs_m, mask=offs_m < N_Q, other=0.0)
     dq = tl.full([BLOCK_M, BLOCK_D], 0, dtype=tl.float32)
-    lo, full_lo, full_hi, hi = _block_range(pid_m * BLOCK_M, BLOCK_M, BLOCK_N, N_K, diag_lo, diag_hi)
+    lo, full_lo, full_hi, hi = _block_range(pid_m * BLOCK_M, BLOCK_M, BLOCK_N, N_K, visit_lo, visit_hi, diag_lo, diag_hi)
     {call_dq("lo", "full_lo", "True")}
     {call_dq("full_lo", "full_hi", "False")}
     {call_dq("full_hi", "hi", "True")}

@@ -86,7 +86,7 @@ def run_forward(spec: AttentionSpec, q, k, v, aux) -> tuple[torch.Tensor, torch.
     lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
     if B * H * NQ == 0:
         return out, lse
-    lo, hi = skip_bounds(spec, plan, NQ, NK)
+    bounds = skip_bounds(spec, plan, NQ, NK)
     cfg = _cfg(spec, "fwd", interpret)
     aux_ptrs, aux_strides = _aux_lists(plan, aux)
     grid = (triton.cdiv(NQ, cfg.BLOCK_M), B * H)
@@ -95,7 +95,7 @@ def run_forward(spec: AttentionSpec, q, k, v, aux) -> tuple[torch.Tensor, torch.
         q, k, v, out, lse, *aux_ptrs,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *[s for st in aux_strides for s in st],
-        H, NQ, NK, lo, hi,
+        H, NQ, NK, *bounds,
         GROUP=spec.gqa_group,
         HEAD_DIM=spec.head_dim,
         HEAD_DIM_V=spec.head_dim_v,
@@ -123,7 +123,7 @@ def run_backward(spec: AttentionSpec, dout, q, k, v, aux, out, lse):
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if B * H * NQ == 0 or NK == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    lo, hi = skip_bounds(spec, plan, NQ, NK)
+    bounds = skip_bounds(spec, plan, NQ, NK)
     aux_ptrs, aux_strides = _aux_lists(plan, aux)
     aux_flat = [s for st in aux_strides for s in st]
     consts = dict(
@@ -163,7 +163,7 @@ def run_backward(spec: AttentionSpec, dout, q, k, v, aux, out, lse):
         q, k, v, dout, m_row, delta, dk, dv, *aux_ptrs, *dead,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
         *dk.stride(), *dv.stride(), *aux_flat,
-        H, NQ, NK, lo, hi,
+        H, NQ, NK, *bounds,
         **consts,
         BLOCK_M=cfg.BLOCK_M,
         BLOCK_N=cfg.BLOCK_N,
@@ -177,7 +177,7 @@ def run_backward(spec: AttentionSpec, dout, q, k, v, aux, out, lse):
         q, k, v, dout, m_row, delta, dq, *aux_ptrs,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
         *dq.stride(), *aux_flat,
-        H, NQ, NK, lo, hi,
+        H, NQ, NK, *bounds,
         **consts,
         BLOCK_M=cfg.BLOCK_M,
         BLOCK_N=cfg.BLOCK_N,

@@ -96,20 +96,22 @@ def _eval_bound(expr, nq: int, nk: int) -> int:
     return int(sympy.floor(val))
 
 
-def skip_bounds(spec: AttentionSpec, plan: Plan, nq: int, nk: int) -> tuple[int, int]:
-    """(diag_lo, diag_hi): every kept pair satisfies diag_lo <= k - q <= diag_hi.
+def skip_bounds(spec: AttentionSpec, plan: Plan, nq: int, nk: int) -> tuple[int, int, int, int]:
+    """(visit_lo, visit_hi, diag_lo, diag_hi) at run time.
 
-    Unbounded sides, and specs without skipping, get +-UNBOUNDED (no block is skipped and
-    every full tile runs without the fine mask)."""
+    Every pair kept by the skip predicate satisfies diag_lo <= k - q <= diag_hi: tiles
+    inside the band run without the fine mask.  Key blocks outside the visit band are
+    skipped; it equals the diag band when skipping is exact and is unbounded otherwise
+    (no skip predicate, or a finite fill with a row that keeps no key)."""
     if plan.skip_op is None:
-        return -UNBOUNDED, UNBOUNDED
+        return -UNBOUNDED, UNBOUNDED, -UNBOUNDED, UNBOUNDED
     mc = spec.score_ops[plan.skip_op].predicate.mask_class
     lo = -UNBOUNDED if mc.left is None else -_eval_bound(mc.left, nq, nk)
     hi = UNBOUNDED if mc.right is None else _eval_bound(mc.right, nq, nk)
     lo, hi = max(lo, -UNBOUNDED), min(hi, UNBOUNDED)
     if plan.skip_needs_rows_kept and not _every_row_kept(lo, hi, nq, nk):
-        return -UNBOUNDED, UNBOUNDED
-    return lo, hi
+        return -UNBOUNDED, UNBOUNDED, lo, hi
+    return lo, hi, lo, hi
 
 
 def _every_row_kept(lo: int, hi: int, nq: int, nk: int) -> bool:

@@ -38,6 +38,15 @@ _TORCH_DTYPES = {
 }
 
 
+def empty_output(q: Tensor, v: Tensor, spec: AttentionSpec) -> Tensor:
+    """The output buffer, (B, Hq, NQ, Dv) in the spec's memory order."""
+    b, h, nq, _ = q.shape
+    dt = torch_dtype(spec.out_dtype)
+    if spec.out_layout == "bnhd":
+        return q.new_empty((b, nq, h, v.shape[-1]), dtype=dt).transpose(1, 2)
+    return q.new_empty((b, h, nq, v.shape[-1]), dtype=dt)
+
+
 def torch_dtype(name: str) -> torch.dtype:
     return _TORCH_DTYPES[name]
 
@@ -181,16 +190,14 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, aux: list[Tensor], spec: str) 
 
         return run_forward(s, q, k, v, aux)
     out, lse = reference_attention(q, k, v, aux, s)
-    return out.contiguous(), lse.contiguous()
+    return empty_output(q, v, s).copy_(out), lse.contiguous()
 
 
 @attention_op.register_fake
 def _(q, k, v, aux, spec):
     s = AttentionSpec.from_key(spec)
     b, h, nq, _ = q.shape
-    out = q.new_empty((b, h, nq, v.shape[-1]), dtype=torch_dtype(s.out_dtype))
-    lse = q.new_empty((b, h, nq), dtype=torch.float32)
-    return out, lse
+    return empty_output(q, v, s), q.new_empty((b, h, nq), dtype=torch.float32)
 
 
 @torch.library.custom_op("attnfx::attention_backward", mutates_args=())

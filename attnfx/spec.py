@@ -92,6 +92,10 @@ class AttentionSpec:
     # score program computes (NaN after a -inf fill, a uniform average after a finite
     # one); "zero" returns zeros, as SDPA and most fused kernels do.
     fully_masked: str = "preserve"
+    # Memory order of the output: "bhnd" (contiguous, as ``p @ v`` returns it) or "bnhd"
+    # (heads inside tokens, as SDPA returns it on most backends, so that the usual
+    # ``.transpose(1, 2).reshape(B, N, H·Dv)`` stays a view).
+    out_layout: str = "bhnd"
 
     def __post_init__(self):
         if self.activation not in ("softmax", "sigmoid"):
@@ -107,6 +111,8 @@ class AttentionSpec:
                 raise ValueError(f"score op {op} reads a missing aux tensor")
         if self.fully_masked not in ("preserve", "zero"):
             raise ValueError(f"fully_masked must be 'preserve' or 'zero', not {self.fully_masked!r}")
+        if self.out_layout not in ("bhnd", "bnhd"):
+            raise ValueError(f"out_layout must be 'bhnd' or 'bnhd', not {self.out_layout!r}")
         if self.gqa_group < 1:
             raise ValueError("gqa_group must be >= 1")
 

@@ -91,6 +91,7 @@ def build_site(anchor, pv, chain, *, kind, activation, extra_ops=()) -> Site:
         gqa_group=group,
         dtype=dtype_name(dt),
         out_dtype=dtype_name(G.dtype(pv)),
+        out_layout=_layout(pv) if rank == 4 else "bhnd",
     )
     return Site(
         kind=kind,
@@ -182,6 +183,7 @@ def match_sdpa(node: fx.Node) -> Site:
         out_dtype=dtype_name(G.dtype(node)),
         # SDPA's math path returns 0 for a query row with every key masked out.
         fully_masked="zero",
+        out_layout=_layout(node),
     )
     return Site(
         kind=KIND,
@@ -195,6 +197,16 @@ def match_sdpa(node: fx.Node) -> Site:
         where=G.module_path(node),
         mask_nodes=mask_nodes,
     )
+
+
+def _layout(node: fx.Node) -> str:
+    """Memory order of a 4-D output: "bnhd" when heads are inside tokens."""
+    ev = G.example_value(node)
+    if isinstance(ev, torch.Tensor) and ev.dim() == 4 and ev.shape[1] > 1 and ev.shape[2] > 1:
+        st = ev.stride()
+        if st[2] > st[1]:
+            return "bnhd"
+    return "bhnd"
 
 
 __all__ = ["KIND", "is_anchor", "is_sdpa", "match", "match_sdpa", "build_site", "sympy"]

@@ -157,20 +157,24 @@ def configs(spec: AttentionSpec, interpret: bool = False) -> dict[str, list[Conf
         return {"fwd": [c], "bwd_pre": [c], "bwd_dkdv": [c], "bwd_dq": [c]}
     d = max(_padded(spec.head_dim), _padded(spec.head_dim_v))
     f32 = spec.dtype == "float32"
-    if d <= 64:
-        fwd = Config(128, 64, 4, 3)
-        dkdv = Config(32, 128, 4, 3)
-        dq = Config(128, 32, 4, 3)
+    # (picked from sm_90 ptxas resource usage: no spills, shared memory within 227 KB)
+    if d <= 32:
+        fwd, dkdv, dq = Config(128, 64, 4, 3), Config(32, 128, 4, 3), Config(128, 32, 4, 3)
+    elif d <= 64:
+        fwd, dkdv, dq = Config(128, 64, 4, 3), Config(32, 128, 8, 2), Config(128, 32, 8, 2)
     elif d <= 128:
-        fwd = Config(128, 64, 8, 3)
-        dkdv = Config(32, 128, 8, 2)
-        dq = Config(128, 32, 8, 2)
+        fwd, dkdv, dq = Config(128, 64, 8, 3), Config(16, 32, 4, 1), Config(32, 32, 4, 1)
     else:
-        fwd = Config(64, 32, 4, 2)
-        dkdv = Config(32, 64, 8, 1)
-        dq = Config(64, 32, 8, 1)
+        fwd, dkdv, dq = Config(64, 16, 8, 1), Config(16, 32, 8, 1), Config(32, 16, 8, 1)
+    if any(op.aux is not None for op in spec.score_ops) and d <= 128:
+        # aux tiles (and their load masks) add register pressure
+        fwd = Config(64, 32, 8, 2)
+    if spec.activation == "sigmoid":
+        fwd = dataclasses.replace(fwd, num_warps=8)
+        dkdv = dataclasses.replace(dkdv, num_warps=8)
     if f32:  # fp32 tiles take twice the registers and shared memory
-        fwd = Config(max(32, fwd.BLOCK_M // 2), fwd.BLOCK_N, fwd.num_warps, 2)
-        dkdv = Config(dkdv.BLOCK_M, max(32, dkdv.BLOCK_N // 2), dkdv.num_warps, 1)
-        dq = Config(max(32, dq.BLOCK_M // 2), dq.BLOCK_N, dq.num_warps, 1)
-    return {"fwd": [fwd], "bwd_pre": [Config(64, 64, 4, 1)], "bwd_dkdv": [dkdv], "bwd_dq": [dq]}
+        fwd = Config(max(16, fwd.BLOCK_M // 2), fwd.BLOCK_N, fwd.num_warps, 1)
+        dkdv = Config(dkdv.BLOCK_M, max(16, dkdv.BLOCK_N // 2), dkdv.num_warps, 1)
+        dq = Config(max(16, dq.BLOCK_M // 2), dq.BLOCK_N, dq.num_warps, 1)
+    pre = Config(16, 64, 4, 1)
+    return {"fwd": [fwd], "bwd_pre": [pre], "bwd_dkdv": [dkdv], "bwd_dq": [dq]}

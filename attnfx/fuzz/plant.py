@@ -1,0 +1,61 @@
+"""Planted bugs, for testing the fuzzer itself (test tooling: nothing here runs unless asked).
+
+``apply(name)`` monkeypatches attnfx in this process so that some rewrites are wrong;
+run the fuzzer with ``options={"verify": "off"}`` so that the runtime verifier does not
+hide the bug, and it must report a mismatch (or a label mismatch) and write a repro.
+
+    drop-scale            the CPU kernel (``attnfx.ops.reference_attention``) ignores the
+                          constant scale ops (``mul``) of the spec
+    accept-query-softmax  the softmax recognizer takes a softmax over the query axis
+                          (``dim=-2``) as if it were over the keys
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+PLANTS = ("drop-scale", "accept-query-softmax")
+_applied: set[str] = set()
+
+
+def apply(name: str | None) -> None:
+    if not name:
+        return
+    if name not in PLANTS:
+        raise ValueError(f"unknown plant {name!r}; known: {PLANTS}")
+    if name in _applied:
+        return
+    _applied.add(name)
+    if name == "drop-scale":
+        _drop_scale()
+    else:
+        _accept_query_softmax()
+
+
+def _drop_scale() -> None:
+    import attnfx.ops as ops
+
+    original = ops.reference_attention
+
+    def reference_attention(q, k, v, aux, spec, *args, **kwargs):
+        spec = dataclasses.replace(spec, score_ops=tuple(o for o in spec.score_ops if o.op != "mul"))
+        return original(q, k, v, aux, spec, *args, **kwargs)
+
+    ops.reference_attention = reference_attention
+
+
+def _accept_query_softmax() -> None:
+    from attnfx.passes import graph as G
+    from attnfx.passes.match import NoMatch, walk_probs, walk_scores
+    from attnfx.passes.recognize import softmax as rec
+
+    def match(node, activation="softmax", kind=rec.KIND):
+        x = node.args[0]
+        shp = G.shape(x)
+        if shp is None or len(shp) not in (3, 4):
+            raise NoMatch("scores are not 3-D or 4-D")
+        chain = walk_scores(x, shp)
+        pv, _ = walk_probs(node)
+        return rec.build_site(node, pv, chain, kind=kind, activation=activation)  # no dim check
+
+    rec.match = match

@@ -57,7 +57,7 @@ class Program:
     def label(self) -> str:
         if self.near_miss:
             return f"near-miss:{self.near_miss}"
-        return ",".join(f"{k}x{n}" for k, n in sorted(self.expected.items())) or "none"
+        return ",".join(f"{k} x{n}" for k, n in sorted(self.expected.items())) or "none"
 
 
 @dataclasses.dataclass(frozen=True)

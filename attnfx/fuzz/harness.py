@@ -140,7 +140,9 @@ def check_program(
         with report.collecting() as records:
             cand = compiled(*c_in)
     except Exception as e:  # noqa: BLE001
-        failures.append(("uncounted exception", f"torch.compile(backend=attnfx) raised {type(e).__name__}: {e}"))
+        failures.append(
+            ("uncounted exception", f"torch.compile(backend=attnfx) raised {type(e).__name__}: {e}")
+        )
         stats["time"] = time.perf_counter() - t0
         return failures, stats
     stats["graphs"] = len(graphs)
@@ -157,24 +159,38 @@ def check_program(
         if r.status == "rewritten":
             from_records[r.kind] = from_records.get(r.kind, 0) + 1
     if from_records != rewritten:
-        failures.append(("label mismatch", f"counters {rewritten} disagree with the explain records {from_records}"))
+        failures.append(
+            (
+                "label mismatch",
+                f"counters {rewritten} disagree with the explain records {from_records}",
+            )
+        )
     want = {k: v for k, v in expected.items() if v}
     known = ns.get("KNOWN_GAP")
-    missed_only = all(rewritten.get(k, 0) <= v for k, v in want.items()) and set(rewritten) <= set(want)
+    missed_only = all(rewritten.get(k, 0) <= v for k, v in want.items()) and set(rewritten) <= set(
+        want
+    )
     if rewritten != want and known and missed_only:
         stats["known_gap"] = known  # an open attnfx bug: reported, not a failure
     elif rewritten != want:
         what = f"near-miss {near!r}" if near else "expected"
         failures.append(
-            ("label mismatch", f"rewritten {rewritten or '{}'}, {what} {expected or '{}'}; kept: {kept or '{}'}")
+            (
+                "label mismatch",
+                f"rewritten {rewritten or '{}'}, {what} {expected or '{}'}; kept: {kept or '{}'}",
+            )
         )
-    bad = {r: n for r, n in kept.items() if r in ("internal error", "inner compiler failed on rewritten graph")}
+    bad = {
+        r: n
+        for r, n in kept.items()
+        if r in ("internal error", "inner compiler failed on rewritten graph")
+    }
     if bad:
         errs = [f"{r.where}" for r in records if r.reason == "internal error"]
         failures.append(("uncounted exception", f"attnfx fell back: {bad} {errs}"))
 
     # Outputs against gold (float64) and base (working dtype), under the §5 rule.
-    for i, (c, b, g) in enumerate(zip(_flat(cand), _flat(base), _flat(gold))):
+    for i, (c, b, g) in enumerate(zip(_flat(cand), _flat(base), _flat(gold), strict=False)):
         if c.is_floating_point():
             res = compare(c.detach(), b.detach(), g.detach(), context=f"output {i}")
             if not res.ok:
@@ -187,7 +203,12 @@ def check_program(
         try:
             _flat(cand)[0].backward(cot.to(outs[0].dtype))
         except Exception as e:  # noqa: BLE001
-            failures.append(("uncounted exception", f"backward of the compiled model raised {type(e).__name__}: {e}"))
+            failures.append(
+                (
+                    "uncounted exception",
+                    f"backward of the compiled model raised {type(e).__name__}: {e}",
+                )
+            )
         else:
             _flat(base)[0].backward(cot.to(outs[0].dtype))
             _flat(gold)[0].backward(cot.double())
@@ -196,9 +217,13 @@ def check_program(
                 if gb is None:
                     continue
                 if gc is None:
-                    failures.append(("mismatch", f"grad of input {i}: none from the compiled model"))
+                    failures.append(
+                        ("mismatch", f"grad of input {i}: none from the compiled model")
+                    )
                     continue
-                res = compare(gc, gb, gg, grad=True, check_strides=False, context=f"grad of input {i}")
+                res = compare(
+                    gc, gb, gg, grad=True, check_strides=False, context=f"grad of input {i}"
+                )
                 if not res.ok:
                     failures.append(("mismatch", res.message))
 
@@ -212,12 +237,24 @@ def check_program(
                 base2 = model(*_inputs(ns, device, nq=nq, nkv=nkv))
                 gold2 = _gold(ns, gold_model, _inputs(ns, device, nq=nq, nkv=nkv, f64=True))
         except Exception as e:  # noqa: BLE001
-            failures.append(("uncounted exception", f"rerun at (nq, nkv)=({nq}, {nkv}) raised {type(e).__name__}: {e}"))
+            failures.append(
+                (
+                    "uncounted exception",
+                    f"rerun at (nq, nkv)=({nq}, {nkv}) raised {type(e).__name__}: {e}",
+                )
+            )
         else:
             stats["rerun_graphs"] = len(graphs) - n_before
             if len(graphs) > 2 * n_before:
-                failures.append(("recompile", f"{len(graphs)} graphs after a rerun at ({nq}, {nkv}); expected <= {2 * n_before}"))
-            for i, (c, b, g) in enumerate(zip(_flat(cand2), _flat(base2), _flat(gold2))):
+                failures.append(
+                    (
+                        "recompile",
+                        f"{len(graphs)} graphs after a rerun at ({nq}, {nkv}); expected <= {2 * n_before}",
+                    )
+                )
+            for i, (c, b, g) in enumerate(
+                zip(_flat(cand2), _flat(base2), _flat(gold2), strict=False)
+            ):
                 if c.is_floating_point():
                     res = compare(c, b, g, context=f"rerun ({nq}, {nkv}) output {i}")
                     if not res.ok:
@@ -232,16 +269,29 @@ def check_program(
         try:
             ref = torch.compile(model, backend=exact_backend)(*_inputs(ns, device, grad=grads))
         except Exception as e:  # noqa: BLE001
-            failures.append(("uncounted exception", f"backend={exact_backend!r} raised {type(e).__name__}: {e}"))
+            failures.append(
+                ("uncounted exception", f"backend={exact_backend!r} raised {type(e).__name__}: {e}")
+            )
         else:
-            for i, (a, r) in enumerate(zip(_flat(cand), _flat(ref))):
+            for i, (a, r) in enumerate(zip(_flat(cand), _flat(ref), strict=False)):
                 a, r = a.detach(), r.detach()
-                same = a.shape == r.shape and a.dtype == r.dtype and bool(torch.equal(a.isnan(), r.isnan()))
+                same = (
+                    a.shape == r.shape
+                    and a.dtype == r.dtype
+                    and bool(torch.equal(a.isnan(), r.isnan()))
+                )
                 same = same and bool(torch.equal(torch.nan_to_num(a), torch.nan_to_num(r)))
                 if not same:
-                    diff = (a.double() - r.double()).abs().nan_to_num().max().item() if a.shape == r.shape else None
+                    diff = (
+                        (a.double() - r.double()).abs().nan_to_num().max().item()
+                        if a.shape == r.shape
+                        else None
+                    )
                     failures.append(
-                        ("near-miss differs", f"output {i} differs from backend={exact_backend!r} (max diff {diff})")
+                        (
+                            "near-miss differs",
+                            f"output {i} differs from backend={exact_backend!r} (max diff {diff})",
+                        )
                     )
     torch._dynamo.reset()
     stats["time"] = time.perf_counter() - t0

@@ -38,7 +38,9 @@ def _drop_scale() -> None:
     original = ops.reference_attention
 
     def reference_attention(q, k, v, aux, spec, *args, **kwargs):
-        spec = dataclasses.replace(spec, score_ops=tuple(o for o in spec.score_ops if o.op != "mul"))
+        spec = dataclasses.replace(
+            spec, score_ops=tuple(o for o in spec.score_ops if o.op != "mul")
+        )
         return original(q, k, v, aux, spec, *args, **kwargs)
 
     ops.reference_attention = reference_attention

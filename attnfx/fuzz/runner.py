@@ -79,37 +79,52 @@ class Summary:
         exp, got = self.expected(), self.rewritten()
         for kind in sorted(set(exp) | set(got)):
             rows.append((f"sites rewritten: {kind}", f"{got[kind]} (labelled {exp[kind]})"))
-        gaps = collections.Counter(r.stats["known_gap"] for r in self.results if r.stats.get("known_gap"))
+        gaps = collections.Counter(
+            r.stats["known_gap"] for r in self.results if r.stats.get("known_gap")
+        )
         rows.append(("known gaps (open bugs)", str(sum(gaps.values()))))
         rows.append(("near-misses correctly kept", f"{len(near_ok)} / {len(near)}"))
         rows.append(("lanes", ", ".join(f"{k} {v}" for k, v in sorted(lanes.items()))))
         for cat in CATEGORIES:
             rows.append((cat if cat != "mismatch" else "mismatches", str(self.count(cat))))
         rows.append(("programs failing", str(len(self.failures))))
-        rows.append(("time", f"{self.elapsed:.1f} s ({self.elapsed / max(1, len(self.results)):.2f} s/program)"))
+        rows.append(
+            (
+                "time",
+                f"{self.elapsed:.1f} s ({self.elapsed / max(1, len(self.results)):.2f} s/program)",
+            )
+        )
         w = max(len(a) for a, _ in rows)
-        head = f"attnfx fuzz: seed {self.seed}, options {self.options}" + (f", plant {self.plant}" if self.plant else "")
+        head = f"attnfx fuzz: seed {self.seed}, options {self.options}" + (
+            f", plant {self.plant}" if self.plant else ""
+        )
         lines = [head, "-" * len(head)] + [f"{a.ljust(w)}  {b}" for a, b in rows]
         for why, n in gaps.items():
             lines.append(f"  known gap x{n}: {why}")
         for r in self.failures:
             cats = sorted({c for c, _ in r.failures})
-            lines.append(f"  #{r.index} [{', '.join(cats)}] {r.program.label}: {r.failures[0][1][:160]}")
+            lines.append(
+                f"  #{r.index} [{', '.join(cats)}] {r.program.label}: {r.failures[0][1][:160]}"
+            )
             if r.repro:
                 lines.append(f"      repro: {r.repro}")
         return "\n".join(lines)
 
 
-def draw_programs(examples: int, seed: int, kinds: list[str] | None = None, device: str = "cpu") -> list[Program]:
-    """``examples`` programs, reproducibly from ``seed``."""
+def draw_programs(
+    examples: int, seed: int, kinds: list[str] | None = None, device: str = "cpu"
+) -> list[Program]:
+    """``examples`` distinct programs, reproducibly from ``seed`` (hypothesis repeats and
+    mutates examples; duplicates are dropped, drawing up to 4x as many)."""
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import seed as hseed
 
     out: list[Program] = []
+    seen: set[str] = set()
 
     @hseed(seed)
     @settings(
-        max_examples=examples,
+        max_examples=4 * examples,
         database=None,
         deadline=None,
         phases=[Phase.generate],
@@ -118,7 +133,10 @@ def draw_programs(examples: int, seed: int, kinds: list[str] | None = None, devi
     )
     @given(grammar.programs(kinds, device))
     def collect(p):
-        out.append(p)
+        key = repr(sorted(p.choices.items()))
+        if key not in seen and len(out) < examples:
+            seen.add(key)
+            out.append(p)
 
     collect()
     return out[:examples]
@@ -133,11 +151,15 @@ def load(program: Program, name: str = "fuzz_program") -> dict:
     return ns
 
 
-def check(program: Program, *, options: dict, device: str = "cpu", exact_backend: str | None = None):
+def check(
+    program: Program, *, options: dict, device: str = "cpu", exact_backend: str | None = None
+):
     from attnfx.fuzz.harness import check_program
 
     ns = load(program)
-    exact = exact_backend or ("aot_eager" if options.get("inner", "inductor") == "eager" else "inductor")
+    exact = exact_backend or (
+        "aot_eager" if options.get("inner", "inductor") == "eager" else "inductor"
+    )
     try:
         return check_program(ns, options=options, device=device, exact_backend=exact)
     except Exception as e:  # noqa: BLE001 - the harness itself failed: report, do not crash
@@ -190,11 +212,17 @@ def repro_script(
     original: Program | None = None,
 ) -> str:
     cats = sorted({c for c, _ in failures})
-    cmd = f"attnfx fuzz --seed {seed} ... (example {index})" + (f" --plant {plant}" if plant else "")
+    cmd = f"attnfx fuzz --seed {seed} ... (example {index})" + (
+        f" --plant {plant}" if plant else ""
+    )
     msgs = "\n".join(f"    [{c}] {m}" for c, m in failures)
     orig = ""
     if original is not None and original.choices != program.choices:
-        diff = {k: original.choices[k] for k in original.choices if original.choices[k] != program.choices.get(k)}
+        diff = {
+            k: original.choices[k]
+            for k in original.choices
+            if original.choices[k] != program.choices.get(k)
+        }
         orig = f"\nMinimized; the generated program differed in: {diff}\n"
     head = f'''#!/usr/bin/env python3
 """attnfx fuzz repro: {", ".join(cats)}.
@@ -208,7 +236,7 @@ Run: python3 THIS_FILE   (exit status 1 while the failure reproduces; plain PyTo
 Set ATTNFX_FUZZ_PLANT="" to run without the planted bug (when one is named below).
 """
 '''
-    tail = f'''
+    tail = f"""
 
 OPTIONS = {options!r}
 DEVICE = {device!r}
@@ -231,8 +259,14 @@ if __name__ == "__main__":
     if failures:
         sys.exit(1)
     print("OK: no failure reproduced")
-'''
-    return head + program.source + "\n\n# ---- the checks (attnfx/fuzz/harness.py) ----\n" + _harness_source() + tail
+"""
+    return (
+        head
+        + program.source
+        + "\n\n# ---- the checks (attnfx/fuzz/harness.py) ----\n"
+        + _harness_source()
+        + tail
+    )
 
 
 def fuzz(
@@ -274,13 +308,20 @@ def fuzz(
                 cats = {c for c, _ in failures}
                 small = p
                 if minimize:
-                    small = shrink(p, cats, lambda q: check(q, options=opts, device=device)[0], budget=shrink_budget)
+                    small = shrink(
+                        p,
+                        cats,
+                        lambda q: check(q, options=opts, device=device)[0],
+                        budget=shrink_budget,
+                    )
                     f2, _ = check(small, options=opts, device=device)
                     failures_small = f2 or failures
                 else:
                     failures_small = failures
                 os.makedirs(out, exist_ok=True)
-                path = os.path.join(out, f"repro_seed{seed}_{i:04d}_{sorted(cats)[0].replace(' ', '_')}.py")
+                path = os.path.join(
+                    out, f"repro_seed{seed}_{i:04d}_{sorted(cats)[0].replace(' ', '_')}.py"
+                )
                 with open(path, "w") as f:
                     f.write(
                         repro_script(

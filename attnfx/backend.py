@@ -61,7 +61,9 @@ class Options:
             ("inner", ("inductor", "eager")),
         ):
             if getattr(o, name) not in allowed:
-                raise ValueError(f"attnfx option {name}={getattr(o, name)!r}; expected one of {allowed}")
+                raise ValueError(
+                    f"attnfx option {name}={getattr(o, name)!r}; expected one of {allowed}"
+                )
         return o
 
 
@@ -72,7 +74,9 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
-def rewrite_graph(gm: fx.GraphModule, example_inputs, options: Options) -> tuple[fx.GraphModule, list]:
+def rewrite_graph(
+    gm: fx.GraphModule, example_inputs, options: Options
+) -> tuple[fx.GraphModule, list]:
     """Run the attnfx passes on a copy of ``gm``; return it and the site records."""
     from attnfx.passes import rewrite, verify
 
@@ -98,7 +102,9 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, options: Options) -> tuple
             wanted |= set(rewrite.externals(rewrite.region(gnx, matched[i])))
         captured = verify.capture_inputs(new, example_inputs, wanted)
         for i in todo:
-            verdicts[i] = verify.verify_site(new, gnx, matched[i], captured, random_trials=options.random_trials)
+            verdicts[i] = verify.verify_site(
+                new, gnx, matched[i], captured, random_trials=options.random_trials
+            )
 
     for s in sites:
         if s.spec is None:
@@ -109,13 +115,19 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, options: Options) -> tuple
             msg = f"verifier rejected the rewrite: {v.message}"
             if options.on_mismatch == "raise":
                 raise VerificationError(f"attnfx site {s.where or s.anchor}: {msg}")
-            records.append(report.SiteRecord(s.kind, "kept", "verifier rejected the rewrite", s.where, s.spec, graph=gid))
+            records.append(
+                report.SiteRecord(
+                    s.kind, "kept", "verifier rejected the rewrite", s.where, s.spec, graph=gid
+                )
+            )
             log.warning("attnfx: kept %s at %s: %s", s.kind, s.where, v.message)
             continue
         with _lock:
             _verified.add((s.spec.key, s.where))
         rewrite.apply(new, s)
-        records.append(report.SiteRecord(s.kind, "rewritten", None, s.where, s.spec, v.max_rel_err, graph=gid))
+        records.append(
+            report.SiteRecord(s.kind, "rewritten", None, s.where, s.spec, v.max_rel_err, graph=gid)
+        )
     rewrite.finish(new)
     return new, records
 
@@ -128,7 +140,9 @@ def _inner(gm: fx.GraphModule, example_inputs, options: Options):
     return compile_fx(gm, example_inputs)
 
 
-def attnfx_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None = None, mode: str | None = None):
+def attnfx_backend(
+    gm: fx.GraphModule, example_inputs, *, options: dict | None = None, mode: str | None = None
+):
     """The ``torch.compile`` backend."""
     opts = Options.from_dict(options)
     try:
@@ -136,10 +150,15 @@ def attnfx_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None =
     except VerificationError:
         raise
     except Exception as e:  # noqa: BLE001 - never crash inside torch.compile
-        log.warning("attnfx: internal error, graph kept as Dynamo gave it: %s: %s", type(e).__name__, e)
+        log.warning(
+            "attnfx: internal error, graph kept as Dynamo gave it: %s: %s", type(e).__name__, e
+        )
         if G and log.isEnabledFor(logging.DEBUG):
             log.exception("attnfx internal error")
-        new, records = gm, [report.SiteRecord("?", "kept", "internal error", f"{type(e).__name__}: {e}")]
+        new, records = (
+            gm,
+            [report.SiteRecord("?", "kept", "internal error", f"{type(e).__name__}: {e}")],
+        )
     for r in records:
         report.record(r)
     if new is gm:
@@ -147,7 +166,9 @@ def attnfx_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None =
     try:
         return _inner(new, example_inputs, opts)
     except Exception as e:  # noqa: BLE001 - fall back to the graph as Dynamo gave it
-        log.warning("attnfx: inner compiler failed on the rewritten graph (%s); compiling the original", e)
+        log.warning(
+            "attnfx: inner compiler failed on the rewritten graph (%s); compiling the original", e
+        )
         report.counters["kept.inner compiler failed on rewritten graph"] += len(
             [r for r in records if r.status == "rewritten"]
         )

@@ -61,8 +61,13 @@ def _fuzz(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attnfx", description="attention compiler for torch.compile")
     sub = p.add_subparsers(dest="command", required=True)
-    e = sub.add_parser("explain", help="report every attention site of a script's `model` on its `example_inputs`")
-    e.add_argument("file", help="a Python file defining `model` and `example_inputs` (and optionally `example_kwargs`)")
+    e = sub.add_parser(
+        "explain", help="report every attention site of a script's `model` on its `example_inputs`"
+    )
+    e.add_argument(
+        "file",
+        help="a Python file defining `model` and `example_inputs` (and optionally `example_kwargs`)",
+    )
     e.add_argument("--json", action="store_true", help="print the report as JSON")
     e.set_defaults(func=_explain)
     f = sub.add_parser(

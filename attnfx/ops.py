@@ -67,32 +67,79 @@ def use_triton(device: torch.device) -> bool:
 # ---------------------------------------------------------------------------------------
 
 
-def apply_score_ops(s: Tensor, spec: AttentionSpec, aux: list[Tensor]) -> tuple[Tensor, Tensor]:
+def apply_score_ops(
+    s: Tensor, spec: AttentionSpec, aux: list[Tensor], *, with_grad: bool = False
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Run the score program on float32 scores ``s`` (B, Hq, NQ, NK).
 
-    Returns the scores and a bool tensor of the pairs no fill op masked out.
+    Returns the scores, a bool tensor of the pairs no fill op masked out and, with
+    ``with_grad``, d(scores)/d(raw scores): every op is elementwise, so the derivative is
+    the product of the local ones (multipliers, ``1 − tanh²``, 0 where filled).
     """
     nq, nk = s.shape[-2], s.shape[-1]
     kept = torch.ones((), dtype=torch.bool, device=s.device)
+    d = torch.ones((), dtype=s.dtype, device=s.device) if with_grad else None
     for op in spec.score_ops:
-        if op.op == "mul":
-            s = s * op.value
+        if op.op in ("mul", "mul_aux", "mul_sym"):
+            if op.op == "mul":
+                m = op.value
+            elif op.op == "mul_aux":
+                m = aux[op.aux].to(s.dtype)
+            else:
+                m = op.value_at(nq, nk)
+            s = s * m
+            d = d * m if with_grad else d
         elif op.op == "add":
             s = s + op.value
-        elif op.op == "mul_aux":
-            s = s * aux[op.aux].to(s.dtype)
         elif op.op == "add_aux":
             s = s + aux[op.aux].to(s.dtype)
-        elif op.op == "fill_aux":
-            hit = aux[op.aux].to(torch.bool)
-            hit = hit if op.fill_where else ~hit
+        elif op.op == "add_sym":
+            s = s + op.value_at(nq, nk)
+        elif op.op == "tanh":
+            s = torch.tanh(s)
+            d = d * (1 - s * s) if with_grad else d
+        elif op.op in ("fill_aux", "fill_pred"):
+            if op.op == "fill_aux":
+                hit = aux[op.aux].to(torch.bool)
+                hit = hit if op.fill_where else ~hit
+            else:
+                hit = ~op.predicate.materialize(nq, nk, device=s.device)
             s = torch.where(hit, torch.full_like(s, op.value), s)
             kept = kept & ~hit
-        elif op.op == "fill_pred":
-            keep = op.predicate.materialize(nq, nk, device=s.device)
-            s = torch.where(keep, s, torch.full_like(s, op.value))
-            kept = kept & keep
-    return s, kept.expand_as(s)
+            d = (
+                torch.where(hit, torch.zeros((), dtype=s.dtype, device=s.device), d)
+                if with_grad
+                else d
+            )
+    return s, kept.expand_as(s), d
+
+
+def lower_symbolic(
+    spec: AttentionSpec, aux: list[Tensor], q: Tensor, k: Tensor
+) -> tuple[AttentionSpec, list[Tensor]]:
+    """Turn the length-dependent scalars (``add_sym`` / ``mul_sym``) into 0-d aux tensors
+    broadcast like the others, so that the kernels see only constant and aux ops and one
+    compiled kernel serves every length."""
+    if not any(op.op.endswith("_sym") for op in spec.score_ops):
+        return spec, aux
+    import dataclasses
+
+    b, h, nq, _ = q.shape
+    nk, device = k.shape[-2], q.device
+    shape = (b, h, nq, nk)
+
+    aux = list(aux)
+    dts = list(spec.aux_dtypes)
+    ops = []
+    for op in spec.score_ops:
+        if op.op.endswith("_sym"):
+            val = torch.tensor(op.value_at(nq, nk), dtype=torch.float32, device=device)
+            aux.append(val.expand(shape))
+            dts.append("float32")
+            ops.append(type(op)(op.op.replace("_sym", "_aux"), aux=len(aux) - 1))
+        else:
+            ops.append(op)
+    return dataclasses.replace(spec, score_ops=tuple(ops), aux_dtypes=tuple(dts)), aux
 
 
 def reference_attention(
@@ -105,7 +152,7 @@ def reference_attention(
         v = v.repeat_interleave(g, dim=1)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     s = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1))
-    s, kept = apply_score_ops(s, spec, aux)
+    s, kept, _ = apply_score_ops(s, spec, aux)
     if spec.activation == "softmax":
         lse = torch.logsumexp(s, dim=-1)
         p = torch.softmax(s, dim=-1)
@@ -116,23 +163,6 @@ def reference_attention(
         p = torch.where(kept.any(-1, keepdim=True), p, torch.zeros_like(p))
     out = torch.matmul(p, v.to(acc))
     return out.to(torch_dtype(spec.out_dtype)), lse.to(torch.float32)
-
-
-def _score_grad_factor(s_shape, spec: AttentionSpec, aux: list[Tensor], device) -> Tensor:
-    """d(score program)/d(raw scores): the product of the multipliers, 0 where filled."""
-    nq, nk = s_shape[-2], s_shape[-1]
-    f = torch.ones((), dtype=torch.float32, device=device)
-    for op in spec.score_ops:
-        if op.op == "mul":
-            f = f * op.value
-        elif op.op == "mul_aux":
-            f = f * aux[op.aux].to(torch.float32)
-        elif op.op == "fill_aux":
-            hit = aux[op.aux].to(torch.bool)
-            f = torch.where(hit if op.fill_where else ~hit, 0.0, f)
-        elif op.op == "fill_pred":
-            f = torch.where(op.predicate.materialize(nq, nk, device=device), f, 0.0)
-    return f
 
 
 def reference_attention_backward(
@@ -153,7 +183,9 @@ def reference_attention_backward(
     kk = k.repeat_interleave(g, dim=1).to(acc) if g > 1 else k.to(acc)
     vv = v.repeat_interleave(g, dim=1).to(acc) if g > 1 else v.to(acc)
     qq, do = q.to(acc), dout.to(acc)
-    s, kept = apply_score_ops(torch.matmul(qq, kk.transpose(-2, -1)), spec, aux)
+    s, kept, factor = apply_score_ops(
+        torch.matmul(qq, kk.transpose(-2, -1)), spec, aux, with_grad=True
+    )
     if spec.activation == "softmax":
         p = torch.softmax(s, dim=-1)
     else:
@@ -166,7 +198,7 @@ def reference_attention_backward(
         ds = p * (dp - (p * dp).sum(-1, keepdim=True))
     else:
         ds = p * (1 - p) * dp
-    ds = ds * _score_grad_factor(s.shape, spec, aux, s.device).to(acc)
+    ds = ds * factor
     dq = torch.matmul(ds, kk)
     dk = torch.matmul(ds.transpose(-2, -1), qq)
     if g > 1:
@@ -182,13 +214,16 @@ def reference_attention_backward(
 
 
 @torch.library.custom_op("attnfx::attention", mutates_args=())
-def attention_op(q: Tensor, k: Tensor, v: Tensor, aux: list[Tensor], spec: str) -> tuple[Tensor, Tensor]:
+def attention_op(
+    q: Tensor, k: Tensor, v: Tensor, aux: list[Tensor], spec: str
+) -> tuple[Tensor, Tensor]:
     s = AttentionSpec.from_key(spec)
     _check_inputs(q, k, v, aux, s)
     if use_triton(q.device):
         from attnfx.codegen import run_forward
 
-        return run_forward(s, q, k, v, aux)
+        ks, kaux = lower_symbolic(s, aux, q, k)
+        return run_forward(ks, q, k, v, kaux)
     out, lse = reference_attention(q, k, v, aux, s)
     return empty_output(q, v, s).copy_(out), lse.contiguous()
 
@@ -202,13 +237,21 @@ def _(q, k, v, aux, spec):
 
 @torch.library.custom_op("attnfx::attention_backward", mutates_args=())
 def attention_backward_op(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, aux: list[Tensor], out: Tensor, lse: Tensor, spec: str
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    aux: list[Tensor],
+    out: Tensor,
+    lse: Tensor,
+    spec: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     s = AttentionSpec.from_key(spec)
     if use_triton(q.device):
         from attnfx.codegen import run_backward
 
-        return run_backward(s, dout, q, k, v, aux, out, lse)
+        ks, kaux = lower_symbolic(s, aux, q, k)
+        return run_backward(ks, dout, q, k, v, kaux, out, lse)
     dq, dk, dv = reference_attention_backward(dout, q, k, v, aux, s)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
@@ -238,9 +281,13 @@ attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _check_inputs(q, k, v, aux, spec: AttentionSpec):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"attnfx::attention expects 4-D q, k, v; got {q.dim()}, {k.dim()}, {v.dim()}")
+        raise ValueError(
+            f"attnfx::attention expects 4-D q, k, v; got {q.dim()}, {k.dim()}, {v.dim()}"
+        )
     if q.shape[1] != k.shape[1] * spec.gqa_group:
-        raise ValueError(f"q has {q.shape[1]} heads, k {k.shape[1]}, spec says group {spec.gqa_group}")
+        raise ValueError(
+            f"q has {q.shape[1]} heads, k {k.shape[1]}, spec says group {spec.gqa_group}"
+        )
     for i, a in enumerate(aux):
         if a.dim() != 4:
             raise ValueError(f"aux tensor {i} must be broadcast to 4-D, got shape {tuple(a.shape)}")
@@ -251,7 +298,9 @@ def _check_inputs(q, k, v, aux, spec: AttentionSpec):
 # ---------------------------------------------------------------------------------------
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, aux: list[Tensor] | None = None) -> Tensor:
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, aux: list[Tensor] | None = None
+) -> Tensor:
     """Run ``spec`` on (B, H, N, D) tensors through the attnfx custom op."""
     b, h, nq, _ = q.shape
     nk = k.shape[-2]

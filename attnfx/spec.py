@@ -26,9 +26,28 @@ import math
 
 from attnfx.predicate import MaskClass, MaskPredicate
 
-SCORE_OPS = ("mul", "add", "mul_aux", "add_aux", "fill_aux", "fill_pred")
+SCORE_OPS = (
+    "mul",
+    "add",
+    "mul_aux",
+    "add_aux",
+    "fill_aux",
+    "fill_pred",
+    "tanh",
+    "add_sym",
+    "mul_sym",
+)
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 AUX_DTYPES = DTYPES + ("bool", "int32", "int64", "uint8")
+
+
+@functools.cache
+def _parse_expr(key: str):
+    import sympy
+
+    from attnfx.predicate import _rebind
+
+    return _rebind(sympy.sympify(key))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +61,9 @@ class ScoreOp:
     ``add_aux``   ``s + aux[i]``           (additive bias or float mask)
     ``fill_aux``  ``where(aux[i] == fill_where, value, s)``   (``masked_fill`` / ``where``)
     ``fill_pred`` ``where(pred(q_idx, kv_idx), s, value)``    (an index predicate; True keeps)
+    ``tanh``      ``tanh(s)``              (soft-capping is ``mul 1/c, tanh, mul c``)
+    ``add_sym``   ``s + expr(NQ, NK)``     (a scalar that depends on the lengths: ``-log(NK)``)
+    ``mul_sym``   ``s * expr(NQ, NK)``     (e.g. a ``log(NK)`` scaling)
     ============  ==========================================================
     """
 
@@ -50,6 +72,7 @@ class ScoreOp:
     aux: int | None = None
     pred: str | None = None  # MaskPredicate key (sympy srepr), for fill_pred
     fill_where: bool = True
+    expr: str | None = None  # sympy srepr over NQ, NK, for add_sym / mul_sym
 
     def __post_init__(self):
         if self.op not in SCORE_OPS:
@@ -58,6 +81,18 @@ class ScoreOp:
             raise ValueError(f"{self.op} needs an aux index")
         if self.op == "fill_pred" and self.pred is None:
             raise ValueError("fill_pred needs a predicate")
+        if self.op.endswith("_sym") and self.expr is None:
+            raise ValueError(f"{self.op} needs an expression")
+
+    @property
+    def sym(self):
+        """The sympy expression of an ``add_sym`` / ``mul_sym`` op."""
+        return _parse_expr(self.expr) if self.expr is not None else None
+
+    def value_at(self, nq: int, nk: int) -> float:
+        from attnfx.predicate import NK, NQ
+
+        return float(self.sym.subs({NQ: nq, NK: nk}))
 
     @property
     def predicate(self) -> MaskPredicate | None:
@@ -74,12 +109,20 @@ class ScoreOp:
             return f"+aux{self.aux}"
         if self.op == "fill_aux":
             return f"fill({'' if self.fill_where else '~'}aux{self.aux}, {self.value:g})"
+        if self.op == "tanh":
+            return "tanh"
+        if self.op == "add_sym":
+            return f"+({self.sym})"
+        if self.op == "mul_sym":
+            return f"*({self.sym})"
         return f"keep[{self.predicate.mask_class.describe()}] else {self.value:g}"
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionSpec:
-    kind: str = "softmax"  # the report's kind: softmax | sigmoid | neighborhood | routed | temperature
+    kind: str = (
+        "softmax"  # the report's kind: softmax | sigmoid | neighborhood | routed | temperature
+    )
     activation: str = "softmax"  # softmax | sigmoid
     score_ops: tuple[ScoreOp, ...] = ()
     aux_dtypes: tuple[str, ...] = ()  # dtype of each aux tensor, by index
@@ -110,7 +153,9 @@ class AttentionSpec:
             if op.aux is not None and not 0 <= op.aux < len(self.aux_dtypes):
                 raise ValueError(f"score op {op} reads a missing aux tensor")
         if self.fully_masked not in ("preserve", "zero"):
-            raise ValueError(f"fully_masked must be 'preserve' or 'zero', not {self.fully_masked!r}")
+            raise ValueError(
+                f"fully_masked must be 'preserve' or 'zero', not {self.fully_masked!r}"
+            )
         if self.out_layout not in ("bhnd", "bnhd"):
             raise ValueError(f"out_layout must be 'bhnd' or 'bnhd', not {self.out_layout!r}")
         if self.gqa_group < 1:

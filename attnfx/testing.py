@@ -81,12 +81,17 @@ def compare(
     checks = (
         (torch.isnan(g) & ~torch.isnan(c), "gold is NaN, cand is not"),
         (torch.isinf(g) & (c != g), "gold is infinite, cand differs"),
-        (gfin & ~torch.isfinite(c) & torch.isfinite(b), "cand is not finite where gold and base are"),
+        (
+            gfin & ~torch.isfinite(c) & torch.isfinite(b),
+            "cand is not finite where gold and base are",
+        ),
     )
     for bad, what in checks:
         if bool(bad.any()):
             idx = tuple(int(i) for i in bad.nonzero()[0])
-            return fail(f"{what} at {idx}: cand={c[idx].item()} base={b[idx].item()} gold={g[idx].item()}")
+            return fail(
+                f"{what} at {idx}: cand={c[idx].item()} base={b[idx].item()} gold={g[idx].item()}"
+            )
 
     # Rules 3 and 4 on the coordinates where all three are finite.
     both = gfin & torch.isfinite(c) & torch.isfinite(b)
@@ -115,9 +120,7 @@ def compare(
     skip_mean = mean_base < 1e-4 * g[both].abs().mean().item()
     if not skip_mean and mean_err > mean_bound:
         res.ok = False
-        res.message = (
-            f"{context}{': ' if context else ''}mean rule: mean|cand-gold| {mean_err:.3g} > 1.2·{mean_base:.3g} + 1e-7"
-        )
+        res.message = f"{context}{': ' if context else ''}mean rule: mean|cand-gold| {mean_err:.3g} > 1.2·{mean_base:.3g} + 1e-7"
     return res
 
 
@@ -134,7 +137,13 @@ def assert_attention_close(
     """Raise AssertionError (with both errors, R, a, the worst coordinate, shapes and
     strides) unless ``cand`` passes the DESIGN §5 rule against ``base`` and ``gold``."""
     res = compare(
-        cand, base, gold, grad=grad, transcendental=transcendental, check_strides=check_strides, context=context
+        cand,
+        base,
+        gold,
+        grad=grad,
+        transcendental=transcendental,
+        check_strides=check_strides,
+        context=context,
     )
     if not res.ok:
         raise AssertionError(res.message)

@@ -11,9 +11,15 @@ try:
     from hypothesis import HealthCheck, settings
 
     settings.register_profile(
-        "ci", max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
+        "ci",
+        max_examples=25,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
     )
-    settings.register_profile("nightly", max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
+    settings.register_profile(
+        "nightly", max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck)
+    )
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 except ImportError:  # pragma: no cover
     pass

@@ -47,6 +47,8 @@ def test_explain_missing_names(tmp_path, capsys):
 def test_console_script_entry_point(tmp_path):
     f = tmp_path / "m.py"
     f.write_text(SCRIPT)
-    r = subprocess.run([sys.executable, "-m", "attnfx.cli", "explain", str(f)], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "attnfx.cli", "explain", str(f)], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     assert "rewritten" in r.stdout

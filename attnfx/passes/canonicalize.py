@@ -109,7 +109,12 @@ def _canonicalize_node(gm, node) -> int:
         kwargs.pop("_stacklevel", None)
         if x is None or dim is None or kwargs:
             return 0
-        if node.op == "call_function" and t is torch.softmax and node.kwargs.get("dtype") == dtype and len(args) == 2:
+        if (
+            node.op == "call_function"
+            and t is torch.softmax
+            and node.kwargs.get("dtype") == dtype
+            and len(args) == 2
+        ):
             return 0
         _replace_call(node, torch.softmax, (x, dim), {"dtype": dtype})
         return 1
@@ -118,6 +123,10 @@ def _canonicalize_node(gm, node) -> int:
         if node.op == "call_function" and t is torch.transpose:
             return 0
         _replace_call(node, torch.transpose, tuple(args))
+        return 1
+
+    if node.op == "call_function" and _aten_name(t) == "mT" and len(args) == 1:
+        _replace_call(node, torch.transpose, (args[0], -2, -1))  # newer Dynamo records aten.mT
         return 1
 
     if t is getattr and len(args) == 2 and args[1] in ("mT", "T"):
@@ -155,6 +164,12 @@ def _canonicalize_node(gm, node) -> int:
     return 0
 
 
+def _aten_name(t) -> str | None:
+    if isinstance(t, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return t._opname if hasattr(t, "_opname") else t.__name__.split(".")[0]
+    return None
+
+
 def _replace_call(node: fx.Node, target, args, kwargs=None):
     """Turn ``node`` into ``call_function target(*args, **kwargs)``, keeping its users."""
     node.op = "call_function"
@@ -163,7 +178,9 @@ def _replace_call(node: fx.Node, target, args, kwargs=None):
     node.kwargs = dict(kwargs or {})
 
 
-_EINSUM = re.compile(r"^\s*([a-z.]*)([a-z])([a-z])\s*,\s*([a-z.]*)([a-z])([a-z])\s*->\s*([a-z.]*)([a-z])([a-z])\s*$")
+_EINSUM = re.compile(
+    r"^\s*([a-z.]*)([a-z])([a-z])\s*,\s*([a-z.]*)([a-z])([a-z])\s*->\s*([a-z.]*)([a-z])([a-z])\s*$"
+)
 
 
 def _canonicalize_einsum(node: fx.Node) -> int:

@@ -29,8 +29,13 @@ def set_example_value(node: fx.Node) -> None:
     args = fx.node.map_aggregate(node.args, ev)
     kwargs = fx.node.map_aggregate(node.kwargs, ev)
     leaves = []
-    fx.node.map_aggregate((args, kwargs), lambda a: leaves.append(a) if isinstance(a, torch.Tensor) else None)
-    fake_mode = detect_fake_mode(leaves)
+    fx.node.map_aggregate(
+        (args, kwargs), lambda a: leaves.append(a) if isinstance(a, torch.Tensor) else None
+    )
+    # The mode the example values were made in (not the compile's ambient one).
+    fake_mode = next(
+        (t.fake_mode for t in leaves if hasattr(t, "fake_mode")), None
+    ) or detect_fake_mode(leaves)
     try:
         if node.op == "call_method":
             fn = getattr(args[0], node.target)
@@ -77,9 +82,18 @@ def constant_value(x):
         return float(x)
     if not isinstance(x, fx.Node) or x.op != "call_function":
         return None
-    if x.target in (torch.tensor, torch.scalar_tensor, torch.as_tensor) and x.args and is_number(x.args[0]):
+    if (
+        x.target in (torch.tensor, torch.scalar_tensor, torch.as_tensor)
+        and x.args
+        and is_number(x.args[0])
+    ):
         val = float(x.args[0])
-    elif x.target is torch.full and len(x.args) >= 2 and tuple(x.args[0]) == () and is_number(x.args[1]):
+    elif (
+        x.target is torch.full
+        and len(x.args) >= 2
+        and tuple(x.args[0]) == ()
+        and is_number(x.args[1])
+    ):
         val = float(x.args[1])
     else:
         return None
@@ -107,7 +121,11 @@ def is_cast(node: fx.Node) -> bool:
 
 def dropout_identity(node: fx.Node) -> tuple[bool, str | None]:
     """(is a dropout, reason it is not an identity or None)."""
-    if node.op == "call_function" and node.target in (F.dropout, torch.dropout, torch.nn.functional.dropout):
+    if node.op == "call_function" and node.target in (
+        F.dropout,
+        torch.dropout,
+        torch.nn.functional.dropout,
+    ):
         args = list(node.args)
         p = args[1] if len(args) > 1 else node.kwargs.get("p", 0.5)
         if node.target is torch.dropout:
@@ -151,7 +169,9 @@ def resolve_dim(dim, ndim: int) -> int | None:
 def sym_hint(x):
     """A concrete int for an int or SymInt (its hint)."""
     if isinstance(x, torch.SymInt):
-        return x.node.hint if x.node.hint is not None else int(x.node.shape_env.size_hint(x.node.expr))
+        return (
+            x.node.hint if x.node.hint is not None else int(x.node.shape_env.size_hint(x.node.expr))
+        )
     return x
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from attnfx.passes import graph as G
+from attnfx.passes.scalars import as_float, scalar_expr
 from attnfx.predicate import MaskPredicate
 from attnfx.spec import AttentionSpec, ScoreOp
 
@@ -77,6 +78,9 @@ class Site:
     k: Operand | None = None
     v: Operand | None = None
     aux: list[AuxOperand] = dataclasses.field(default_factory=list)
+    # Per-query / per-head score multipliers (temperatures) moved onto q: the op's q is
+    # ``q * m`` for each, so their gradients flow through autograd outside the kernel.
+    q_mul: list[AuxOperand] = dataclasses.field(default_factory=list)
     spec: AttentionSpec | None = None
     rank3: bool = False  # (B·H, N, D) operands: unsqueezed to 4-D around the op
     where: str = ""
@@ -85,7 +89,7 @@ class Site:
 
     @property
     def operand_nodes(self) -> list[fx.Node]:
-        return [o.node for o in (self.q, self.k, self.v)] + [a.node for a in self.aux]
+        return [o.node for o in (self.q, self.k, self.v)] + [a.node for a in self.aux + self.q_mul]
 
 
 # ---------------------------------------------------------------------------------------
@@ -102,15 +106,26 @@ class ScoreChain:
     mask_nodes: set
 
 
+def _is_tanh(x: fx.Node) -> bool:
+    return (x.op == "call_function" and x.target in (torch.tanh, torch.nn.functional.tanh)) or (
+        x.op == "call_method" and x.target == "tanh"
+    )
+
+
 def _reaches_matmul(x, depth: int = 0) -> bool:
     """Whether ``x`` comes, through score-chain ops only, from a matmul."""
     if not isinstance(x, fx.Node) or depth > 32:
         return False
     if x.op == "call_function" and x.target is torch.matmul:
         return True
-    if G.is_cast(x):
+    if G.is_cast(x) or _is_tanh(x):
         return _reaches_matmul(x.args[0], depth + 1)
-    if x.op == "call_function" and x.target in (operator.mul, operator.truediv, operator.add, operator.sub):
+    if x.op == "call_function" and x.target in (
+        operator.mul,
+        operator.truediv,
+        operator.add,
+        operator.sub,
+    ):
         return any(_reaches_matmul(a, depth + 1) for a in x.args[:2])
     if x.op == "call_function" and x.target is torch.masked_fill:
         return _reaches_matmul(x.args[0], depth + 1)
@@ -132,10 +147,14 @@ def walk_scores(start: fx.Node, score_shape: tuple) -> ScoreChain:
             raise NoMatch("score chain reaches a constant")
         if cur.op == "call_function" and cur.target is torch.matmul:
             break
-        if nodes and len(cur.users) != 1:
+        if len(cur.users) != 1:
             raise Refusal("scores have other users (e.g. returned or logged)", cur)
         nodes.append(cur)
         if G.is_cast(cur):
+            cur = cur.args[0]
+            continue
+        if _is_tanh(cur) and len(cur.args) == 1:
+            ops.append(ScoreOp("tanh"))  # soft-capping: c·tanh(s / c)
             cur = cur.args[0]
             continue
         if cur.op != "call_function":
@@ -191,30 +210,40 @@ def _check_broadcast(other: fx.Node, score_shape: tuple, node: fx.Node) -> tuple
         raise Refusal("operand broadcasts the scores to a larger shape", node)
     for d_o, d_s in zip(reversed(shp), reversed(score_shape)):
         if not (d_o == 1 or d_o == d_s):
-            raise Refusal(f"operand of shape {shp} does not broadcast to scores {score_shape}", node)
+            raise Refusal(
+                f"operand of shape {shp} does not broadcast to scores {score_shape}", node
+            )
     return shp
 
 
 def _arith_op(t, other, aux, score_shape, node) -> ScoreOp:
-    val = G.constant_value(other)
-    if val is not None:
-        if t is operator.mul:
-            return ScoreOp("mul", val)
+    nq, nk = score_shape[-2], score_shape[-1]
+    expr = scalar_expr(other, nq, nk)
+    if expr is not None:
         if t is operator.truediv:
-            return ScoreOp("mul", 1.0 / val)
-        if t is operator.add:
-            return ScoreOp("add", val)
-        return ScoreOp("add", -val)
+            expr = 1 / expr
+        elif t is operator.sub:
+            expr = -expr
+        val = as_float(expr)
+        mul = t in (operator.mul, operator.truediv)
+        if val is not None:
+            return ScoreOp("mul" if mul else "add", val)
+        return ScoreOp("mul_sym" if mul else "add_sym", expr=sympy.srepr(expr))
     if not isinstance(other, fx.Node) or not G.is_tensor(other):
         raise Refusal(f"score {t.__name__} by a symbolic or unknown value", node)
     shp = _check_broadcast(other, score_shape, node)
     if t in (operator.mul, operator.truediv):
         if len(shp) >= 1 and shp[-1] != 1 and score_shape[-1] != 1:
             raise Refusal("scale varies along the key axis", node)
-        if G.requires_grad(other):
-            raise Refusal("learnable score multiplier (a temperature): not taken by the softmax recognizer", node)
         aux.append(AuxOperand(other, "reciprocal" if t is operator.truediv else None))
         return ScoreOp("mul_aux", aux=len(aux) - 1)
+    if t is operator.add and G.dtype(other) is not None and G.dtype(other).is_floating_point:
+        # An additive 0/-inf mask built from indices is a predicate fill.
+        res = _analyze(other, nq, nk, want_value=True)
+        if res is not None and res[2] == float("-inf"):
+            return ScoreOp(
+                "fill_pred", value=float("-inf"), pred=MaskPredicate(sympy.Not(res[0])).to_key()
+            )
     if G.requires_grad(other):
         raise Refusal("additive score bias requires grad", node)
     aux.append(AuxOperand(other, "neg" if t is operator.sub else None))
@@ -235,8 +264,9 @@ def _fill_op(mask, val, fill_where, aux, mask_nodes, nq, nk, score_shape, node) 
     return ScoreOp("fill_aux", value=val, aux=len(aux) - 1, fill_where=fill_where)
 
 
-def _analyze(mask: fx.Node, nq, nk):
-    """The mask as a predicate over (Q, K), or None (then it stays a tensor)."""
+def _analyze(mask: fx.Node, nq, nk, want_value: bool = False):
+    """The mask as a predicate over (Q, K), or None (then it stays a tensor).  With
+    ``want_value``, a numeric mask's one nonzero value is returned too."""
     from attnfx.passes.masks import analyze_mask
 
     try:
@@ -246,6 +276,10 @@ def _analyze(mask: fx.Node, nq, nk):
         return None
     if res.predicate is None:
         debug("mask %s stays a tensor: %s", mask, res.reason)
+        return None
+    if want_value:
+        return res.predicate.expr, set(res.nodes), res.value
+    if res.value is not None:  # numeric masks are only read as additive -inf masks
         return None
     return res.predicate.expr, set(res.nodes)
 
@@ -310,39 +344,70 @@ def strip_repeat_kv(node: fx.Node) -> tuple[fx.Node, int]:
     """Undo a materialized GQA head repeat: ``x[:, :, None].expand(B, Hk, g, N, D)
     .reshape(B, Hk·g, N, D)`` or ``x.repeat_interleave(g, dim=1)``; returns (x, g)."""
     n = node
-    if n.op == "call_function" and n.target is torch.repeat_interleave or (
-        n.op == "call_method" and n.target == "repeat_interleave"
+    if (
+        n.op == "call_function"
+        and n.target is torch.repeat_interleave
+        or (n.op == "call_method" and n.target == "repeat_interleave")
     ):
         x = n.args[0]
         reps = n.args[1] if len(n.args) > 1 else n.kwargs.get("repeats")
         dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim")
         shp = G.shape(x)
-        if isinstance(reps, int) and shp is not None and len(shp) == 4 and G.resolve_dim(dim, 4) == 1:
+        if (
+            isinstance(reps, int)
+            and shp is not None
+            and len(shp) == 4
+            and G.resolve_dim(dim, 4) == 1
+        ):
             return x, reps
         return node, 1
-    if n.op == "call_method" and n.target in ("reshape", "view") or (
-        n.op == "call_function" and n.target is torch.reshape
+    if (
+        n.op == "call_method"
+        and n.target in ("reshape", "view")
+        or (n.op == "call_function" and n.target is torch.reshape)
     ):
         e = n.args[0]
         if not isinstance(e, fx.Node) or not (e.op == "call_method" and e.target == "expand"):
             return node, 1
         u = e.args[0]
         eshape, ushape, oshape = G.shape(e), G.shape(u), G.shape(n)
-        if eshape is None or ushape is None or oshape is None or len(eshape) != 5 or len(oshape) != 4:
+        if (
+            eshape is None
+            or ushape is None
+            or oshape is None
+            or len(eshape) != 5
+            or len(oshape) != 4
+        ):
             return node, 1
         # u must be x with a new unit axis at 2: x[:, :, None] or x.unsqueeze(2)
         x = None
-        if u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], tuple):
+        if (
+            u.op == "call_function"
+            and u.target is operator.getitem
+            and isinstance(u.args[1], tuple)
+        ):
             idx = u.args[1]
             full = slice(None, None, None)
-            if len(idx) >= 3 and idx[0] == full and idx[1] == full and idx[2] is None and all(i == full for i in idx[3:]):
+            if (
+                len(idx) >= 3
+                and idx[0] == full
+                and idx[1] == full
+                and idx[2] is None
+                and all(i == full for i in idx[3:])
+            ):
                 x = u.args[0]
         elif u.op == "call_method" and u.target == "unsqueeze" and G.resolve_dim(u.args[1], 5) == 2:
             x = u.args[0]
         if x is None or ushape[2] != 1:
             return node, 1
         b, hk, g, nn, d = eshape
-        if oshape[0] == b and oshape[1] == hk * g and oshape[2] == nn and oshape[3] == d and isinstance(g, int):
+        if (
+            oshape[0] == b
+            and oshape[1] == hk * g
+            and oshape[2] == nn
+            and oshape[3] == d
+            and isinstance(g, int)
+        ):
             return x, g
     return node, 1
 
@@ -352,7 +417,9 @@ def walk_probs(anchor: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
     cur, nodes = anchor, []
     while True:
         if len(cur.users) != 1:
-            raise Refusal("attention probabilities have other users (e.g. output_attentions=True)", cur)
+            raise Refusal(
+                "attention probabilities have other users (e.g. output_attentions=True)", cur
+            )
         (u,) = cur.users
         if G.is_cast(u):
             cur = u
@@ -365,9 +432,28 @@ def walk_probs(anchor: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
             cur = u
             nodes.append(u)
             continue
-        if u.op == "call_function" and u.target is torch.matmul and u.args[0] is cur and u.args[1] is not cur:
+        if (
+            u.op == "call_function"
+            and u.target is torch.matmul
+            and u.args[0] is cur
+            and u.args[1] is not cur
+        ):
             return u, nodes
         raise NoMatch("probabilities are not multiplied by values")
+
+
+def depends_on(x: fx.Node, target: fx.Node, limit: int = 2000) -> bool:
+    """Whether ``target`` is upstream of ``x``."""
+    seen, stack = set(), [x]
+    while stack and len(seen) < limit:
+        n = stack.pop()
+        if n is target:
+            return True
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return False
 
 
 def check_head_dims(d, dv, node):
@@ -375,7 +461,10 @@ def check_head_dims(d, dv, node):
         if not isinstance(x, int):
             raise Refusal(f"symbolic head dim ({name})", node)
         if not MIN_HEAD_DIM <= x <= MAX_HEAD_DIM:
-            raise Refusal(f"head dim {x} ({name}) unsupported: the kernel takes {MIN_HEAD_DIM}..{MAX_HEAD_DIM}", node)
+            raise Refusal(
+                f"head dim {x} ({name}) unsupported: the kernel takes {MIN_HEAD_DIM}..{MAX_HEAD_DIM}",
+                node,
+            )
 
 
 def check_dtypes(q, k, v, node) -> torch.dtype:
@@ -409,7 +498,7 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
 
     sites: list[Site] = []
     for node in gm.graph.nodes:
-        if node.op != "call_function":
+        if node.op not in ("call_function", "call_method"):
             continue
         attempts = [(r.KIND, r.match) for r in RECOGNIZERS if r.is_anchor(node)]
         if is_sdpa(node):
@@ -420,7 +509,15 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
                 break
             except Refusal as r:
                 debug("kept %s at %s: %s", kind, node, r.reason)
-                sites.append(Site(kind=kind, anchor=node, output=node, reason=r.reason, where=G.module_path(node)))
+                sites.append(
+                    Site(
+                        kind=kind,
+                        anchor=node,
+                        output=node,
+                        reason=r.reason,
+                        where=G.module_path(node),
+                    )
+                )
                 break
             except NoMatch as e:
                 debug("%s at %s is not a %s site: %s", node.target, node, kind, e)

@@ -32,6 +32,13 @@ def emit_call(graph: fx.Graph, site: Site, lookup: Callable[[fx.Node], fx.Node])
         return n
 
     q, k, v = operand(site.q), operand(site.k), operand(site.v)
+    for m in site.q_mul:
+        t = lookup(m.node)
+        if m.transform == "reciprocal":
+            t = graph.call_function(torch.reciprocal, (t,))
+        if site.rank3 and len(G.shape(m.node) or ()) == 3:
+            t = graph.call_method("unsqueeze", (t, 1))
+        q = graph.call_function(operator.mul, (q, t))
     aux = []
     for a in site.aux:
         n = lookup(a.node)
@@ -71,7 +78,13 @@ def apply(gm: fx.GraphModule, site: Site) -> fx.Node:
     graph = gm.graph
     with graph.inserting_before(site.output):
         out = emit_call(graph, site, lambda n: n)
-    out.meta.update({k: v for k, v in site.output.meta.items() if k in ("example_value", "val", "nn_module_stack", "stack_trace")})
+    out.meta.update(
+        {
+            k: v
+            for k, v in site.output.meta.items()
+            if k in ("example_value", "val", "nn_module_stack", "stack_trace")
+        }
+    )
     site.output.replace_all_uses_with(out)
     return out
 

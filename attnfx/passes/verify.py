@@ -52,7 +52,9 @@ class _Float64(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def capture_inputs(gm: fx.GraphModule, example_inputs, wanted: set[fx.Node]) -> dict[fx.Node, object]:
+def capture_inputs(
+    gm: fx.GraphModule, example_inputs, wanted: set[fx.Node]
+) -> dict[fx.Node, object]:
     """Run ``gm`` on the example inputs and keep the values of the ``wanted`` nodes."""
     values: dict[fx.Node, object] = {}
 
@@ -75,7 +77,11 @@ def capture_inputs(gm: fx.GraphModule, example_inputs, wanted: set[fx.Node]) -> 
 def _mutates(gm: fx.GraphModule) -> bool:
     for n in gm.graph.nodes:
         name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
-        if n.op in ("call_method", "call_function") and name.endswith("_") and not name.endswith("__"):
+        if (
+            n.op in ("call_method", "call_function")
+            and name.endswith("_")
+            and not name.endswith("__")
+        ):
             return True
     return False
 
@@ -97,7 +103,9 @@ def build_graphs(gm: fx.GraphModule, gnx: nx.DiGraph, site: Site):
     return fx.GraphModule(gm, orig), fx.GraphModule(gm, cand), ext
 
 
-def verify_site(gm, gnx, site: Site, captured: dict, *, seed: int = 0, random_trials: int = 1) -> Verdict:
+def verify_site(
+    gm, gnx, site: Site, captured: dict, *, seed: int = 0, random_trials: int = 1
+) -> Verdict:
     orig, cand, ext = build_graphs(gm, gnx, site)
     real = [captured[e] for e in ext]
     qkv = {site.q.node, site.k.node, site.v.node}
@@ -165,7 +173,9 @@ def _check(orig, cand, inputs, grad_idx, site, label) -> Verdict:
         base, gbase = _run(orig, inputs, grad_idx, None, False) if not grad_idx else (None, None)
         if grad_idx:
             probe, _ = _run(orig, inputs, [], None, False)
-            cot = torch.randn(probe.shape, generator=torch.Generator().manual_seed(1)).to(probe.device)
+            cot = torch.randn(probe.shape, generator=torch.Generator().manual_seed(1)).to(
+                probe.device
+            )
             base, gbase = _run(orig, inputs, grad_idx, cot, False)
         else:
             cot = None
@@ -180,7 +190,15 @@ def _check(orig, cand, inputs, grad_idx, site, label) -> Verdict:
     for i, (gc, gb, gg) in enumerate(zip(gcand, gbase, ggold)):
         if gb is None or gg is None or gc is None:
             continue
-        r = compare(gc, gb, gg, grad=True, transcendental=transcendental, check_strides=False, context=f"gradient {i} on {label}")
+        r = compare(
+            gc,
+            gb,
+            gg,
+            grad=True,
+            transcendental=transcendental,
+            check_strides=False,
+            context=f"gradient {i} on {label}",
+        )
         if not r.ok:
             return Verdict(False, message=r.message)
         worst = max(worst, r.max_rel_err)

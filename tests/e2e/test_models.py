@@ -17,7 +17,14 @@ transformers = pytest.importorskip("transformers")
 
 def _gpt2(impl):
     c = transformers.GPT2Config(
-        n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=100, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0
+        n_layer=2,
+        n_head=2,
+        n_embd=64,
+        n_positions=64,
+        vocab_size=100,
+        attn_pdrop=0.0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
     )
     c._attn_implementation = impl
     m = transformers.GPT2Model(c)
@@ -60,7 +67,9 @@ def _llama(impl):
 
 def _vit(impl):
     timm = pytest.importorskip("timm")
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=10, depth=2)
+    m = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=10, depth=2
+    )
     return m, (torch.randn(2, 3, 32, 32),), 2
 
 
@@ -112,7 +121,9 @@ def test_model_rewritten_and_equal(name, build, impl):
         if o is None:
             o = _first_tensor(m(*[x.double() if x.is_floating_point() else x for x in inputs]))
         o.backward(cot.to(o.dtype))
-        grads[label] = {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
+        grads[label] = {
+            n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None
+        }
     # A compiled graph returns zero gradients (not None) for parameters that only feed
     # outputs the loss does not use (e.g. BERT's pooler).
     assert grads["base"].keys() <= grads["cand"].keys()
@@ -120,6 +131,10 @@ def test_model_rewritten_and_equal(name, build, impl):
         assert not grads["cand"][pname].any(), pname
     for pname in grads["base"]:
         assert_attention_close(
-            grads["cand"][pname], grads["base"][pname], grads["gold"][pname], grad=True, check_strides=False,
+            grads["cand"][pname],
+            grads["base"][pname],
+            grads["gold"][pname],
+            grad=True,
+            check_strides=False,
             context=pname,
         )

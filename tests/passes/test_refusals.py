@@ -134,12 +134,7 @@ CASES = {
 }
 
 
-XFAIL = {
-    "scores returned": (
-        "attnfx bug: walk_scores never checks the users of its start node (the softmax's "
-        "input), so scores that are also returned are rewritten anyway (rewritten.softmax == 1)"
-    ),
-}
+XFAIL: dict[str, str] = {}
 
 
 def _case(name):

@@ -226,25 +226,7 @@ FN_FORMS = {
 }
 
 
-# Forms that fail because of attnfx bugs: strict xfails, for the owner to fix.
-_FAKE_MODE_BUG = (
-    "attnfx bug: graph.set_example_value runs under detect_fake_mode() (TracingContext's "
-    "mode), which differs from the example values' fake mode ('Mixing fake modes NYI'), so "
-    "nodes inserted by canonicalize (einsum's transpose, baddbmm's alpha/beta products) get "
-    "no example value and the site is not matched"
-)
-_TORCH_2_14 = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14)
-XFAIL = {
-    "einsum-both": (True, _FAKE_MODE_BUG),
-    "einsum-scores-only": (True, _FAKE_MODE_BUG),
-    # Passes on torch 2.13, where Dynamo records k.mT as getattr(k, "mT").
-    "k.mT": (
-        _TORCH_2_14,
-        "attnfx bug (torch >= 2.14): Dynamo records k.mT as call_function torch.ops.aten.mT, "
-        "which canonicalize does not fold into a transpose: kept as 'key operand is not a "
-        "transposed view'",
-    ),
-}
+XFAIL: dict[str, tuple[bool, str]] = {}
 
 
 def _params(names):
@@ -300,11 +282,7 @@ def test_scale_python_float_attribute():
 
 @pytest.mark.parametrize(
     "beta",
-    [1.0]
-    + [
-        pytest.param(b, marks=pytest.mark.xfail(strict=True, reason=_FAKE_MODE_BUG))
-        for b in (0.5, 0.0)
-    ],
+    [1.0, 0.5, 0.0],
 )
 def test_baddbmm(beta):
     bias = torch.randn(B * H, N, N, generator=torch.Generator().manual_seed(3))

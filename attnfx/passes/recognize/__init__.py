@@ -4,8 +4,9 @@ Each module exposes ``KIND``, ``is_anchor(node)`` and ``match(node) -> Site`` (r
 ``Refusal`` or ``NoMatch``).  ``RECOGNIZERS`` is tried in order on every node.
 """
 
-from attnfx.passes.recognize import softmax
+from attnfx.passes.recognize import sigmoid, softmax
 
-RECOGNIZERS = (softmax,)
+# Temperature-scaled attention shares the softmax anchor (see recognize/temperature.py).
+RECOGNIZERS = (softmax, sigmoid)
 
 __all__ = ["RECOGNIZERS"]

@@ -25,6 +25,7 @@ from attnfx.passes.match import (
     check_dtypes,
     check_head_dims,
     default_scale,
+    depends_on,
     dtype_name,
     key_operand,
     strip_repeat_kv,
@@ -32,6 +33,7 @@ from attnfx.passes.match import (
     walk_probs,
     walk_scores,
 )
+from attnfx.passes.recognize import temperature
 from attnfx.predicate import K, MaskPredicate, Q
 from attnfx.spec import AttentionSpec, ScoreOp
 
@@ -81,11 +83,17 @@ def build_site(anchor, pv, chain, *, kind, activation, extra_ops=()) -> Site:
     d, dv = G.shape(qn)[-1], G.shape(vnode)[-1]
     check_head_dims(d, dv, anchor)
     ops = [ScoreOp("mul", s) for s in qscales + kscales] + list(extra_ops) + chain.ops
+    ops, aux, q_mul = temperature.move_row_multipliers(ops, chain.aux, anchor)
+    for x in aux + q_mul:
+        if depends_on(x.node, mm):
+            raise Refusal("a score multiplier or bias depends on the scores themselves", anchor)
+    if activation == "softmax" and temperature.has_temperature(ops, q_mul, qn):
+        kind = temperature.KIND
     spec = AttentionSpec(
         kind=kind,
         activation=activation,
         score_ops=tuple(ops),
-        aux_dtypes=tuple(dtype_name(G.dtype(a.node)) for a in chain.aux),
+        aux_dtypes=tuple(dtype_name(G.dtype(a.node)) for a in aux),
         head_dim=d,
         head_dim_v=dv,
         gqa_group=group,
@@ -100,7 +108,8 @@ def build_site(anchor, pv, chain, *, kind, activation, extra_ops=()) -> Site:
         q=Operand(qn),
         k=k,
         v=Operand(vnode),
-        aux=list(chain.aux),
+        aux=aux,
+        q_mul=q_mul,
         spec=spec,
         rank3=rank == 3,
         where=G.module_path(anchor),
@@ -160,10 +169,14 @@ def match_sdpa(node: fx.Node) -> Site:
             pred = _analyze(mask, qs[2], ks[2])
             if pred is not None:
                 mask_nodes |= pred[1]
-                ops.append(ScoreOp("fill_pred", value=float("-inf"), pred=MaskPredicate(pred[0]).to_key()))
+                ops.append(
+                    ScoreOp("fill_pred", value=float("-inf"), pred=MaskPredicate(pred[0]).to_key())
+                )
             else:
                 aux.append(AuxOperand(mask))
-                ops.append(ScoreOp("fill_aux", value=float("-inf"), aux=len(aux) - 1, fill_where=False))
+                ops.append(
+                    ScoreOp("fill_aux", value=float("-inf"), aux=len(aux) - 1, fill_where=False)
+                )
         else:
             if G.requires_grad(mask):
                 raise Refusal("additive score bias requires grad", node)

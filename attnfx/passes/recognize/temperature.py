@@ -1,0 +1,105 @@
+"""Temperature-scaled attention: scores rescaled per query, per head or by position before
+the softmax.
+
+* Selective Attention (Zhang et al., NeurIPS 2024, "Selective Attention: Enhancing
+  Transformer through Principled Context Control"): a query temperature τ(x), from a
+  token term (a small projection of the hidden state) plus a position term, written as
+  ``q * tau[..., None]`` or as the scores times a per-row tensor;
+* scalable softmax (Nakanishi 2025, "Scalable-Softmax Is Superior for Attention"):
+  ``s · log n`` times the scores, ``s`` learnable per head; Qwen's ``logn`` query scaling
+  and Llama 4's ``log(floor((pos + 1) / floor_scale) + 1) · attn_scale + 1``;
+* soft-capping ``c · tanh(s / c)`` (Gemma 2).
+
+These share the softmax anchor: the softmax recognizer builds the site, and this module
+(a) moves per-row multipliers onto q — legal when only multiplications precede them in
+the score program, since ``(q·kᵀ)·t = (q·t)·kᵀ`` for t constant along keys — so that a
+learnable τ gets its gradient from autograd outside the kernel and the kernel never
+makes a pass over the scores for it; (b) labels the site ``"temperature"``.
+
+Edge semantics: a temperature that varies along the key axis, or that is computed from
+the scores themselves, is refused with its reason; τ ≤ 0 is computed as written (a
+negative temperature flips the ranking, as in eager); soft-capping commutes with
+nothing, so masks after it stay after it.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from attnfx.passes import graph as G
+from attnfx.passes.match import AuxOperand, Refusal
+from attnfx.spec import ScoreOp
+
+KIND = "temperature"
+_MULS = ("mul", "mul_aux", "mul_sym")
+
+
+def move_row_multipliers(
+    ops: list[ScoreOp], aux: list[AuxOperand], anchor: fx.Node
+) -> tuple[list[ScoreOp], list[AuxOperand], list[AuxOperand]]:
+    """Move each per-row ``mul_aux`` that only multiplications precede onto q."""
+    q_mul: list[AuxOperand] = []
+    moved: set[int] = set()
+    prefix_is_mul = True
+    for op in ops:
+        if op.op == "mul_aux" and prefix_is_mul:
+            moved.add(op.aux)
+            q_mul.append(aux[op.aux])
+        elif op.op not in _MULS:
+            prefix_is_mul = False
+    for op in ops:
+        if op.op == "mul_aux" and op.aux not in moved and G.requires_grad(aux[op.aux].node):
+            raise Refusal(
+                "learnable score multiplier after a bias, mask or tanh (not movable onto q)", anchor
+            )
+    if not moved:
+        return ops, aux, q_mul
+    remap, kept_aux = {}, []
+    for i, a in enumerate(aux):
+        if i not in moved:
+            remap[i] = len(kept_aux)
+            kept_aux.append(a)
+    new_ops = []
+    for op in ops:
+        if op.op == "mul_aux" and op.aux in moved:
+            continue
+        if op.aux is not None:
+            op = ScoreOp(op.op, op.value, remap[op.aux], op.pred, op.fill_where, op.expr)
+        new_ops.append(op)
+    return new_ops, kept_aux, q_mul
+
+
+_VIEWS = {"transpose", "permute", "view", "reshape", "contiguous", "to"}
+
+
+def query_temperature(q: fx.Node, depth: int = 4) -> bool:
+    """Whether q was multiplied by a tensor constant along the head dim (``q * τ``)."""
+    import operator
+
+    import torch
+
+    n = q
+    for _ in range(depth):
+        if not isinstance(n, fx.Node):
+            return False
+        if n.op == "call_function" and n.target is operator.mul and len(n.args) == 2:
+            for x in n.args:
+                shp = G.shape(x) if isinstance(x, fx.Node) else None
+                if shp is not None and len(shp) >= 1 and shp[-1] == 1 and G.shape(n) != shp:
+                    return True
+            return False
+        if (n.op == "call_method" and n.target in _VIEWS) or (
+            n.op == "call_function" and n.target in (torch.transpose, torch.permute)
+        ):
+            n = n.args[0]
+            continue
+        return False
+    return False
+
+
+def has_temperature(ops: list[ScoreOp], q_mul: list[AuxOperand], q: fx.Node) -> bool:
+    return (
+        bool(q_mul)
+        or any(op.op in ("tanh", "mul_sym", "mul_aux") for op in ops)
+        or query_temperature(q)
+    )

@@ -1,0 +1,10 @@
+"""Plain-PyTorch reference modules for the attention variants attnfx compiles.
+
+Each is written the way a researcher would write it, with no attnfx calls: the backend
+must find and rewrite them like any other model's attention.
+"""
+
+from attnfx.nn.selective import SelectiveAttention
+from attnfx.nn.sigmoid import SigmoidAttention
+
+__all__ = ["SelectiveAttention", "SigmoidAttention"]

@@ -1,0 +1,100 @@
+"""The custom op on its default CPU path (the PyTorch implementation of the spec)."""
+
+import math
+
+import pytest
+import sympy
+import torch
+
+from attnfx import ops
+from attnfx.predicate import NK, K, MaskPredicate, Q
+from attnfx.spec import AttentionSpec, ScoreOp
+
+
+def _spec(**kw):
+    base = dict(
+        score_ops=(ScoreOp("mul", 0.25),),
+        head_dim=16,
+        head_dim_v=16,
+        dtype="float32",
+        out_dtype="float32",
+    )
+    base.update(kw)
+    return AttentionSpec(**base)
+
+
+def _qkv(b=2, h=4, hk=2, nq=10, nk=12, d=16):
+    g = torch.Generator().manual_seed(0)
+    return (
+        torch.randn(b, h, nq, d, generator=g),
+        torch.randn(b, hk, nk, d, generator=g),
+        torch.randn(b, hk, nk, d, generator=g),
+    )
+
+
+def test_opcheck_reference_path():
+    q, k, v = _qkv()
+    causal = ScoreOp("fill_pred", value=float("-inf"), pred=MaskPredicate(K <= Q).to_key())
+    spec = _spec(score_ops=(ScoreOp("mul", 0.25), causal), gqa_group=2)
+    torch.library.opcheck(ops.attention_op, (q, k, v, [], spec.key))
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(ops.attention_op, (qg, kg, vg, [], spec.key))
+
+
+def test_matches_sdpa_with_gqa_causal_and_grads():
+    q, k, v = (t.requires_grad_() for t in _qkv(nq=12))
+    causal = ScoreOp("fill_pred", value=float("-inf"), pred=MaskPredicate(K <= Q).to_key())
+    spec = _spec(score_ops=(ScoreOp("mul", 0.25), causal), gqa_group=2)
+    out = ops.attention(q, k, v, spec)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), scale=0.25, is_causal=True
+    )
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b)
+
+
+def test_out_layout_bnhd_strides():
+    q, k, v = _qkv(hk=4)
+    out = ops.attention(q, k, v, _spec(out_layout="bnhd"))
+    assert out.shape == (2, 4, 10, 16)
+    assert out.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(out, ops.attention(q, k, v, _spec()))
+
+
+def test_symbolic_bias_lowering_and_sigmoid():
+    q, k, v = _qkv(hk=4)
+    spec = _spec(
+        activation="sigmoid",
+        score_ops=(ScoreOp("mul", 0.25), ScoreOp("add_sym", expr=sympy.srepr(-sympy.log(NK)))),
+    )
+    out = ops.attention(q, k, v, spec)
+    ref = torch.sigmoid(q @ k.transpose(-2, -1) * 0.25 - math.log(12)) @ v
+    torch.testing.assert_close(out, ref)
+    lowered, aux = ops.lower_symbolic(spec, [], q, k)
+    assert [op.op for op in lowered.score_ops] == ["mul", "add_aux"]
+    assert aux[0].shape == (2, 4, 10, 12) and aux[0].stride() == (0, 0, 0, 0)
+    assert aux[0].flatten()[0].item() == pytest.approx(-math.log(12))
+
+
+def test_fully_masked_rows_preserve_vs_zero():
+    q, k, v = _qkv(hk=4, nq=4, nk=4)
+    mask = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    mask[..., 1, :] = True  # row 1 fully masked
+    fill = ScoreOp("fill_aux", value=float("-inf"), aux=0)
+    preserve = _spec(score_ops=(fill,), aux_dtypes=("bool",))
+    zero = _spec(score_ops=(fill,), aux_dtypes=("bool",), fully_masked="zero")
+    a = ops.attention(q, k, v, preserve, [mask])
+    b = ops.attention(q, k, v, zero, [mask])
+    assert torch.isnan(a[:, :, 1]).all() and not torch.isnan(a[:, :, 0]).any()
+    assert (b[:, :, 1] == 0).all()
+    torch.testing.assert_close(a[:, :, 0], b[:, :, 0])
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="heads"):
+        ops.attention_op(q, k, v, [], _spec(gqa_group=3).key)
+    with pytest.raises(ValueError, match="4-D"):
+        ops.attention_op(q[0], k[0], v[0], [], _spec(gqa_group=2).key)

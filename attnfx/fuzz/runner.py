@@ -307,14 +307,19 @@ def fuzz(
             if out is not None:
                 cats = {c for c, _ in failures}
                 small = p
+                ropts = dict(opts)
+                if "mismatch" in cats and opts.get("verify", "first") == "first":
+                    # verify="first" skips a spec already verified (at this site) by an earlier
+                    # program of this run; a fresh process would verify it: reproduce with "off".
+                    ropts["verify"] = "off"
                 if minimize:
                     small = shrink(
                         p,
                         cats,
-                        lambda q: check(q, options=opts, device=device)[0],
+                        lambda q, o=ropts: check(q, options=o, device=device)[0],
                         budget=shrink_budget,
                     )
-                    f2, _ = check(small, options=opts, device=device)
+                    f2, _ = check(small, options=ropts, device=device)
                     failures_small = f2 or failures
                 else:
                     failures_small = failures
@@ -329,7 +334,7 @@ def fuzz(
                             failures_small,
                             seed=seed,
                             index=i,
-                            options=opts,
+                            options=ropts,
                             device=device,
                             plant=plant,
                             original=p,

@@ -52,7 +52,7 @@ class MaskPredicate:
         return sympy.srepr(self.expr)
 
     @staticmethod
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def from_key(key: str) -> MaskPredicate:
         return MaskPredicate(_rebind(sympy.sympify(key)))
 
@@ -74,11 +74,22 @@ class MaskPredicate:
         out = _eval_torch(self.expr, {Q: q, K: k, NQ: nq, NK: nk})
         return torch.as_tensor(out, device=device).to(torch.bool).expand(nq, nk)
 
-    def to_triton(self, q: str = "offs_m", k: str = "offs_n", nq: str = "N_Q", nk: str = "N_K") -> str:
-        """The predicate as a Triton expression over broadcastable index vectors."""
-        return _TritonPrinter({Q: f"{q}[:, None]", K: f"{k}[None, :]", NQ: nq, NK: nk}).doprint(
-            self.expr
-        )
+    def to_triton(
+        self,
+        q: str = "offs_m",
+        k: str = "offs_n",
+        nq: str = "N_Q",
+        nk: str = "N_K",
+        *,
+        transposed: bool = False,
+    ) -> str:
+        """The predicate as a Triton expression over broadcastable index vectors.
+
+        The tile is (queries, keys) -- ``q[:, None]``, ``k[None, :]`` -- or, with
+        ``transposed=True``, (keys, queries) -- ``q[None, :]``, ``k[:, None]`` -- as in a
+        backward kernel that holds a key block and walks query blocks."""
+        qi, ki = ("[None, :]", "[:, None]") if transposed else ("[:, None]", "[None, :]")
+        return _TritonPrinter({Q: q + qi, K: k + ki, NQ: nq, NK: nk}).doprint(self.expr)
 
 
 def _rebind(expr):
@@ -123,9 +134,13 @@ def _eval_torch(e, env):
         num, den = _floor_fraction(e)
         return ev(num) // ev(den)
     if isinstance(e, sympy.Min):
-        return functools.reduce(lambda a, b: torch.minimum(torch.as_tensor(a), torch.as_tensor(b)), map(ev, e.args))
+        return functools.reduce(
+            lambda a, b: torch.minimum(torch.as_tensor(a), torch.as_tensor(b)), map(ev, e.args)
+        )
     if isinstance(e, sympy.Max):
-        return functools.reduce(lambda a, b: torch.maximum(torch.as_tensor(a), torch.as_tensor(b)), map(ev, e.args))
+        return functools.reduce(
+            lambda a, b: torch.maximum(torch.as_tensor(a), torch.as_tensor(b)), map(ev, e.args)
+        )
     raise NotImplementedError(f"cannot evaluate {type(e).__name__} in a mask predicate: {e}")
 
 

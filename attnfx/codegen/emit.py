@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import math
 
-from attnfx.codegen.plan import LOG2E, Plan, make_plan
-from attnfx.predicate import NK, NQ, K, Q, _TritonPrinter
+from attnfx.codegen.plan import HUGE_LSE, LOG2E, Plan, make_plan
 from attnfx.spec import AttentionSpec
 
 LN2 = 0.6931471805599453
@@ -83,7 +82,7 @@ def _block_range(
 
 """
 
-_SIGMOID_HELPERS = """\
+_TANH_HELPER = """\
 @triton.jit
 def _tanh(x, TANH_IMPL: tl.constexpr):
     # 0: exp formula (interpreter), 1: libdevice (accurate), 2: tanh.approx.f32 (MUFU)
@@ -96,13 +95,24 @@ def _tanh(x, TANH_IMPL: tl.constexpr):
     else:
         return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
 
+"""
 
+_SIGMOID_HELPER = """\
 @triton.jit
 def _sigmoid(x, TANH_IMPL: tl.constexpr):
     # sigmoid through one tanh: 0.5 + 0.5 * tanh(x / 2)
     return 0.5 + 0.5 * _tanh(0.5 * x, TANH_IMPL)
 
 """
+
+
+def _extra_helpers(plan: Plan, softmax: bool) -> str:
+    out = ""
+    if plan.uses_tanh:
+        out += "\n" + _TANH_HELPER
+    if not softmax:
+        out += "\n" + _SIGMOID_HELPER
+    return out
 
 
 def _lit(v: float) -> str:
@@ -131,10 +141,9 @@ class _Tile:
             self.m, self.n = "offs_m[None, :]", "offs_n[:, None]"
 
     def pred(self, predicate) -> str:
-        if self.orient == "mn":
-            return predicate.to_triton(q="offs_m", k="offs_n", nq="N_Q", nk="N_K")
-        names = {Q: "offs_m[None, :]", K: "offs_n[:, None]", NQ: "N_Q", NK: "N_K"}
-        return _TritonPrinter(names).doprint(predicate.expr)
+        return predicate.to_triton(
+            q="offs_m", k="offs_n", nq="N_Q", nk="N_K", transposed=self.orient == "nm"
+        )
 
 
 def score_program(
@@ -177,12 +186,15 @@ def score_program(
 
     for idx, op in enumerate(spec.score_ops):
         L = LOG2E if scaled else 1.0
-        if s is not None and fold and not scaled:
+        if s is not None and fold and not scaled and idx >= plan.fold_start:
             if op.op == "mul":
                 out.append(f"{s} = {s} * {_lit(op.value * LOG2E)}  # * {op.value!r} * log2(e)")
                 scaled = True
                 if grad is not None:
-                    grad_const *= op.value
+                    if grad_var:
+                        out.append(f"{grad} = {grad} * {_lit(op.value)}")
+                    else:
+                        grad_const *= op.value
                 continue
             out.append(f"{s} = {s} * 1.4426950408889634  # scores in log2 units: exp -> exp2")
             scaled, L = True, LOG2E
@@ -197,6 +209,14 @@ def score_program(
         elif op.op == "add":
             if s is not None:
                 out.append(f"{s} = {s} + {_lit(op.value * L)}")
+        elif op.op == "tanh":
+            assert s is None or not scaled
+            if s is not None:
+                out.append(f"{s} = _tanh({s}, TANH_IMPL)")
+            if grad is not None:
+                # d tanh(x)/dx = 1 - tanh(x)^2, on the value just computed
+                to_var()
+                out.append(f"{grad} = {grad} * (1.0 - {s} * {s})")
         elif op.op == "mul_aux":
             if s is not None:
                 out.append(f"{s} = {s} * a{op.aux}.to(tl.float32)")
@@ -313,8 +333,8 @@ def forward_source(spec: AttentionSpec) -> str:
     dims = _Dims(spec, plan)
     softmax = spec.activation == "softmax"
     zero = spec.fully_masked == "zero"
-    tanh = ["TANH_IMPL: tl.constexpr"] if not softmax else []
-    tanh_arg = ["TANH_IMPL"] if not softmax else []
+    tanh = ["TANH_IMPL: tl.constexpr"] if plan.uses_tanh else []
+    tanh_arg = ["TANH_IMPL"] if plan.uses_tanh else []
     alive = ["alive"] if zero else []
     state = ["acc", "l_i", "m_i"] + alive if softmax else ["acc"] + alive
 
@@ -511,7 +531,7 @@ def _attn_fwd(
     return (
         _HEADER.format(describe=spec.describe(), key=spec.key)
         + _HELPERS
-        + ("\n" + _SIGMOID_HELPERS if not softmax else "")
+        + _extra_helpers(plan, softmax)
         + "\n"
         + inner
         + "\n"
@@ -524,13 +544,67 @@ def _attn_fwd(
 # ---------------------------------------------------------------------------------------
 
 
+def _p_lines(plan: Plan, p: str, s: str, bc: str) -> list[str]:
+    """p = exp(s - lse), from the row statistic m_row (lse, in the scores' units) and,
+    with ``row_norm``, lg_row (0, or log l of a row whose huge lse lost it)."""
+    arg = f"{s} - m_row{bc}"
+    if plan.row_norm:
+        arg = f"({arg}) - lg_row{bc}"
+    if not plan.fold_log2e:
+        arg = f"({arg}) * 1.4426950408889634"
+    return [f"{p} = tl.exp2({arg})"]
+
+
+def _row_norm_lines(spec: AttentionSpec, plan: Plan, dims: _Dims) -> list[str]:
+    """Preprocess: recompute (row max, log row sum) for rows whose float32 lse is huge.
+
+    Near finfo.min the float32 lse equals the row max: log(l) (e.g. log n for a row
+    filled uniformly) is lost, and exp(s - lse) would give 1 instead of 1/n.  Such rows
+    are rare (fully masked rows with a finite fill): a query block holding one walks its
+    keys once more, like the forward, and the backward uses exp(s - m - log l)."""
+    prog = score_program(spec, plan, orient="mn", s="s", guard_skip=False)
+    if plan.fold_log2e:
+        exp_arg, alpha_arg, lg = "s - m_safe[:, None]", "m_r - m_safe", "tl.log2(l_r)"
+    else:
+        exp_arg = "(s - m_safe[:, None]) * 1.4426950408889634"
+        alpha_arg = "(m_r - m_safe) * 1.4426950408889634"
+        lg = "tl.log2(l_r) * 0.6931471805599453"
+    kptr = "K_blk + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd"
+    return [
+        "# -- rows whose lse is huge but finite (finite fills near finfo.min, additive",
+        "#    masks): float32 lse lost log(l); recompute the row max and log(l) for them",
+        f'huge = (tl.abs(lse) >= {HUGE_LSE!r}) & (tl.abs(lse) < float("inf"))',
+        "lg_row = tl.full([BLOCK_M], 0, dtype=tl.float32)",
+        "if tl.reduce(huge.to(tl.int32), 0, _max_combine) > 0:",
+        "    off_hk = off_h // GROUP",
+        "    Q_blk = Q + off_b * stride_qb + off_h * stride_qh",
+        "    K_blk = K + off_b * stride_kb + off_hk * stride_kh",
+        "    offs_d = tl.arange(0, BLOCK_D)",
+        f"    q = {_load('Q_blk + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd', _mask('(offs_m[:, None] < N_Q)', dims.d('col')))}",
+        '    m_r = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)',
+        "    l_r = tl.full([BLOCK_M], 0, dtype=tl.float32)",
+        "    for start_n in range(0, N_K, BLOCK_N):",
+        "        offs_n = start_n + tl.arange(0, BLOCK_N)",
+        f"        kT = {_load(kptr, _mask('(offs_n[None, :] < N_K)', dims.d('row')))}",
+        f"        s = tl.dot(q, kT{_prec(spec)})",
+        *["        " + x for x in prog],
+        '        s = tl.where(offs_n[None, :] < N_K, s, float("-inf"))',
+        "        m_new = tl.maximum(m_r, tl.reduce(s, 1, _max_combine))",
+        '        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)',
+        f"        l_r = l_r * tl.exp2({alpha_arg}) + tl.reduce(tl.exp2({exp_arg}), 1, _sum_combine)",
+        "        m_r = m_new",
+        "    m_row = tl.where(huge, m_r, m_row)",
+        f"    lg_row = tl.where(huge, {lg}, 0.0)",
+    ]
+
+
 def backward_source(spec: AttentionSpec) -> str:
     plan = make_plan(spec)
     dims = _Dims(spec, plan)
     softmax = spec.activation == "softmax"
     zero = spec.fully_masked == "zero"
-    tanh = ["TANH_IMPL: tl.constexpr"] if not softmax else []
-    tanh_arg = ["TANH_IMPL"] if not softmax else []
+    tanh = ["TANH_IMPL: tl.constexpr"] if plan.uses_tanh else []
+    tanh_arg = ["TANH_IMPL"] if plan.uses_tanh else []
     dead_fix = plan.can_skip and softmax and not zero
     prec = _prec(spec)
 
@@ -552,6 +626,8 @@ def backward_source(spec: AttentionSpec) -> str:
             "delta = tl.full([BLOCK_M], 0, dtype=tl.float32)  # sigmoid: no delta",
             "m_row = tl.full([BLOCK_M], 0, dtype=tl.float32)  # sigmoid: 0 marks a live row",
         ]
+    if plan.row_norm:
+        pre_lines += _row_norm_lines(spec, plan, dims)
     if zero:
         keep_prog = score_program(spec, plan, orient="mn", s=None, keep="keep", guard_skip=False)
         pre_lines += [
@@ -564,14 +640,20 @@ def backward_source(spec: AttentionSpec) -> str:
             "    alive = tl.maximum(alive, tl.reduce(keep.to(tl.int32), 1, _max_combine))",
             'm_row = tl.where(alive > 0, m_row, float("inf"))',
         ]
+    rn = plan.row_norm
     pre_params = (
         ["Out", "DO", "Lse", "Delta", "M"]
+        + (["Lg", "Q", "K"] if rn else [])
         + _aux_ptrs(plan)
         + ["stride_ob", "stride_oh", "stride_om", "stride_od"]
         + ["stride_dob", "stride_doh", "stride_dom", "stride_dod"]
+        + (["stride_qb", "stride_qh", "stride_qm", "stride_qd"] if rn else [])
+        + (["stride_kb", "stride_kh", "stride_kn", "stride_kd"] if rn else [])
         + _aux_strides(plan, full=True)
         + ["H_Q", "N_Q", "N_K"]
         + [f"{n}: tl.constexpr" for n in ("HEAD_DIM_V", "BLOCK_DV", "BLOCK_M", "BLOCK_N")]
+        + ([f"{n}: tl.constexpr" for n in ("GROUP", "HEAD_DIM", "BLOCK_D")] if rn else [])
+        + (tanh if rn else [])
     )
     # the preprocess rebinds each aux pointer to its (batch, head) base
     pre_aux = [f"A{i} = A{i} + off_b * stride_a{i}b + off_h * stride_a{i}h" for i in plan.aux_used]
@@ -593,20 +675,15 @@ def _attn_bwd_preprocess(
 {_indent(pre_lines, 4)}
     tl.store(Delta + row_off + offs_m, delta, mask=offs_m < N_Q)
     tl.store(M + row_off + offs_m, m_row, mask=offs_m < N_Q)
-"""
+""" + ("    tl.store(Lg + row_off + offs_m, lg_row, mask=offs_m < N_Q)\n" if rn else "")
 
     # -- dK / dV: one program per key block of a kv head; loops over the query heads of
     #    its group and their query blocks, so dK and dV need no atomics
     progT = score_program(spec, plan, orient="nm", s="sT", grad="fT")
     if softmax:
-        pT = (
-            "pT = tl.exp2(sT - m_row[None, :])"
-            if plan.fold_log2e
-            else "pT = tl.exp2((sT - m_row[None, :]) * 1.4426950408889634)"
-        )
         p_lines = [
             "# -- probabilities from the saved log-sum-exp (NaN for all -inf rows, like eager)",
-            pT,
+            *_p_lines(plan, "pT", "sT", "[None, :]"),
         ]
         ds_lines = [
             "delta = tl.load(D_blk + offs_m, mask=offs_m < N_Q, other=0.0)",
@@ -627,6 +704,7 @@ def _attn_bwd_preprocess(
         "# -- score program (spec.score_ops, in order) and its derivative fT",
         *progT,
         f"m_row = tl.load(M_blk + offs_m, mask=offs_m < N_Q, other={m_other})",
+        *(["lg_row = tl.load(L_blk + offs_m, mask=offs_m < N_Q, other=0.0)"] if rn else []),
         *p_lines,
         "# -- dV += P^T dO",
         f"dv = tl.dot(pT.to(qT.dtype), do, dv{prec})",
@@ -637,6 +715,7 @@ def _attn_bwd_preprocess(
     ]
     dkdv_inner_params = (
         ["dk", "dv", "k", "v", "Q_blk", "DO_blk", "M_blk", "D_blk"]
+        + (["L_blk"] if rn else [])
         + _aux_ptrs(plan)
         + ["stride_qm", "stride_qd", "stride_dom", "stride_dod"]
         + _aux_strides(plan, full=False)
@@ -664,6 +743,7 @@ def _attn_bwd_dkdv_inner(
 """
     dkdv_call_args = (
         ["dk", "dv", "k", "v", "Q_blk", "DO_blk", "M_blk", "D_blk"]
+        + (["L_blk"] if rn else [])
         + _aux_ptrs(plan, "_blk")
         + ["stride_qm", "stride_qd", "stride_dom", "stride_dod"]
         + _aux_strides(plan, full=False)
@@ -686,6 +766,7 @@ def _attn_bwd_dkdv_inner(
     ]
     dkdv_params = (
         ["Q", "K", "V", "DO", "M", "Delta", "DK", "DV"]
+        + (["Lg"] if rn else [])
         + _aux_ptrs(plan)
         + (["Dead"] if dead_fix else [])
         + common_strides
@@ -733,6 +814,7 @@ def _attn_bwd_dkdv(
         Q_blk = Q + off_b * stride_qb + off_h * stride_qh
         DO_blk = DO + off_b * stride_dob + off_h * stride_doh
         M_blk = M + (off_b * H_Q + off_h) * N_Q
+        {"L_blk = Lg + (off_b * H_Q + off_h) * N_Q" if rn else ""}
         D_blk = Delta + (off_b * H_Q + off_h) * N_Q
 {_indent(_aux_bases(plan, "off_h"), 8)}
         {call_dkdv("lo", "full_lo", "True")}
@@ -755,12 +837,7 @@ def _attn_bwd_dkdv(
     # -- dQ: one program per query block; loops over key blocks (deterministic, no atomics)
     prog = score_program(spec, plan, orient="mn", s="s", grad="f")
     if softmax:
-        p = (
-            "p = tl.exp2(s - m_row[:, None])"
-            if plan.fold_log2e
-            else "p = tl.exp2((s - m_row[:, None]) * 1.4426950408889634)"
-        )
-        dq_p = [p]
+        dq_p = _p_lines(plan, "p", "s", "[:, None]")
         dq_ds = ["ds = p * (dp - delta[:, None]) * f"]
     else:
         dq_p = ["p = _sigmoid(s, TANH_IMPL)"]
@@ -791,6 +868,7 @@ def _attn_bwd_dkdv(
     ]
     dq_inner_params = (
         ["dq", "q", "do", "m_row", "delta", "K_blk", "V_blk"]
+        + (["lg_row"] if rn else [])
         + _aux_ptrs(plan)
         + ["stride_kn", "stride_kd", "stride_vn", "stride_vd"]
         + _aux_strides(plan, full=False)
@@ -818,6 +896,7 @@ def _attn_bwd_dq_inner(
 """
     dq_call_args = (
         ["dq", "q", "do", "m_row", "delta", "K_blk", "V_blk"]
+        + (["lg_row"] if rn else [])
         + _aux_ptrs(plan, "_blk")
         + ["stride_kn", "stride_kd", "stride_vn", "stride_vd"]
         + _aux_strides(plan, full=False)
@@ -830,6 +909,7 @@ def _attn_bwd_dq_inner(
 
     dq_params = (
         ["Q", "K", "V", "DO", "M", "Delta", "DQ"]
+        + (["Lg"] if rn else [])
         + _aux_ptrs(plan)
         + common_strides
         + ["stride_dqb", "stride_dqh", "stride_dqm", "stride_dqd"]
@@ -871,6 +951,7 @@ def _attn_bwd_dq(
     q = {_load("Q_blk + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd", _mask("(offs_m[:, None] < N_Q)", dims.d("col")))}
     do = {_load("DO_blk + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod", _mask("(offs_m[:, None] < N_Q)", dims.dv("col")))}.to(q.dtype)
     m_row = tl.load(M + row_off + offs_m, mask=offs_m < N_Q, other={m_load_other})
+    {"lg_row = tl.load(Lg + row_off + offs_m, mask=offs_m < N_Q, other=0.0)" if rn else ""}
     delta = tl.load(Delta + row_off + offs_m, mask=offs_m < N_Q, other=0.0)
     dq = tl.full([BLOCK_M, BLOCK_D], 0, dtype=tl.float32)
     lo, full_lo, full_hi, hi = _block_range(pid_m * BLOCK_M, BLOCK_M, BLOCK_N, N_K, visit_lo, visit_hi, diag_lo, diag_hi)
@@ -884,7 +965,7 @@ def _attn_bwd_dq(
     return (
         _HEADER.format(describe=spec.describe(), key=spec.key)
         + _HELPERS
-        + ("\n" + _SIGMOID_HELPERS if not softmax else "")
+        + _extra_helpers(plan, softmax)
         + "\n"
         + pre
         + "\n\n"

@@ -75,14 +75,19 @@ def _cfg(spec: AttentionSpec, kernel: str, interpret: bool) -> Config:
 
 
 def run_forward(spec: AttentionSpec, q, k, v, aux) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse): out (B, Hq, NQ, Dv) contiguous in ``spec.out_dtype``, lse float32."""
+    """(out, lse): out (B, Hq, NQ, Dv) in ``spec.out_dtype``, laid out in memory as
+    ``spec.out_layout`` says (``attnfx.ops.empty_output``); lse (B, Hq, NQ) float32."""
+    from attnfx.ops import empty_output
+
     _check(spec, q, k, v)
     interpret = _interpret(q)
     plan = make_plan(spec)
     mod = cache.load_module(spec, "fwd", interpret)
     B, H, NQ, _ = q.shape
     NK = k.shape[2]
-    out = torch.empty((B, H, NQ, spec.head_dim_v), dtype=_dtype(spec.out_dtype), device=q.device)
+    # the output in the spec's memory order (bhnd or bnhd); the kernel writes through
+    # its strides
+    out = empty_output(q, v, spec)
     lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
     if B * H * NQ == 0:
         return out, lse
@@ -90,7 +95,7 @@ def run_forward(spec: AttentionSpec, q, k, v, aux) -> tuple[torch.Tensor, torch.
     cfg = _cfg(spec, "fwd", interpret)
     aux_ptrs, aux_strides = _aux_lists(plan, aux)
     grid = (triton.cdiv(NQ, cfg.BLOCK_M), B * H)
-    extra = {"TANH_IMPL": tanh_impl(spec, interpret)} if spec.activation == "sigmoid" else {}
+    extra = {"TANH_IMPL": tanh_impl(spec, interpret)} if plan.uses_tanh else {}
     mod._attn_fwd[grid](
         q, k, v, out, lse, *aux_ptrs,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -133,21 +138,32 @@ def run_backward(spec: AttentionSpec, dout, q, k, v, aux, out, lse):
         BLOCK_D=plan.block_d,
         BLOCK_DV=plan.block_dv,
     )
-    extra = {"TANH_IMPL": tanh_impl(spec, interpret)} if spec.activation == "sigmoid" else {}
+    extra = {"TANH_IMPL": tanh_impl(spec, interpret)} if plan.uses_tanh else {}
     softmax = spec.activation == "softmax"
     zero = spec.fully_masked == "zero"
     delta = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
     m_row = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
+    # row_norm: log(l) of the rows whose huge float32 lse lost it (0 elsewhere)
+    lg = [torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)] if plan.row_norm else []
     if softmax or zero:
         cfg = _cfg(spec, "bwd_pre", interpret)
+        rn_args, rn_consts = [], {}
+        if plan.row_norm:
+            rn_args = [*lg, q, k]
+            rn_consts = dict(
+                GROUP=spec.gqa_group, HEAD_DIM=spec.head_dim, BLOCK_D=plan.block_d, **extra
+            )
         mod._attn_bwd_preprocess[(triton.cdiv(NQ, cfg.BLOCK_M), B * H)](
-            out, dout, lse, delta, m_row, *aux_ptrs,
-            *out.stride(), *dout.stride(), *aux_flat,
+            out, dout, lse, delta, m_row, *rn_args, *aux_ptrs,
+            *out.stride(), *dout.stride(),
+            *((*q.stride(), *k.stride()) if plan.row_norm else ()),
+            *aux_flat,
             H, NQ, NK,
             HEAD_DIM_V=spec.head_dim_v,
             BLOCK_DV=plan.block_dv,
             BLOCK_M=cfg.BLOCK_M,
             BLOCK_N=cfg.BLOCK_N,
+            **rn_consts,
             **cfg.launch_kwargs(interpret),
         )  # fmt: skip
         LAUNCHES["bwd_pre"] += 1
@@ -160,7 +176,7 @@ def run_backward(spec: AttentionSpec, dout, q, k, v, aux, out, lse):
 
     cfg = _cfg(spec, "bwd_dkdv", interpret)
     mod._attn_bwd_dkdv[(triton.cdiv(NK, cfg.BLOCK_N), B * HK)](
-        q, k, v, dout, m_row, delta, dk, dv, *aux_ptrs, *dead,
+        q, k, v, dout, m_row, delta, dk, dv, *lg, *aux_ptrs, *dead,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
         *dk.stride(), *dv.stride(), *aux_flat,
         H, NQ, NK, *bounds,
@@ -174,7 +190,7 @@ def run_backward(spec: AttentionSpec, dout, q, k, v, aux, out, lse):
 
     cfg = _cfg(spec, "bwd_dq", interpret)
     mod._attn_bwd_dq[(triton.cdiv(NQ, cfg.BLOCK_M), B * H)](
-        q, k, v, dout, m_row, delta, dq, *aux_ptrs,
+        q, k, v, dout, m_row, delta, dq, *lg, *aux_ptrs,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
         *dq.stride(), *aux_flat,
         H, NQ, NK, *bounds,
@@ -186,12 +202,6 @@ def run_backward(spec: AttentionSpec, dout, q, k, v, aux, out, lse):
     )  # fmt: skip
     LAUNCHES["bwd_dq"] += 1
     return dq, dk, dv
-
-
-def _dtype(name: str) -> torch.dtype:
-    from attnfx.ops import torch_dtype
-
-    return torch_dtype(name)
 
 
 # ---------------------------------------------------------------------------------------
@@ -209,6 +219,7 @@ class KernelTarget:
     constexprs: dict[str, object]
     config: Config
     attrs: dict = dataclasses.field(default_factory=dict)
+    index: int = 0  # position of ``config`` in the kernel's candidate list (0: the default)
 
     def source(self):
         from triton.compiler import ASTSource
@@ -225,16 +236,17 @@ def _tt(name: str) -> str:
     return _TORCH_TO_TRITON[torch.uint8 if dt == torch.bool else dt]
 
 
-def kernel_targets(spec: AttentionSpec) -> list[KernelTarget]:
-    """(kernel fn, signature, constexprs, config) for every GPU kernel of ``spec``, as
-    launched on contiguous (B, H, N, D) inputs (unit innermost strides are specialized
-    to the constant 1, as the launcher's JIT does)."""
+def kernel_targets(spec: AttentionSpec, candidates: bool = True) -> list[KernelTarget]:
+    """(kernel fn, signature, constexprs, config) for every GPU kernel of ``spec`` and,
+    with ``candidates``, every candidate launch config an autotuner may pick (else only
+    the default), as launched on contiguous (B, H, N, D) inputs (unit innermost strides
+    are specialized to the constant 1, as the launcher's JIT does)."""
     plan = make_plan(spec)
     fwd = cache.load_module(spec, "fwd", interpret=False)
     bwd = cache.load_module(spec, "bwd", interpret=False)
     cfgs = configs(spec, interpret=False)
     dt, odt = _tt(spec.dtype), _tt(spec.out_dtype)
-    tanh = {"TANH_IMPL": tanh_impl(spec, False)} if spec.activation == "sigmoid" else {}
+    tanh = {"TANH_IMPL": tanh_impl(spec, False)} if plan.uses_tanh else {}
     dims = dict(
         HEAD_DIM=spec.head_dim,
         HEAD_DIM_V=spec.head_dim_v,
@@ -244,7 +256,7 @@ def kernel_targets(spec: AttentionSpec) -> list[KernelTarget]:
     aux_types = {f"A{i}": "*" + _tt(spec.aux_dtypes[i]) for i in plan.aux_used}
     softmax, zero = spec.activation == "softmax", spec.fully_masked == "zero"
 
-    def build(name, fn, types, cfg, consts):
+    def build(name, fn, types, cfg, consts, index):
         sig, cx = {}, {}
         for arg in fn.arg_names:
             if arg in consts:
@@ -266,10 +278,12 @@ def kernel_targets(spec: AttentionSpec) -> list[KernelTarget]:
             for i, arg in enumerate(fn.arg_names)
             if sig[arg].startswith("*")
         }
-        return KernelTarget(name, fn, sig, cx, cfg, attrs)
+        return KernelTarget(name, fn, sig, cx, cfg, attrs, index)
+
+    def cands(name):
+        return list(enumerate(cfgs[name] if candidates else cfgs[name][:1]))
 
     out = []
-    c = cfgs["fwd"][0]
     types = {
         "Q": "*" + dt,
         "K": "*" + dt,
@@ -278,19 +292,24 @@ def kernel_targets(spec: AttentionSpec) -> list[KernelTarget]:
         "Lse": "*fp32",
         **aux_types,
     }
-    consts = dict(GROUP=spec.gqa_group, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, **dims, **tanh)
-    out.append(build("fwd", fwd._attn_fwd, types, c, consts))
+    for i, c in cands("fwd"):
+        consts = dict(GROUP=spec.gqa_group, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, **dims, **tanh)
+        out.append(build("fwd", fwd._attn_fwd, types, c, consts, i))
     types = {
         "Q": "*" + dt, "K": "*" + dt, "V": "*" + dt, "DO": "*" + odt, "Out": "*" + odt,
-        "Lse": "*fp32", "Delta": "*fp32", "M": "*fp32", "Dead": "*i32",
+        "Lse": "*fp32", "Delta": "*fp32", "M": "*fp32", "Lg": "*fp32", "Dead": "*i32",
         "DQ": "*" + dt, "DK": "*" + dt, "DV": "*" + dt, **aux_types,
     }  # fmt: skip
     if softmax or zero:
-        c = cfgs["bwd_pre"][0]
-        consts = dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, **dims)
-        out.append(build("bwd_pre", bwd._attn_bwd_preprocess, types, c, consts))
+        for i, c in cands("bwd_pre"):
+            consts = dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, **dims)
+            if plan.row_norm:
+                consts.update(GROUP=spec.gqa_group, **tanh)
+            out.append(build("bwd_pre", bwd._attn_bwd_preprocess, types, c, consts, i))
     for name, fn in (("bwd_dkdv", bwd._attn_bwd_dkdv), ("bwd_dq", bwd._attn_bwd_dq)):
-        c = cfgs[name][0]
-        consts = dict(GROUP=spec.gqa_group, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, **dims, **tanh)
-        out.append(build(name, fn, types, c, consts))
+        for i, c in cands(name):
+            consts = dict(
+                GROUP=spec.gqa_group, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, **dims, **tanh
+            )
+            out.append(build(name, fn, types, c, consts, i))
     return out

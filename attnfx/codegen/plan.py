@@ -42,6 +42,11 @@ class Plan:
     block_d: int
     block_dv: int
     has_fill: bool  # any fill op: rows may end up with no kept key
+    uses_tanh: bool  # a tanh op or the sigmoid activation: kernels take TANH_IMPL
+    fold_start: int  # log2e is folded in at the first op at or after this index
+    # softmax rows may have a huge finite log-sum-exp (finfo.min fills, additive masks):
+    # float32 lse then loses log(l), and the backward recomputes (max, log l) for them
+    row_norm: bool
 
     @property
     def can_skip(self) -> bool:
@@ -50,6 +55,33 @@ class Plan:
 
 def _finite(x: float) -> bool:
     return math.isfinite(x)
+
+
+def _keeps_fill(op, fill: float) -> bool:
+    """Whether a score op applied after a fill of ``fill`` leaves the filled scores at a
+    value block skipping may still treat as "never kept" (conservative)."""
+    if op.op == "mul":
+        return op.value > 0 and (fill == -math.inf or op.value >= 1)
+    if op.op == "add":
+        return fill == -math.inf and _finite(op.value)
+    if op.op in ("fill_aux", "fill_pred"):
+        return op.value == fill
+    return False  # tanh, aux tensors, symbolic scalars: may move the filled value
+
+
+# |lse| at or above this (natural units) has lost at least 2^-14 of relative precision in
+# float32 -- and all of log(n) near finfo.min: the backward recomputes such rows' max and
+# normalizer instead of trusting lse.
+HUGE_LSE = 1024.0
+
+
+def _may_saturate(op) -> bool:
+    """Whether a score op can make a row's scores huge but finite (|lse| >= HUGE_LSE)."""
+    if op.op in ("add_aux", "mul_aux"):
+        return True  # HF-style additive finfo.min masks; unbounded multipliers
+    if op.op in ("mul", "add", "fill_aux", "fill_pred") and op.value is not None:
+        return _finite(op.value) and abs(op.value) >= HUGE_LSE
+    return False
 
 
 def make_plan(spec: AttentionSpec) -> Plan:
@@ -62,13 +94,13 @@ def make_plan(spec: AttentionSpec) -> Plan:
     # additive tensors (HF masks use finfo.min) keep the natural domain.
     fold = softmax and not any(op.op == "add_aux" for op in ops)
     for op in ops:
-        if op.op in ("add", "fill_aux", "fill_pred") and op.value is not None:
+        if op.op in ("mul", "add", "fill_aux", "fill_pred") and op.value is not None:
             if _finite(op.value) and abs(op.value) * LOG2E >= FP32_MAX:
                 fold = False
     preds = [i for i, op in enumerate(ops) if op.op == "fill_pred"]
     skip_op = None
     needs_rows = False
-    if len(preds) == 1:
+    if len(preds) == 1 and all(_keeps_fill(o, ops[preds[0]].value) for o in ops[preds[0] + 1 :]):
         op = ops[preds[0]]
         if op.predicate.mask_class.kind in ("causal", "window"):
             v = op.value
@@ -88,6 +120,10 @@ def make_plan(spec: AttentionSpec) -> Plan:
         block_d=_padded(spec.head_dim),
         block_dv=_padded(spec.head_dim_v),
         has_fill=any(op.op in ("fill_aux", "fill_pred") for op in ops),
+        uses_tanh=not softmax or any(op.op == "tanh" for op in ops),
+        row_norm=softmax and any(_may_saturate(op) for op in ops),
+        # tanh does not commute with the log2(e) scaling: fold it in after the last tanh
+        fold_start=max((i + 1 for i, op in enumerate(ops) if op.op == "tanh"), default=0),
     )
 
 
@@ -145,36 +181,66 @@ class Config:
 INTERPRET_CONFIG = Config(16, 16, 1, 1)
 
 
-def configs(spec: AttentionSpec, interpret: bool = False) -> dict[str, list[Config]]:
-    """Launch configs per kernel ("fwd", "bwd_pre", "bwd_dkdv", "bwd_dq").
+# Candidate launch configs per kernel and padded head dim, best first: (BLOCK_M, BLOCK_N,
+# num_warps, num_stages).  Picked from the sm_90 resource usage that Triton 3.6's ptxas
+# reports (tests/codegen/test_aot_sm90.py compiles *every* candidate of every spec it
+# covers and fails on spills or on more than 227 KB of shared memory): the largest tiles
+# that do not spill come first, a smaller fallback after.  An autotuner may pick any of
+# them; without one the launcher takes the first.
+_FP16_CONFIGS: dict[int, dict[str, list[tuple[int, int, int, int]]]] = {
+    32: {
+        "fwd": [(128, 64, 8, 3), (128, 32, 8, 3)],
+        "bwd_dkdv": [(32, 128, 8, 2), (16, 64, 4, 2)],
+        "bwd_dq": [(128, 64, 8, 2), (64, 32, 4, 2)],
+    },
+    64: {
+        "fwd": [(128, 64, 8, 3), (64, 32, 4, 3)],
+        "bwd_dkdv": [(32, 128, 8, 2), (16, 64, 4, 1)],
+        "bwd_dq": [(128, 32, 8, 2), (64, 16, 4, 1)],
+    },
+    128: {
+        "fwd": [(128, 32, 8, 3), (64, 16, 8, 1)],
+        "bwd_dkdv": [(16, 32, 8, 1), (16, 16, 8, 1)],
+        "bwd_dq": [(32, 16, 8, 1), (16, 16, 4, 1)],
+    },
+    256: {
+        "fwd": [(32, 16, 4, 1), (16, 16, 4, 1)],
+        "bwd_dkdv": [(16, 32, 8, 1), (16, 16, 4, 1)],
+        "bwd_dq": [(16, 16, 4, 1), (16, 16, 8, 1)],
+    },
+}
+# Variants with more live tiles (aux tensors and their load masks, tanh) at D <= 128
+_AUX_FWD = {
+    32: [(64, 32, 8, 2), (64, 16, 4, 2)],
+    64: [(64, 32, 8, 2), (64, 16, 4, 2)],
+    128: [(64, 16, 8, 1), (32, 16, 4, 1)],
+}
+_PRE = [(16, 64, 4, 1)]
 
-    Each entry is a list so that an autotuner can be plugged in later; today the first
-    config is used.  Chosen (per padded head dim) to compile without spills and within
-    the 227 KB of shared memory of sm_90 (tests/codegen/test_aot_sm90.py checks it).
-    """
+
+def configs(spec: AttentionSpec, interpret: bool = False) -> dict[str, list[Config]]:
+    """Launch configs per kernel ("fwd", "bwd_pre", "bwd_dkdv", "bwd_dq"): candidate
+    lists, best first (autotune-ready; today the launcher takes the first)."""
     if interpret:
         c = INTERPRET_CONFIG
         return {"fwd": [c], "bwd_pre": [c], "bwd_dkdv": [c], "bwd_dq": [c]}
-    d = max(_padded(spec.head_dim), _padded(spec.head_dim_v))
-    f32 = spec.dtype == "float32"
-    # (picked from sm_90 ptxas resource usage: no spills, shared memory within 227 KB)
-    if d <= 32:
-        fwd, dkdv, dq = Config(128, 64, 4, 3), Config(32, 128, 4, 3), Config(128, 32, 4, 3)
-    elif d <= 64:
-        fwd, dkdv, dq = Config(128, 64, 4, 3), Config(32, 128, 8, 2), Config(128, 32, 8, 2)
-    elif d <= 128:
-        fwd, dkdv, dq = Config(128, 64, 8, 3), Config(16, 32, 4, 1), Config(32, 32, 4, 1)
-    else:
-        fwd, dkdv, dq = Config(64, 16, 8, 1), Config(16, 32, 8, 1), Config(32, 16, 8, 1)
-    if any(op.aux is not None for op in spec.score_ops) and d <= 128:
-        # aux tiles (and their load masks) add register pressure
-        fwd = Config(64, 32, 8, 2)
-    if spec.activation == "sigmoid":
-        fwd = dataclasses.replace(fwd, num_warps=8)
-        dkdv = dataclasses.replace(dkdv, num_warps=8)
-    if f32:  # fp32 tiles take twice the registers and shared memory
-        fwd = Config(max(16, fwd.BLOCK_M // 2), fwd.BLOCK_N, fwd.num_warps, 1)
-        dkdv = Config(dkdv.BLOCK_M, max(16, dkdv.BLOCK_N // 2), dkdv.num_warps, 1)
-        dq = Config(max(16, dq.BLOCK_M // 2), dq.BLOCK_N, dq.num_warps, 1)
-    pre = Config(16, 64, 4, 1)
-    return {"fwd": [fwd], "bwd_pre": [pre], "bwd_dkdv": [dkdv], "bwd_dq": [dq]}
+    d = max(32, _padded(spec.head_dim), _padded(spec.head_dim_v))
+    d = min(c for c in _FP16_CONFIGS if c >= d) if d <= 256 else 256
+    table = {k: list(v) for k, v in _FP16_CONFIGS[d].items()}
+    if d <= 128 and any(op.aux is not None for op in spec.score_ops):
+        table["fwd"] = list(_AUX_FWD[d])
+    if spec.dtype == "float32":  # fp32 tiles take twice the registers and shared memory
+        table = {
+            "fwd": [(max(16, m // 2), n, w, 1) for m, n, w, _ in table["fwd"]],
+            "bwd_dkdv": [(m, max(16, n // 2), w, 1) for m, n, w, _ in table["bwd_dkdv"]],
+            "bwd_dq": [(max(16, m // 2), n, w, 1) for m, n, w, _ in table["bwd_dq"]],
+        }
+    table["bwd_pre"] = list(_PRE)
+    out = {}
+    for k in ("fwd", "bwd_pre", "bwd_dkdv", "bwd_dq"):
+        seen = []
+        for c in table[k]:
+            if Config(*c) not in seen:
+                seen.append(Config(*c))
+        out[k] = seen
+    return out

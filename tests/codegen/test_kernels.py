@@ -44,6 +44,7 @@ def make_spec(
     act="softmax",
     group=1,
     fm="preserve",
+    out_layout="bhnd",
 ):
     if score_ops is None:
         score_ops = [ScoreOp("mul", 1 / math.sqrt(d))]
@@ -57,6 +58,7 @@ def make_spec(
         dtype=dtype,
         out_dtype=dtype,
         fully_masked=fm,
+        out_layout=out_layout,
     )
 
 
@@ -111,7 +113,8 @@ def check(spec, b=1, hk=1, nq=17, nk=33, aux=(), layout="bhnd", bwd=True, seed=0
     ref_out, ref_lse = ops.reference_attention(q, k, v, aux, spec)
     atol, rtol = TOL[spec.dtype]
     _assert_close(out, ref_out, atol, rtol, "out")
-    assert out.is_contiguous() and lse.is_contiguous()
+    assert out.stride() == ops.empty_output(q, v, spec).stride()  # spec.out_layout
+    assert lse.is_contiguous()
     finite = ref_lse.isfinite()
     assert torch.equal(lse.isneginf(), ref_lse.isneginf())
     torch.testing.assert_close(lse[finite], ref_lse[finite], atol=1e-4, rtol=1e-4)
@@ -223,14 +226,22 @@ def test_finfo_min_causal_fill_uniform_rows():
     assert out.isfinite().all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limitation: the backward recomputes p = exp(s - lse); for a row whose "
-    "scores are all ~finfo.min, lse (float32) has lost the log(n) term, so p = 1 instead of 1/n",
-)
 def test_finfo_min_uniform_rows_backward():
+    # rows whose scores are all finfo.min: float32 lse has lost log(n); the backward
+    # recomputes (max, log l) for such rows instead of using exp(s - lse) = 1
     ops_ = [ScoreOp("mul", 0.25), ScoreOp("fill_pred", F32_MIN, pred=CAUSAL_BR)]
-    check(make_spec(score_ops=ops_), nq=40, nk=17)
+    spec = make_spec(score_ops=ops_)
+    assert codegen.make_plan(spec).row_norm
+    check(spec, nq=40, nk=17)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_finfo_min_uniform_rows_backward_causal_fill(dtype):
+    # finite fill from a bool mask; some rows keep nothing, others keep a few keys
+    b, nq, nk = 1, 17, 20
+    ops_ = [ScoreOp("mul", 0.25), ScoreOp("fill_aux", F32_MIN, aux=0)]
+    spec = make_spec(dtype=dtype, score_ops=ops_, aux_dtypes=["bool"])
+    check(spec, b=b, nq=nq, nk=nk, aux=[_row_mask(b, nq, nk)])
 
 
 def test_finfo_min_causal_skips_when_rows_kept():
@@ -297,10 +308,8 @@ def test_hf_additive_finfo_min_mask_with_causal():
         ScoreOp("add_aux", aux=0),
         ScoreOp("fill_pred", NEG_INF, pred=CAUSAL),
     ]
-    # backward: rows with no unpadded key have lse ~ finfo.min (see the xfail above)
-    check(
-        make_spec(score_ops=ops_, aux_dtypes=["float32"]), b=b, nq=nq, nk=nk, aux=[pad], bwd=False
-    )
+    # rows with no unpadded key have lse ~ finfo.min: the backward recomputes them
+    check(make_spec(score_ops=ops_, aux_dtypes=["float32"]), b=b, nq=nq, nk=nk, aux=[pad])
 
 
 def test_mul_aux_per_query_scale():
@@ -336,7 +345,7 @@ def test_fully_masked_rows_finfo_min_uniform():
     spec = make_spec(
         score_ops=[ScoreOp("mul", 0.25), ScoreOp("fill_aux", F32_MIN, aux=0)], aux_dtypes=["bool"]
     )
-    out = check(spec, b=b, nq=nq, nk=nk, aux=[_row_mask(b, nq, nk)], bwd=False)
+    out = check(spec, b=b, nq=nq, nk=nk, aux=[_row_mask(b, nq, nk)])
     assert out.isfinite().all()
 
 
@@ -353,6 +362,102 @@ def test_fully_masked_rows_zero_causal_bottom_right():
     ops_ = [ScoreOp("mul", 0.25), ScoreOp("fill_pred", NEG_INF, pred=CAUSAL_BR)]
     out = check(make_spec(score_ops=ops_, fm="zero"), nq=40, nk=17)
     assert (out[0, 0, :23] == 0).all()
+
+
+# -- output layout ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_out_layout_bnhd(dtype):
+    spec = make_spec(
+        d=40,
+        dtype=dtype,
+        score_ops=[ScoreOp("mul", 0.25), ScoreOp("fill_pred", NEG_INF, pred=CAUSAL)],
+        out_layout="bnhd",
+        group=2,
+    )
+    out = check(spec, b=2, hk=2, nq=17, nk=17)
+    b, h, n, dv = out.shape
+    assert out.stride() == (n * h * dv, dv, h * dv, 1)
+    # .transpose(1, 2).reshape(B, N, H * Dv) stays a view
+    assert out.transpose(1, 2).reshape(b, n, h * dv).data_ptr() == out.data_ptr()
+
+
+def test_out_layout_bnhd_op_matches_reference_op(monkeypatch):
+    spec = make_spec(d=24, out_layout="bnhd")
+    q, k, v = _inputs(spec, 2, 3, 9, 11, layout="bnhd")
+    before = codegen.LAUNCHES["fwd"]
+    out, lse = ops.attention_op(q, k, v, [], spec.key)  # Triton (interpreter)
+    assert codegen.LAUNCHES["fwd"] == before + 1
+    monkeypatch.setenv("ATTNFX_INTERPRET", "0")
+    ref, ref_lse = ops.attention_op(q, k, v, [], spec.key)  # the reference op path
+    assert codegen.LAUNCHES["fwd"] == before + 1
+    assert out.shape == ref.shape and out.stride() == ref.stride()
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+
+
+# -- tanh / soft-capping -------------------------------------------------------------------------------
+
+
+def _softcap(c, *tail, scale=0.25):
+    return [ScoreOp("mul", scale), ScoreOp("mul", 1 / c), ScoreOp("tanh"), ScoreOp("mul", c), *tail]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_softcap_causal(dtype):
+    spec = make_spec(
+        dtype=dtype, score_ops=_softcap(2.0, ScoreOp("fill_pred", NEG_INF, pred=CAUSAL))
+    )
+    plan = codegen.make_plan(spec)
+    assert plan.uses_tanh and plan.can_skip and plan.fold_start == 3
+    check(spec, nq=33, nk=33)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_softcap_per_query_mul_aux(dtype):
+    nq, nk = 17, 19
+    temp = torch.rand(1, 1, nq, 1, generator=torch.Generator().manual_seed(2)) + 0.5
+    ops_ = [ScoreOp("mul_aux", aux=0), *_softcap(1.5)]
+    check(make_spec(dtype=dtype, score_ops=ops_, aux_dtypes=["float32"]), nq=nq, nk=nk, aux=[temp])
+
+
+def test_tanh_before_mask_fill_is_not_skipped():
+    # a fill before the tanh is moved to tanh(-inf) = -1: the mask no longer drops keys,
+    # so block skipping must be off (the reference keeps those keys too)
+    ops_ = [ScoreOp("mul", 0.25), ScoreOp("fill_pred", NEG_INF, pred=CAUSAL), ScoreOp("tanh")]
+    spec = make_spec(score_ops=ops_)
+    assert not codegen.make_plan(spec).can_skip
+    check(spec, nq=33, nk=33)
+
+
+def test_tanh_sym_ops_through_the_op():
+    # add_sym / mul_sym are lowered by ops.lower_symbolic to 0-d aux tensors broadcast by
+    # stride-0 views; the kernels read them like any aux tensor
+    ops_ = [
+        ScoreOp("mul", 0.25),
+        ScoreOp("mul_sym", expr=sympy.srepr(sympy.log(NK) / sympy.log(NQ + 1))),
+        *_softcap(3.0, scale=1.0),
+        ScoreOp("add_sym", expr=sympy.srepr(-sympy.log(NK))),
+        ScoreOp("fill_pred", NEG_INF, pred=CAUSAL),
+    ]
+    spec = make_spec(score_ops=ops_)
+    q, k, v = (t.requires_grad_() for t in _inputs(spec, 1, 2, 13, 13))
+    ks, kaux = ops.lower_symbolic(spec, [], q, k)
+    assert [a.stride() for a in kaux] == [(0, 0, 0, 0)] * 2
+    before = dict(codegen.LAUNCHES)
+    out, lse = ops.attention_op(q, k, v, [], spec.key)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    assert codegen.LAUNCHES["fwd"] == before.get("fwd", 0) + 1
+    assert codegen.LAUNCHES["bwd_dq"] == before.get("bwd_dq", 0) + 1
+    qd, kd, vd = q.detach(), k.detach(), v.detach()
+    ref, ref_lse = ops.reference_attention(qd, kd, vd, [], spec)
+    _assert_close(out.detach(), ref, *TOL["float32"], "out")
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+    ref_g = ops.reference_attention_backward(dout, qd, kd, vd, [], spec)
+    for name, got, want in zip(("dq", "dk", "dv"), grads, ref_g, strict=True):
+        _assert_close(got, want, *GTOL["float32"], name)
 
 
 # -- sigmoid -----------------------------------------------------------------------------------------
@@ -426,6 +531,44 @@ def test_source_deterministic_and_dumped(tmp_path, monkeypatch):
     assert (tmp_path / f"{h}_fwd.py").read_text() == a
     assert (tmp_path / f"{h}_bwd.py").exists()
     assert (codegen.cache_dir() / f"{h}_fwd.py").exists()
+
+
+def test_source_deterministic_across_processes():
+    # same spec -> same text, also in a process with another hash seed (set / dict order,
+    # sympy printing)
+    pred = MaskPredicate(
+        sympy.And(
+            sympy.Ge(K, Q - 3),
+            sympy.Le(sympy.floor(K / 4), sympy.floor(Q / 4)),
+            sympy.Ne(sympy.Mod(K, 3), 1),
+        )
+    ).to_key()
+    spec = make_spec(
+        d=40,
+        score_ops=[
+            ScoreOp("mul", 0.25),
+            *_softcap(2.0, scale=1.0),
+            ScoreOp("fill_pred", NEG_INF, pred=pred),
+        ],
+    )
+    code = (
+        "import sys; from attnfx.codegen import generate_source; from attnfx.spec import AttentionSpec; "
+        "s = AttentionSpec.from_key(sys.argv[1]); "
+        "sys.stdout.write(generate_source(s, 'fwd') + '\\x00' + generate_source(s, 'bwd'))"
+    )
+    want = codegen.generate_source(spec, "fwd") + "\x00" + codegen.generate_source(spec, "bwd")
+    assert want == codegen.emit.source(spec, "fwd") + "\x00" + codegen.emit.source(spec, "bwd")
+    for seed in ("12345",):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        r = subprocess.run(
+            [sys.executable, "-c", code, spec.key],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout == want
 
 
 def test_fresh_process_interpreter():

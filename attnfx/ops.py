@@ -67,6 +67,13 @@ def use_triton(device: torch.device) -> bool:
 # ---------------------------------------------------------------------------------------
 
 
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The PyTorch path accumulates half precision in float32 (as the kernels do) and
+    float32 in float64: on CPU it is a reference, and one more rounding step of a float32
+    rewrite (a temperature moved onto q) must not push it past the equivalence rule."""
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def apply_score_ops(
     s: Tensor, spec: AttentionSpec, aux: list[Tensor], *, with_grad: bool = False
 ) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -150,7 +157,7 @@ def reference_attention(
     if g > 1:
         k = k.repeat_interleave(g, dim=1)
         v = v.repeat_interleave(g, dim=1)
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = _accumulation_dtype(q.dtype)
     s = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1))
     s, kept, _ = apply_score_ops(s, spec, aux)
     if spec.activation == "softmax":
@@ -179,7 +186,7 @@ def reference_attention_backward(
     For GQA the key/value gradients of the query heads sharing one kv head are summed.
     """
     g = spec.gqa_group
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = _accumulation_dtype(q.dtype)
     kk = k.repeat_interleave(g, dim=1).to(acc) if g > 1 else k.to(acc)
     vv = v.repeat_interleave(g, dim=1).to(acc) if g > 1 else v.to(acc)
     qq, do = q.to(acc), dout.to(acc)
@@ -198,7 +205,9 @@ def reference_attention_backward(
         ds = p * (dp - (p * dp).sum(-1, keepdim=True))
     else:
         ds = p * (1 - p) * dp
-    ds = ds * factor
+    # Filled scores get exactly zero gradient (as masked_fill's backward gives), even where
+    # the row's probabilities are NaN.
+    ds = torch.where(kept, ds * factor, torch.zeros_like(ds))
     dq = torch.matmul(ds, kk)
     dk = torch.matmul(ds.transpose(-2, -1), qq)
     if g > 1:

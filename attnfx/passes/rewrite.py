@@ -34,11 +34,9 @@ def emit_call(graph: fx.Graph, site: Site, lookup: Callable[[fx.Node], fx.Node])
     q, k, v = operand(site.q), operand(site.k), operand(site.v)
     for m in site.q_mul:
         t = lookup(m.node)
-        if m.transform == "reciprocal":
-            t = graph.call_function(torch.reciprocal, (t,))
         if site.rank3 and len(G.shape(m.node) or ()) == 3:
             t = graph.call_method("unsqueeze", (t, 1))
-        q = graph.call_function(operator.mul, (q, t))
+        q = graph.call_function(operator.truediv if m.transform == "reciprocal" else operator.mul, (q, t))
     aux = []
     for a in site.aux:
         n = lookup(a.node)

@@ -197,20 +197,11 @@ ROW_FORMS = {
 }
 
 
-# The rewrite moves ``s / t`` onto q as ``q * reciprocal(t)`` (attnfx/passes/rewrite.py,
-# emit_call), one more rounding than eager's ``/ t``: q's gradient misses the rule.
-# (Reproduced in plain eager: ``q * torch.reciprocal(t)`` gives the same 1.76e-06 error,
-# ``q / t`` passes.)
-_DIV_BUG = "attnfx bug: s / t moved onto q as q * reciprocal(t) (rewrite.emit_call); grad 0: max rule: |cand-gold| 1.76e-06 > 3·|base-gold| 3.33e-07 + a 4.77e-07"
-
-
 def _row_params():
     out = []
     for name in ROW_FORMS:
         for learnable in (False, True):
             marks = ()
-            if name == "s/t" and learnable:
-                marks = pytest.mark.xfail(strict=True, reason=_DIV_BUG)
             ident = f"{name}-{'learnable' if learnable else 'const'}"
             out.append(pytest.param(name, learnable, marks=marks, id=ident))
     return out

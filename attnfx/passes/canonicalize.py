@@ -222,8 +222,6 @@ def _canonicalize_baddbmm(node: fx.Node) -> int:
     baddbmm ignores it, NaN included)."""
     args = list(node.args)
     kwargs = dict(node.kwargs)
-    if node.op == "call_method":
-        pass
     if len(args) != 3:
         return 0
     beta = kwargs.pop("beta", 1)

@@ -3,8 +3,6 @@ networkx view of an FX graph, and module paths."""
 
 from __future__ import annotations
 
-import operator
-
 import networkx as nx
 import torch
 import torch.fx as fx
@@ -173,26 +171,3 @@ def sym_hint(x):
             x.node.hint if x.node.hint is not None else int(x.node.shape_env.size_hint(x.node.expr))
         )
     return x
-
-
-def scalar_args(node: fx.Node) -> tuple:
-    return tuple(a for a in node.args if not isinstance(a, fx.Node))
-
-
-__all__ = [
-    "constant_value",
-    "dropout_identity",
-    "dtype",
-    "example_value",
-    "is_cast",
-    "is_number",
-    "is_tensor",
-    "module_path",
-    "operator",
-    "requires_grad",
-    "resolve_dim",
-    "set_example_value",
-    "shape",
-    "sym_hint",
-    "to_networkx",
-]

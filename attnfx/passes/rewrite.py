@@ -36,7 +36,9 @@ def emit_call(graph: fx.Graph, site: Site, lookup: Callable[[fx.Node], fx.Node])
         t = lookup(m.node)
         if site.rank3 and len(G.shape(m.node) or ()) == 3:
             t = graph.call_method("unsqueeze", (t, 1))
-        q = graph.call_function(operator.truediv if m.transform == "reciprocal" else operator.mul, (q, t))
+        q = graph.call_function(
+            operator.truediv if m.transform == "reciprocal" else operator.mul, (q, t)
+        )
     aux = []
     for a in site.aux:
         n = lookup(a.node)

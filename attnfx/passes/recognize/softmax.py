@@ -11,7 +11,6 @@ values; the scale, biases and masks apply in the order the model wrote them.
 
 from __future__ import annotations
 
-import sympy
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -164,7 +163,6 @@ def match_sdpa(node: fx.Node) -> Site:
     if causal:
         ops.append(ScoreOp("fill_pred", value=float("-inf"), pred=MaskPredicate(K <= Q).to_key()))
     if isinstance(mask, fx.Node):
-        score_shape = (qs[0], qs[1], qs[2], ks[2])
         if G.dtype(mask) == torch.bool:
             pred = _analyze(mask, qs[2], ks[2])
             if pred is not None:
@@ -182,7 +180,6 @@ def match_sdpa(node: fx.Node) -> Site:
                 raise Refusal("additive score bias requires grad", node)
             aux.append(AuxOperand(mask))
             ops.append(ScoreOp("add_aux", aux=len(aux) - 1))
-        del score_shape
     elif mask is not None:
         raise Refusal("sdpa attn_mask is not a tensor", node)
     spec = AttentionSpec(
@@ -222,4 +219,4 @@ def _layout(node: fx.Node) -> str:
     return "bhnd"
 
 
-__all__ = ["KIND", "is_anchor", "is_sdpa", "match", "match_sdpa", "build_site", "sympy"]
+__all__ = ["KIND", "build_site", "is_anchor", "is_sdpa", "match", "match_sdpa"]

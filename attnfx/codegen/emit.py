@@ -544,6 +544,12 @@ def _attn_fwd(
 # ---------------------------------------------------------------------------------------
 
 
+def _gated(name: str, expr: str, keep: str, gate: bool) -> str:
+    if not gate:
+        return f"{name} = {expr}"
+    return f"{name} = tl.where({keep}, {expr}, 0.0)  # filled scores: exactly zero gradient"
+
+
 def _p_lines(plan: Plan, p: str, s: str, bc: str) -> list[str]:
     """p = exp(s - lse), from the row statistic m_row (lse, in the scores' units) and,
     with ``row_norm``, lg_row (0, or log l of a row whose huge lse lost it)."""
@@ -679,7 +685,12 @@ def _attn_bwd_preprocess(
 
     # -- dK / dV: one program per key block of a kv head; loops over the query heads of
     #    its group and their query blocks, so dK and dV need no atomics
-    progT = score_program(spec, plan, orient="nm", s="sT", grad="fT")
+    # Filled scores get exactly zero gradient (as masked_fill's backward gives), even in a
+    # row whose probabilities are NaN: dS is gated by the keep mask of the fill ops.
+    gate = plan.has_fill
+    progT = score_program(
+        spec, plan, orient="nm", s="sT", grad="fT", keep="keepT" if gate else None
+    )
     if softmax:
         p_lines = [
             "# -- probabilities from the saved log-sum-exp (NaN for all -inf rows, like eager)",
@@ -687,13 +698,13 @@ def _attn_bwd_preprocess(
         ]
         ds_lines = [
             "delta = tl.load(D_blk + offs_m, mask=offs_m < N_Q, other=0.0)",
-            "dsT = pT * (dpT - delta[None, :]) * fT",
+            _gated("dsT", "pT * (dpT - delta[None, :]) * fT", "keepT", gate),
         ]
     else:
         p_lines = ["pT = _sigmoid(sT, TANH_IMPL)"]
         if zero:
             p_lines.append("pT = tl.where(m_row[None, :] == 0.0, pT, 0.0)  # rows with no kept key")
-        ds_lines = ["dsT = pT * (1.0 - pT) * dpT * fT"]
+        ds_lines = [_gated("dsT", "pT * (1.0 - pT) * dpT * fT", "keepT", gate)]
     m_other = 'float("inf")' if softmax else "0.0"
     dkdv_body = [
         "# -- Q^T block (BLOCK_D, BLOCK_M) and dO block (BLOCK_M, BLOCK_DV)",
@@ -781,8 +792,8 @@ def _attn_bwd_dkdv_inner(
     if dead_fix:
         dead_lines = [
             "        # -- a query row with no finite score (lse = -inf) makes eager softmax NaN on",
-            "        #    the whole row, hence NaN in every dK/dV of its head: keep that even for",
-            "        #    the query blocks skipped above",
+            "        #    the whole row, hence NaN in every dV of its head (dK gets zeros: its",
+            "        #    scores are all filled): keep that even for the query blocks skipped above",
             "        n_dead += tl.load(Dead + off_b * H_Q + off_h)",
         ]
     dkdv = f"""\
@@ -824,7 +835,6 @@ def _attn_bwd_dkdv(
 """
     if dead_fix:
         dkdv += """\
-    dk = tl.where(n_dead > 0, float("nan"), dk)
     dv = tl.where(n_dead > 0, float("nan"), dv)
 """
     dkdv += f"""\
@@ -835,15 +845,15 @@ def _attn_bwd_dkdv(
 """
 
     # -- dQ: one program per query block; loops over key blocks (deterministic, no atomics)
-    prog = score_program(spec, plan, orient="mn", s="s", grad="f")
+    prog = score_program(spec, plan, orient="mn", s="s", grad="f", keep="keep" if gate else None)
     if softmax:
         dq_p = _p_lines(plan, "p", "s", "[:, None]")
-        dq_ds = ["ds = p * (dp - delta[:, None]) * f"]
+        dq_ds = [_gated("ds", "p * (dp - delta[:, None]) * f", "keep", gate)]
     else:
         dq_p = ["p = _sigmoid(s, TANH_IMPL)"]
         if zero:
             dq_p.append("p = tl.where(m_row[:, None] == 0.0, p, 0.0)  # rows with no kept key")
-        dq_ds = ["ds = p * (1.0 - p) * dp * f"]
+        dq_ds = [_gated("ds", "p * (1.0 - p) * dp * f", "keep", gate)]
     kptr = "K_blk + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd"
     vptr = "V_blk + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd"
     ntail = "(offs_n[None, :] < N_K)"
@@ -919,15 +929,9 @@ def _attn_bwd_dq_inner(
         + tanh
     )
     m_load_other = "0.0"
-    dq_dead = (
-        [
-            "# -- rows with no finite score (lse = -inf) are NaN in eager softmax's dQ, also",
-            "#    when block skipping visited none of their keys",
-            'dq = tl.where(m_row[:, None] == float("-inf"), float("nan"), dq)',
-        ]
-        if dead_fix
-        else []
-    )
+    # rows with no finite score (lse = -inf): every score is filled, so dQ is 0 -- also
+    # when block skipping visited none of their keys
+    dq_dead = []
     dq = f"""\
 @triton.jit
 def _attn_bwd_dq(

@@ -1,0 +1,149 @@
+"""The benchmark's plumbing, on the CPU (not gpu-marked): ``--dry-run`` runs every
+provider that works on a CPU (attnfx kernels under Triton's interpreter) on tiny shapes
+and must produce the table and the JSON; the target/ratio logic is checked on made-up
+bf16 numbers; a prewarm worker runs its shard."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "bench_attention.py"
+
+
+def _env(tmp_path):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["ATTNFX_CACHE_DIR"] = str(tmp_path / "attnfx-cache")
+    env.pop("OUT", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import bench_attention
+
+        yield bench_attention
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+
+
+def test_dry_run_table_and_json(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--dry-run", "--n", "16", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=_env(tmp_path),
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    text = (out / "bench.txt").read_text()
+    assert text.strip() in proc.stdout  # the table is printed last
+    for head in ("fp16 fwd non-causal D16", "fp16 fwdbwd causal D16", "FLOPs"):
+        assert head in text, text
+    data = json.loads((out / "bench.json").read_text())
+    assert data["dry_run"] and data["environment"]["torch"] and data["environment"]["triton"]
+    assert "3.5" in data["flop_convention"]
+    res = data["results"]
+    by = {(r["provider"], r["mode"], r["causal"]): r for r in res}
+    attnfx = [p for p in {r["provider"] for r in res} if p.startswith("attnfx-")]
+    assert len(attnfx) == 5
+    for mode in ("fwd", "fwdbwd"):
+        for causal in (False, True):
+            for p in attnfx + ["eager-softmax", "eager-sigmoid", "sdpa-fa2"]:
+                r = by[(p, mode, causal)]
+                assert r["status"] == "ok", r
+                assert r["tflops"] > 0 and r["check_ok"], r
+            # Flex runs forward on the CPU (uncompiled), has no CPU backward
+            assert by[("flex-temp", mode, causal)]["status"] == ("ok" if mode == "fwd" else "n/a")
+    # backends with no CPU kernel are n/a with a reason, not a crash
+    cudnn = by[("sdpa-cudnn", "fwd", False)]
+    assert cudnn["status"] == "n/a" and cudnn["reason"]
+    assert "n/a [" in text and "n/a reasons:" in text
+    assert by[("attnfx-sigmoid", "fwd", False)]["x_fa2"] is not None
+
+
+def _rec(bench, provider, tflops, mode="fwd", causal=False, n=4096, d=64):
+    fam, var = bench.PROVIDERS[provider]
+    return {
+        "provider": provider,
+        "family": fam,
+        "variant": var,
+        "dtype": "bfloat16",
+        "mode": mode,
+        "causal": causal,
+        "B": 4,
+        "H": 16,
+        "N": n,
+        "D": d,
+        "status": "ok" if tflops else "n/a",
+        "reason": "" if tflops else "unsupported",
+        "tflops": tflops,
+        "check_ok": True,
+        "check_rel_err": 1e-3,
+        "check_tol": 2.5e-2,
+    }
+
+
+def test_ratios_and_targets(bench):
+    rs = [
+        _rec(bench, "sdpa-fa2", 300.0),
+        _rec(bench, "sdpa-cudnn", 450.0),
+        _rec(bench, "flex-softmax", 400.0),
+        _rec(bench, "flex-softcap", 127.0),
+        _rec(bench, "flex-temp", 375.0),
+        _rec(bench, "attnfx-softmax", 420.0),
+        _rec(bench, "attnfx-sigmoid", 480.0),
+        _rec(bench, "attnfx-temp-aux", 400.0),
+        _rec(bench, "attnfx-softcap", None),
+    ]
+    bench.add_ratios(rs)
+    sig = rs[6]
+    assert sig["x_fa2"] == pytest.approx(1.6) and sig["x_cudnn"] == pytest.approx(480 / 450)
+    assert rs[5]["x_flex"] == pytest.approx(420 / 400)
+    tg = {t["target"]: t for t in bench.targets(rs)}
+    assert tg["sigmoid fwd >= 1.2x FA2 softmax"]["ok"] is True
+    assert tg["sigmoid fwd >= 1.0x cuDNN softmax"]["ok"] is True
+    assert tg["attnfx-temp-aux >= 0.97x attnfx softmax"]["ok"] is False  # 400/420 = 0.95
+    assert tg["softcap >= 2.5x Flex softcap"]["ok"] is None  # softcap n/a
+    text = bench.format_targets(bench.targets(rs))
+    assert "PASS" in text and "FAIL" in text
+    args = bench.parse_args(["--dry-run"])
+    table = bench.format_table(rs, args)
+    assert "n/a [1]" in table and "unsupported" in table
+
+
+def test_prewarm_worker_runs_its_shard(bench, tmp_path):
+    args = bench.parse_args(
+        [
+            "--dry-run",
+            "--n",
+            "16",
+            "--modes",
+            "fwd",
+            "--causal",
+            "no",
+            "--providers",
+            "attnfx-softmax,eager-softmax",
+        ]
+    )
+    units = bench.warm_units(args)
+    assert [name for _, name in units] == ["attnfx-softmax"]  # eager compiles nothing
+    argv = bench.worker_argv(args, 0, 1)
+    again = bench.parse_args(argv[2:])
+    assert again.warm_only and again.provider_names == args.provider_names and again.n == args.n
+    proc = subprocess.run(
+        argv, capture_output=True, text=True, env=_env(tmp_path), cwd=ROOT, timeout=120
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "[warm 0/1] 1 units" in proc.stdout

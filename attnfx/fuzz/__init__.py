@@ -2,7 +2,7 @@
 (``grammar``, one site grammar per kind), the per-program checks (``harness``), the
 loop with shrinking and repro scripts (``runner``), and planted bugs (``plant``).
 
-    attnfx fuzz --examples 300 --seed 1 [--kind softmax] [--out DIR]
+    attnfx fuzz --examples 300 --seed 1 [--kind softmax,sigmoid,temperature] [--out DIR]
 """
 
 from attnfx.fuzz.grammar import SITE_GRAMMARS, Program, programs, register, render

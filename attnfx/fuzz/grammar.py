@@ -7,9 +7,10 @@ rewritten).  Programs are generated from a dict of *choices* (plain strings and 
 ``render(choices)`` turns the choices into source, so a failure is reproduced by its
 choices alone, and the shrinker (``attnfx.fuzz.shrink``) works on them.
 
-One *site grammar* per attention kind registers itself in ``SITE_GRAMMARS`` (the softmax
-one lives in ``attnfx/fuzz/softmax.py``); ``attnfx fuzz --kind softmax,sigmoid`` draws
-from the registered grammars named.  A site grammar provides
+One *site grammar* per attention kind registers itself in ``SITE_GRAMMARS``
+(``attnfx/fuzz/softmax.py``, ``sigmoid.py``, ``temperature.py``; the latter two reuse the
+softmax module's program frame); ``attnfx fuzz --kind softmax,sigmoid`` draws from the
+registered grammars named (default: all).  A site grammar provides
 
 * ``choices(draw, device)``: draw a valid choice dict (hypothesis ``draw``);
 * ``normalize(choices)``: coerce any choice dict to a valid one (used by the shrinker);
@@ -79,7 +80,7 @@ def register(g: SiteGrammar) -> SiteGrammar:
 
 def _load_builtin() -> None:
     # Importing a grammar module registers it.
-    from attnfx.fuzz import softmax  # noqa: F401
+    from attnfx.fuzz import sigmoid, softmax, temperature  # noqa: F401
 
 
 def grammars(kinds: list[str] | None = None) -> list[SiteGrammar]:

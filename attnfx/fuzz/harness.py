@@ -2,7 +2,8 @@
 source is pasted into every repro script, so a repro runs exactly what the fuzzer ran).
 
 A program namespace defines ``make_model()``, ``make_inputs(nq, nkv, seed)``,
-``EXPECTED`` ({kind: sites}), ``NEAR_MISS``, ``RERUN``, ``GRADS`` and ``GRAD_INPUTS``.
+``EXPECTED`` ({kind: sites}), ``NEAR_MISS``, ``RERUN``, ``GRADS``, ``GRAD_INPUTS`` and
+``TRANSCENDENTAL`` (σ or tanh in the program: the DESIGN §5 bound gets its +1).
 ``check_program(ns, ...)`` returns ``(failures, stats)``; each failure is
 ``(category, message)`` with category one of
 
@@ -110,6 +111,7 @@ def check_program(
     options = dict(options or {})
     expected, near = dict(ns["EXPECTED"]), ns["NEAR_MISS"]
     grads = bool(ns["GRADS"])
+    tr = bool(ns.get("TRANSCENDENTAL", False))  # σ / tanh in the score program: the §5 +1
     t0 = time.perf_counter()
 
     torch._dynamo.reset()
@@ -192,7 +194,9 @@ def check_program(
     # Outputs against gold (float64) and base (working dtype), under the §5 rule.
     for i, (c, b, g) in enumerate(zip(_flat(cand), _flat(base), _flat(gold), strict=False)):
         if c.is_floating_point():
-            res = compare(c.detach(), b.detach(), g.detach(), context=f"output {i}")
+            res = compare(
+                c.detach(), b.detach(), g.detach(), transcendental=tr, context=f"output {i}"
+            )
             if not res.ok:
                 failures.append(("mismatch", res.message))
 
@@ -222,7 +226,13 @@ def check_program(
                     )
                     continue
                 res = compare(
-                    gc, gb, gg, grad=True, check_strides=False, context=f"grad of input {i}"
+                    gc,
+                    gb,
+                    gg,
+                    grad=True,
+                    transcendental=tr,
+                    check_strides=False,
+                    context=f"grad of input {i}",
                 )
                 if not res.ok:
                     failures.append(("mismatch", res.message))
@@ -256,7 +266,9 @@ def check_program(
                 zip(_flat(cand2), _flat(base2), _flat(gold2), strict=False)
             ):
                 if c.is_floating_point():
-                    res = compare(c, b, g, context=f"rerun ({nq}, {nkv}) output {i}")
+                    res = compare(
+                        c, b, g, transcendental=tr, context=f"rerun ({nq}, {nkv}) output {i}"
+                    )
                     if not res.ok:
                         failures.append(("mismatch", res.message))
             bad = {k: v for k, v in attnfx.counters.items() if k == "kept.internal error"}

@@ -8,13 +8,15 @@ hide the bug, and it must report a mismatch (or a label mismatch) and write a re
                           constant scale ops (``mul``) of the spec
     accept-query-softmax  the softmax recognizer takes a softmax over the query axis
                           (``dim=-2``) as if it were over the keys
+    sigmoid-bias          the CPU kernel ignores the constant and length-dependent biases
+                          (``add``, ``add_sym``) of sigmoid specs (``σ(s + b)`` becomes ``σ(s)``)
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-PLANTS = ("drop-scale", "accept-query-softmax")
+PLANTS = ("drop-scale", "accept-query-softmax", "sigmoid-bias")
 _applied: set[str] = set()
 
 
@@ -28,6 +30,8 @@ def apply(name: str | None) -> None:
     _applied.add(name)
     if name == "drop-scale":
         _drop_scale()
+    elif name == "sigmoid-bias":
+        _drop_sigmoid_bias()
     else:
         _accept_query_softmax()
 
@@ -41,6 +45,21 @@ def _drop_scale() -> None:
         spec = dataclasses.replace(
             spec, score_ops=tuple(o for o in spec.score_ops if o.op != "mul")
         )
+        return original(q, k, v, aux, spec, *args, **kwargs)
+
+    ops.reference_attention = reference_attention
+
+
+def _drop_sigmoid_bias() -> None:
+    import attnfx.ops as ops
+
+    original = ops.reference_attention
+
+    def reference_attention(q, k, v, aux, spec, *args, **kwargs):
+        if spec.activation == "sigmoid":
+            spec = dataclasses.replace(
+                spec, score_ops=tuple(o for o in spec.score_ops if o.op not in ("add", "add_sym"))
+            )
         return original(q, k, v, aux, spec, *args, **kwargs)
 
     ops.reference_attention = reference_attention

@@ -26,7 +26,9 @@ Choices (values simplest first, as the shrinker tries them):
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 
 from hypothesis import strategies as st
 
@@ -43,6 +45,28 @@ from attnfx.fuzz.grammar import (
 )
 
 KIND = "softmax"
+
+
+@dataclasses.dataclass(frozen=True)
+class Frame:
+    """What a site grammar plugs into the shared program frame (projections, head split,
+    GQA, merge, stacked layers, inputs and lanes) that this module renders.  The softmax
+    grammar is the frame with its defaults; ``sigmoid.py`` and ``temperature.py`` supply
+    their own score bodies, inputs and extra state."""
+
+    kind: str
+    body: Callable[[dict], list[str]]  # q, k, v (B, H, N, D) -> ``o`` (and ``p``)
+    mask_inputs: dict  # c["mask"] -> input kind (additive | masked_out | keep | padding)
+    init: Callable[[dict], list[str]] = lambda c: []  # extra ``__init__`` lines
+    pre_heads: Callable[[dict], list[str]] = lambda c: []  # q, k, v inputs as (B, N, H, D)
+    post_heads: Callable[[dict], list[str]] = lambda c: []  # after q, k, v are (B, H, N, D)
+    extra_inputs: Callable[[dict], list[tuple[str, str]]] = lambda c: []  # (name, input kind)
+    header: Callable[[dict], list[str]] = lambda c: []  # extra module-level constants
+    expected: Callable[[dict], dict] | None = None  # labels (default {kind: layers})
+    transcendental: Callable[[dict], bool] = lambda c: False  # DESIGN §5 rule: +1
+    attn_class: Callable[[dict], list[str] | None] = lambda c: None  # replaces class Attn
+    known_gaps: tuple = ()
+
 
 NEAR_MISSES = ("query_axis", "k_not_transposed", "key_scale", "second_user", "log_softmax")
 PROJS = ("none", "separate", "packed_chunk", "packed_split", "packed_unbind", "packed_index")
@@ -265,17 +289,21 @@ def normalize(c: dict) -> dict:
 # ---------------------------------------------------------------------------------------
 
 
-def _input_names(c) -> list[str]:
+def _input_names(c, f: Frame | None = None) -> list[str]:
+    f = f or FRAME
     if c["proj"] == "none":
         names = ["q", "k", "v"]
     elif c["cross"]:
         names = ["x", "y"]
     else:
         names = ["x"]
-    return names + (["mask"] if c["mask"] in MASK_INPUTS else [])
+    return (
+        names + (["mask"] if c["mask"] in f.mask_inputs else []) + [n for n, _ in f.extra_inputs(c)]
+    )
 
 
-def _init_lines(c) -> list[str]:
+def _init_lines(c, f: Frame | None = None) -> list[str]:
+    f = f or FRAME
     h, hk, d = c["H"], c["HK"], c["D"]
     L = []
     if c["proj"] == "separate":
@@ -304,7 +332,7 @@ def _init_lines(c) -> list[str]:
         )
     if c["near_miss"] == "key_scale":
         L.append('self.register_buffer("temp", torch.linspace(0.5, 2.0, MAXN).view(1, 1, 1, MAXN))')
-    return L
+    return L + f.init(c)
 
 
 def _heads(c, name: str, n: str, heads: str) -> str:
@@ -313,13 +341,15 @@ def _heads(c, name: str, n: str, heads: str) -> str:
     return f"{name} = {name}.reshape(b, {n}, {heads}, D).transpose(1, 2)"
 
 
-def _forward_lines(c) -> list[str]:
+def _forward_lines(c, f: Frame | None = None) -> list[str]:
+    f = f or FRAME
     h, hk = c["H"], c["HK"]
     eager = c["form"] == "eager"
     L = []
     # Projections and head split: q, k, v end as (B, H, N, D).
     if c["proj"] == "none":
         if c["heads"] != "bhnd":
+            L += f.pre_heads(c)
             t = "transpose(1, 2)" if c["heads"] == "transpose" else "permute(0, 2, 1, 3)"
             L.append(f"q, k, v = q.{t}, k.{t}, v.{t}")
     else:
@@ -348,12 +378,13 @@ def _forward_lines(c) -> list[str]:
                 "q, k, v = qkv[0], qkv[1], qkv[2]",
             ]
     L.append("b, nq, nkv = q.shape[0], q.shape[-2], k.shape[-2]")
+    L += f.post_heads(c)
     # GQA: repeat the kv heads (or let sdpa do it).
     if c["gqa"] == "expand":
         L.append("k, v = repeat_kv(k, G), repeat_kv(v, G)")
     elif c["gqa"] == "interleave":
         L.append("k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)")
-    L += _sdpa_lines(c) if not eager else _eager_lines(c)
+    L += _sdpa_lines(c) if not eager else f.body(c)
     # Merge heads and project out.
     m = c["merge"]
     if m == "transpose_reshape":
@@ -368,7 +399,8 @@ def _forward_lines(c) -> list[str]:
     return L
 
 
-def _eager_lines(c) -> list[str]:
+def scores_lines(c) -> list[str]:
+    """``s = q·kᵀ`` in the drawn spellings of kᵀ and the product, with the drawn scale."""
     d = c["D"]
     nm = c["near_miss"]
     L = []
@@ -396,38 +428,42 @@ def _eager_lines(c) -> list[str]:
         L.append(f"s = ({mm}) * {d} ** -0.5")
     else:
         L.append(f"s = {mm}")
-    if nm == "key_scale":
-        L.append("s = s * self.temp[..., :nkv]")
-    mk = c["mask"]
-    L += {
-        "none": [],
-        "additive": ["s = s + mask"],
-        "fill_neginf": ['s = s.masked_fill(mask, float("-inf"))'],
-        "fill_not_finfo": ["s = s.masked_fill(~mask, torch.finfo(s.dtype).min)"],
-        "where_finfo": ["s = torch.where(mask, s, torch.finfo(s.dtype).min)"],
-        "causal_tril": ['s = s.masked_fill(~self.causal[:nq, :nkv], float("-inf"))'],
-        "causal_tril_eq0": ['s = s.masked_fill(self.bias[:, :, :nq, :nkv] == 0, float("-inf"))'],
-        "causal_arange": [
-            "qi = torch.arange(nq, device=s.device).view(-1, 1)",
-            "ki = torch.arange(nkv, device=s.device).view(1, -1)",
-            's = s.masked_fill(ki > qi, float("-inf"))',
-        ],
-        "padding_neginf": ['s = s.masked_fill(~mask, float("-inf"))'],
-        "padding_finfo": ["s = s.masked_fill(mask == 0, torch.finfo(s.dtype).min)"],
-    }[mk]
-    dim = "-2" if nm == "query_axis" else "-1"
+    return L
+
+
+MASK_LINES = {
+    "none": [],
+    "additive": ["s = s + mask"],
+    "fill_neginf": ['s = s.masked_fill(mask, float("-inf"))'],
+    "fill_not_finfo": ["s = s.masked_fill(~mask, torch.finfo(s.dtype).min)"],
+    "where_finfo": ["s = torch.where(mask, s, torch.finfo(s.dtype).min)"],
+    "causal_tril": ['s = s.masked_fill(~self.causal[:nq, :nkv], float("-inf"))'],
+    "causal_tril_eq0": ['s = s.masked_fill(self.bias[:, :, :nq, :nkv] == 0, float("-inf"))'],
+    "causal_arange": [
+        "qi = torch.arange(nq, device=s.device).view(-1, 1)",
+        "ki = torch.arange(nkv, device=s.device).view(1, -1)",
+        's = s.masked_fill(ki > qi, float("-inf"))',
+    ],
+    "padding_neginf": ['s = s.masked_fill(~mask, float("-inf"))'],
+    "padding_finfo": ["s = s.masked_fill(mask == 0, torch.finfo(s.dtype).min)"],
+}
+
+
+def softmax_line(c, dim: str = "-1", fn: str = "softmax") -> str:
     # ``.float()`` would cast the float64 gold's finfo.min fill to -inf: spell it .to(ACC) there.
-    up = "to(ACC)" if mk in ("fill_not_finfo", "where_finfo", "padding_finfo") else "float()"
-    fn = "log_softmax" if nm == "log_softmax" else "softmax"
-    L.append(
-        {
-            "F": f"p = F.{fn}(s, dim={dim})",
-            "method": f"p = s.{fn}({dim})",
-            "torch": f"p = torch.{fn}(s, dim={dim})",
-            "f32_to": f"p = F.{fn}(s, dim={dim}, dtype=ACC).to(q.dtype)",
-            "float_type_as": f"p = s.{up}.{fn}({dim}).type_as(q)",
-        }[c["softmax"]]
-    )
+    up = "to(ACC)" if c["mask"] in ("fill_not_finfo", "where_finfo", "padding_finfo") else "float()"
+    return {
+        "F": f"p = F.{fn}(s, dim={dim})",
+        "method": f"p = s.{fn}({dim})",
+        "torch": f"p = torch.{fn}(s, dim={dim})",
+        "f32_to": f"p = F.{fn}(s, dim={dim}, dtype=ACC).to(q.dtype)",
+        "float_type_as": f"p = s.{up}.{fn}({dim}).type_as(q)",
+    }[c["softmax"]]
+
+
+def dropout_pv_lines(c) -> list[str]:
+    """Dropout on ``p`` (the model runs in eval), then ``o = p·v``."""
+    L = []
     if c["dropout"] == "module":
         L.append("p = self.drop(p)")
     elif c["dropout"] == "functional":
@@ -440,6 +476,18 @@ def _eager_lines(c) -> list[str]:
         }[c["pv"]]
     )
     return L
+
+
+def _eager_lines(c) -> list[str]:
+    nm = c["near_miss"]
+    L = scores_lines(c)
+    if nm == "key_scale":
+        L.append("s = s * self.temp[..., :nkv]")
+    L += MASK_LINES[c["mask"]]
+    dim = "-2" if nm == "query_axis" else "-1"
+    fn = "log_softmax" if nm == "log_softmax" else "softmax"
+    L.append(softmax_line(c, dim, fn))
+    return L + dropout_pv_lines(c)
 
 
 def _sdpa_lines(c) -> list[str]:
@@ -460,7 +508,8 @@ def _sdpa_lines(c) -> list[str]:
     return [f"o = F.scaled_dot_product_attention({', '.join(['q', 'k', 'v'] + kw)})"]
 
 
-def _input_lines(c) -> list[str]:
+def _input_lines(c, f: Frame | None = None) -> list[str]:
+    f = f or FRAME
     h, hk = c["H"], c["HK"]
     L = ["g = torch.Generator().manual_seed(seed)"]
     std = "STD"
@@ -485,7 +534,7 @@ def _input_lines(c) -> list[str]:
         if c["cross"]:
             L.append(f"y = rand(g, (B, nkv, C), {std})")
         key, idx = ("y" if c["cross"] else "x"), "[0, 0, 0]"
-    kind = MASK_INPUTS.get(c["mask"])
+    kind = f.mask_inputs.get(c["mask"])
     if kind in ("additive", "masked_out", "keep"):
         L += [
             "keep = torch.rand((B, 1, nq, nkv), generator=g) > 0.3",
@@ -497,11 +546,19 @@ def _input_lines(c) -> list[str]:
             )
         else:
             L.append("mask = ~keep" if kind == "masked_out" else "mask = keep")
+    elif kind == "alibi":
+        L += [
+            "slopes = torch.tensor([2.0 ** (-8.0 * (i + 1) / H) for i in range(H)])",
+            "qi, ki = torch.arange(nq).view(-1, 1), torch.arange(nkv).view(1, -1)",
+            "mask = (slopes.view(1, H, 1, 1) * -(qi - ki).abs()).to(DTYPE)  # ALiBi-style bias",
+        ]
     elif kind == "padding":
         L += [
             "mask = torch.ones((B, 1, 1, nkv), dtype=torch.bool)  # True = a real token",
             "mask[-1, ..., max(1, nkv - 3) :] = False",
         ]
+    for name, what in f.extra_inputs(c):
+        L += EXTRA_INPUT_LINES[what].format(name=name).splitlines()
     lane = c["lane"]
     if lane in ("nan", "posinf", "neginf"):
         val = {"nan": 'float("nan")', "posinf": 'float("inf")', "neginf": 'float("-inf")'}[lane]
@@ -513,17 +570,20 @@ def _input_lines(c) -> list[str]:
                 "masked_out": "mask[0, :, 0, :] = True",
                 "keep": "mask[0, :, 0, :] = False",
                 "padding": "mask[0] = False",
+                "alibi": 'mask[0, :, 0, :] = float("-inf")',
             }[kind]
             + "  # exceptional lane: fully masked row(s)"
         )
-    L.append(f"return ({', '.join(_input_names(c))},)")
+    L.append(f"return ({', '.join(_input_names(c, f))},)")
     return L
 
 
-def render(c: dict) -> Program:
+def render(c: dict, f: Frame | None = None) -> Program:
+    f = f or FRAME
+    kind = f.kind
     near = None if c["near_miss"] == "none" else c["near_miss"]
     eager = c["form"] == "eager"
-    names = _input_names(c)
+    names = _input_names(c, f)
     tied = not (c["cross"] or c["proj"] == "none")
     rerun = None
     if c["dynamic"]:
@@ -532,11 +592,12 @@ def render(c: dict) -> Program:
             rerun = (nq2, c["NKV"])
         else:
             rerun = (nq2, nq2 if tied else second_length(c["NKV"]))
-    known = next((why for pred, why in KNOWN_GAPS if pred(c)), None)
-    label = f"near-miss:{near}" if near else f"{KIND} x{c['layers']}"
+    known = next((why for pred, why in f.known_gaps if pred(c)), None)
+    expected = {} if near else (f.expected(c) if f.expected else {kind: c["layers"]})
+    label = f"near-miss:{near}" if near else ",".join(f"{k} x{n}" for k, n in expected.items())
     grad_inputs = tuple(i for i, n in enumerate(names) if n != "mask")
     header = [
-        f"# attnfx fuzz program: {KIND} site, label {label}",
+        f"# attnfx fuzz program: {kind} site, label {label}",
         "# choices: " + ", ".join(f"{k}={c[k]!r}" for k in sorted(c)),
         "import math",
         "",
@@ -550,12 +611,14 @@ def render(c: dict) -> Program:
         f"MAXN = {MAXN}",
         f"DTYPE = torch.{c['dtype']}",
         f"VIEW, LANE, STD, SEED = {c['view']!r}, {c['lane']!r}, {c['std']!r}, {c['seed']!r}",
-        f"EXPECTED = { ({KIND: c['layers']} if not near else {})!r}  # sites that must be rewritten, by kind",
+        f"EXPECTED = {expected!r}  # sites that must be rewritten, by kind",
         f"NEAR_MISS = {near!r}  # a near-miss must rewrite nothing",
         f"RERUN = {rerun!r}  # (nq, nkv) of a dynamic-shape rerun",
         f"GRADS = {bool(c['grads'])!r}",
         f"KNOWN_GAP = {known!r}  # an open attnfx bug: a missed rewrite here is expected",
         f"GRAD_INPUTS = {grad_inputs!r}",
+        f"TRANSCENDENTAL = {bool(f.transcendental(c))!r}  # DESIGN §5: σ / tanh score transforms",
+        *f.header(c),
         "",
     ]
     src = list(header)
@@ -568,10 +631,19 @@ def render(c: dict) -> Program:
             "",
         ]
     params = ", ".join(["self"] + names)
-    src += ["", "class Attn(nn.Module):", "    def __init__(self):", "        super().__init__()"]
-    src += ["        " + ln for ln in _init_lines(c)]
-    src += ["", f"    def forward({params}):"]
-    src += ["        " + ln for ln in _forward_lines(c)]
+    custom = f.attn_class(c)
+    if custom is not None:
+        src += ["", *custom]
+    else:
+        src += [
+            "",
+            "class Attn(nn.Module):",
+            "    def __init__(self):",
+            "        super().__init__()",
+        ]
+        src += ["        " + ln for ln in _init_lines(c, f)]
+        src += ["", f"    def forward({params}):"]
+        src += ["        " + ln for ln in _forward_lines(c, f)]
     args = ", ".join(names)
     src += [
         "",
@@ -604,14 +676,14 @@ def render(c: dict) -> Program:
         "",
         "def make_inputs(nq=NQ, nkv=NKV, seed=SEED):",
     ]
-    src += ["    " + ln for ln in _input_lines(c)]
+    src += ["    " + ln for ln in _input_lines(c, f)]
     source = "\n".join(src) + "\n"
     del eager
     return Program(
-        kind=KIND,
+        kind=kind,
         choices=dict(c),
         source=source,
-        expected={KIND: c["layers"]} if not near else {},
+        expected=expected,
         near_miss=near,
         rerun=rerun,
         grads=bool(c["grads"]),
@@ -620,6 +692,90 @@ def render(c: dict) -> Program:
     )
 
 
-register(SiteGrammar(KIND, choices, normalize, render, SIMPLER))
+FRAME = Frame(KIND, body=_eager_lines, mask_inputs=MASK_INPUTS, known_gaps=KNOWN_GAPS)
 
-__all__ = ["KIND", "NEAR_MISSES", "choices", "normalize", "render", "math"]
+# Extra inputs a frame may ask for: (name, kind) -> the lines that make it in make_inputs.
+EXTRA_INPUT_LINES = {
+    # A positive per-row (per-query, per-head) temperature (B, H, NQ, 1) in [0.5, 2].
+    "row_temp": "{name} = (0.5 + 1.5 * torch.rand((B, H, nq, 1), generator=g)).to(DTYPE)",
+}
+
+register(SiteGrammar(KIND, choices, normalize, lambda c: render(c), SIMPLER))
+
+
+def normalize_frame(c: dict, mask_inputs: dict) -> dict:
+    """The frame's structural constraints (heads, projections, layers, lengths, lanes), for
+    the grammars that reuse the frame; ``normalize`` above applies the same ones to softmax."""
+    if c["gqa"] == "none":
+        c["HK"] = c["H"]
+    elif c["H"] == c["HK"] or c["H"] % c["HK"]:
+        c["H"], c["HK"] = (2, 1) if c["H"] <= 2 else (4, 2)
+    if c["gqa"] != "none" and c["proj"] in ("packed_chunk", "packed_unbind", "packed_index"):
+        c["proj"] = "packed_split"
+    if c["proj"] not in ("none", "separate"):
+        c["cross"] = False
+    if c["proj"] == "none":
+        c["layers"], c["out_proj"] = 1, False
+    elif c["heads"] == "bhnd":
+        c["heads"] = "transpose"
+    if c["cross"]:
+        c["layers"] = 1
+    if c["merge"] == "none":
+        c["layers"], c["out_proj"] = 1, False
+    if c["near_miss"] == "second_user":
+        c["layers"] = 1
+    if not (c["cross"] or c["proj"] == "none"):
+        c["NKV"] = c["NQ"]
+    if c["D"] > BIG_HEAD_DIM:
+        c["NQ"], c["NKV"] = min(c["NQ"], 17), min(c["NKV"], 17)
+    if c["lane"] == "fully_masked" and c["mask"] not in mask_inputs:
+        c["lane"] = "nan"
+    if c["lane"] != "finite":
+        c["grads"] = False
+    return c
+
+
+def draw_frame(draw, device: str, *, gqa_choices=GQAS_EAGER) -> dict:
+    """The frame's choices as the softmax grammar draws them (eager form)."""
+    proj = draw(st.sampled_from(PROJS))
+    cross = proj in ("none", "separate") and draw(st.booleans())
+    gqa = "none"
+    if draw(st.integers(0, 3)) == 0:
+        gqa = draw(st.sampled_from(gqa_choices[1:]))
+    c = {
+        "form": "eager",
+        "proj": proj,
+        "cross": cross,
+        "gqa": gqa,
+        "heads": draw(st.sampled_from(("bhnd", "transpose", "permute"))),
+        "kt": draw(st.sampled_from(("transpose", "transpose23", "mT", "permute"))),
+        "mm": draw(st.sampled_from(("at", "matmul", "einsum"))),
+        "pv": draw(st.sampled_from(("at", "matmul", "einsum"))),
+        "scale": draw(st.sampled_from(SCALES_EAGER)),
+        "dropout": draw(st.sampled_from(("none", "module", "functional"))),
+        "merge": draw(st.sampled_from(MERGES)),
+        "out_proj": draw(st.booleans()),
+        "layers": draw(st.sampled_from((1, 1, 2))),
+        "dynamic": draw(st.integers(0, 3)) == 0,
+        "grads": draw(st.integers(0, 2)) == 0,
+    }
+    c.update(draw_shapes(draw, cross_ok=cross or proj == "none", gqa=gqa != "none"))
+    c.update(draw_values(draw, device))
+    return c
+
+
+# The frame's choices, simplest first (shrinking), shared by the grammars that reuse it.
+SIMPLER_FRAME = {k: v for k, v in SIMPLER.items() if k not in ("form", "softmax", "mask")}
+
+__all__ = [
+    "FRAME",
+    "KIND",
+    "NEAR_MISSES",
+    "Frame",
+    "choices",
+    "draw_frame",
+    "normalize",
+    "normalize_frame",
+    "render",
+    "math",
+]

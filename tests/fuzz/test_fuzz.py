@@ -1,8 +1,9 @@
 """Fuzz tests of the rewrites (``attnfx fuzz``): a fixed-seed budget that must find no
 failure, the grammar's validity, and a planted bug that must be found and reproduced.
 
-Budget: FUZZ_EXAMPLES (default 50) keeps this file near 2 minutes on 2 CPU cores; the
-``nightly`` hypothesis profile (HYPOTHESIS_PROFILE=nightly) runs 10x more.
+Budget: FUZZ_EXAMPLES (default 80, drawn from every kind: softmax, sigmoid, temperature)
+keeps this file near 2–3 minutes on 2 CPU cores; the ``nightly`` hypothesis profile
+(HYPOTHESIS_PROFILE=nightly) runs 8x more.
 """
 
 from __future__ import annotations
@@ -20,19 +21,32 @@ from attnfx.fuzz.runner import draw_programs, fuzz, load
 pytestmark = pytest.mark.fuzz
 
 NIGHTLY = os.environ.get("HYPOTHESIS_PROFILE") == "nightly"
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", 400 if NIGHTLY else 50))
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", 640 if NIGHTLY else 80))
 SEED = int(os.environ.get("FUZZ_SEED", 1))
+
+
+KINDS = ("sigmoid", "softmax", "temperature")
 
 
 def test_fuzz_fixed_seed_finds_no_failure():
     s = fuzz(EXAMPLES, SEED, out=None, minimize=False)
     assert len(s.results) == EXAMPLES
     assert sum(s.rewritten().values()) > EXAMPLES // 2, s.table()  # the grammar does reach rewrites
+    if EXAMPLES >= 30:  # every kind is drawn and rewritten
+        for kind in KINDS:
+            assert s.rewritten()[kind] > 0, s.table()
     assert s.ok, s.table()
 
 
+def test_grammars_registered():
+    assert [g.kind for g in grammar.grammars()] == list(KINDS)  # the default: every kind
+    for kind in KINDS:
+        (p,) = draw_programs(1, SEED, [kind])
+        assert p.kind == kind and p.choices["kind"] == kind
+
+
 def test_grammar_programs_are_valid_eager_pytorch():
-    for p in draw_programs(60, SEED + 1):
+    for p in draw_programs(45, SEED + 1):
         ns = load(p)
         with torch.no_grad():
             out = ns["make_model"]()(*ns["make_inputs"]())
@@ -40,11 +54,16 @@ def test_grammar_programs_are_valid_eager_pytorch():
                 ns["make_model"]()(*ns["make_inputs"](*p.rerun))
         assert isinstance(out, (torch.Tensor, tuple)), p.source
         assert (p.near_miss is None) == bool(p.expected), p.label
+        if p.near_miss is None:
+            assert set(p.expected) == {p.kind}, p.label  # labels by kind
+        tr = p.kind == "sigmoid" or p.choices.get("temp") in ("softcap", "q_tau", "selective")
+        assert ns["TRANSCENDENTAL"] == tr, p.label  # σ / tanh / softplus: the §5 +1
 
 
-def test_shrunk_choices_stay_valid():
-    g = grammar.SITE_GRAMMARS["softmax"]
-    for p in draw_programs(20, SEED + 2):
+@pytest.mark.parametrize("kind", KINDS)
+def test_shrunk_choices_stay_valid(kind):
+    (g,) = grammar.grammars([kind])
+    for p in draw_programs(6, SEED + 2, [kind]):
         for key, values in g.simpler.items():
             for v in values:
                 c = grammar.normalize({**p.choices, key: v})
@@ -54,7 +73,10 @@ def test_shrunk_choices_stay_valid():
                     ns["make_model"]()(*ns["make_inputs"]())
 
 
-@pytest.mark.parametrize("plant", ["drop-scale", "accept-query-softmax"])
+PLANT_KINDS = {"drop-scale": None, "accept-query-softmax": None, "sigmoid-bias": ["sigmoid"]}
+
+
+@pytest.mark.parametrize("plant", list(PLANT_KINDS))
 def test_planted_bug_is_found_and_reproduced(plant, tmp_path, monkeypatch):
     """With the verifier off, a wrong kernel (or a wrong match) is found within 100
     examples, and the minimized repro fails when run with the same plant, and passes
@@ -70,6 +92,7 @@ def test_planted_bug_is_found_and_reproduced(plant, tmp_path, monkeypatch):
     s = fuzz(
         100,
         SEED,
+        kinds=PLANT_KINDS[plant],
         options={"verify": "off"},
         out=str(tmp_path),
         plant=plant,

@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--verify", choices=("first", "always", "off"), default=None)
     f.add_argument(
         "--plant",
-        choices=("drop-scale", "accept-query-softmax"),
+        choices=("drop-scale", "accept-query-softmax", "sigmoid-bias"),
         default=None,
         help="plant a bug (test tooling; implies --verify off)",
     )

@@ -213,11 +213,15 @@ class TrainDropout(nn.Module):
 
 
 @pytest.mark.parametrize("inner", ["eager", "inductor"])
-def test_training_dropout_is_kept(inner, monkeypatch):
-    import torch._inductor.config as ic
-
+def test_training_dropout_is_kept(inner):
     # Inductor's own RNG differs from eager's; with fallback_random it draws as eager does.
-    monkeypatch.setattr(ic, "fallback_random", True)
+    # (config.patch, not monkeypatch: inductor's config module resolves names dynamically,
+    # and newer pytest's monkeypatch deletes such attributes on undo.)
+    with torch._inductor.config.patch(fallback_random=True):
+        _check_training_dropout(inner)
+
+
+def _check_training_dropout(inner):
     m = TrainDropout().train()
     inputs = _qkv()
     cm = torch.compile(m, backend="attnfx", options={"inner": inner})

@@ -128,6 +128,11 @@ def rewrite_graph(
         records.append(
             report.SiteRecord(s.kind, "rewritten", None, s.where, s.spec, v.max_rel_err, graph=gid)
         )
+    if not any(r.status == "rewritten" for r in records):
+        # Nothing rewritten: hand on the graph exactly as Dynamo gave it, so that a model
+        # attnfx leaves alone compiles exactly as it would without attnfx (canonical
+        # forms are equal in value, not always in rounding).
+        return gm, records
     rewrite.finish(new)
     return new, records
 

@@ -24,7 +24,7 @@ from attnfx.codegen import emit
 from attnfx.spec import AttentionSpec
 
 # Bump when the generated code changes meaning: it keys the on-disk and in-process caches.
-VERSION = "1"
+VERSION = "2"
 
 _lock = threading.RLock()
 _sources: dict[tuple[str, str], str] = {}

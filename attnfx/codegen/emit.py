@@ -346,7 +346,10 @@ def forward_source(spec: AttentionSpec) -> str:
     kptr = "K_blk + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd"
     vptr = "V_blk + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd"
     body += [
-        "if APPLY_MASK:",
+        "if USE_TMA:  # tensor descriptors (TMA): out-of-bounds rows and columns read as 0",
+        "    kT = tl.trans(K_blk.load([start_n, 0]))",
+        "    v = V_blk.load([start_n, 0])",
+        "elif APPLY_MASK:",
         f"    kT = {_load(kptr, _mask(kmask_tail, dims.d('row')))}",
         f"    v = {_load(vptr, _mask(vmask_tail, dims.dv('col')))}",
         "else:",
@@ -407,6 +410,8 @@ def forward_source(spec: AttentionSpec) -> str:
             "HEAD_DIM: tl.constexpr",
             "HEAD_DIM_V: tl.constexpr",
             "APPLY_MASK: tl.constexpr",
+            "USE_TMA: tl.constexpr",
+            "WARP_SPEC: tl.constexpr",
         ]
         + tanh
     )
@@ -418,7 +423,8 @@ def _attn_fwd_inner(
 {_join(inner_params, 4)}
 ):
     # Loop over key blocks [lo, hi); APPLY_MASK: the tile may cross the mask or the end.
-    for start_n in range(lo, hi, BLOCK_N):
+    # USE_TMA: K_blk / V_blk are tensor descriptors; WARP_SPEC: warp-specialized loop.
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
 {_indent(body, 8)}
@@ -445,6 +451,8 @@ def _attn_fwd_inner(
                 "BLOCK_DV",
                 "BLOCK_M",
                 "BLOCK_N",
+                "USE_TMA",
+                "WARP_SPEC",
             )
         ]
         + tanh
@@ -460,7 +468,7 @@ def _attn_fwd_inner(
     consts = ["BLOCK_N", "HEAD_DIM", "HEAD_DIM_V"]
 
     def call(lo, hi, mask):
-        args = call_args + [lo, hi] + consts + [mask] + tanh_arg
+        args = call_args + [lo, hi] + consts + [mask, "USE_TMA", "WARP_SPEC"] + tanh_arg
         return f"{', '.join(state)} = _attn_fwd_inner(\n{_join(args, 8)}\n    )"
 
     init = [
@@ -515,8 +523,15 @@ def _attn_fwd(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    # -- the query block is loaded once and stays in registers
-    q = {_load("Q_blk + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd", qmask)}
+    # -- the query block is loaded once and stays on chip
+    if USE_TMA:
+        # tensor descriptors over this head's (N, D) matrices (the launcher checks that
+        # the strides allow TMA: unit last stride, 16-byte aligned rows and bases)
+        q = tl.make_tensor_descriptor(Q_blk, shape=[N_Q, HEAD_DIM], strides=[stride_qm, 1], block_shape=[BLOCK_M, BLOCK_D]).load([pid_m * BLOCK_M, 0])
+        K_blk = tl.make_tensor_descriptor(K_blk, shape=[N_K, HEAD_DIM], strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D])
+        V_blk = tl.make_tensor_descriptor(V_blk, shape=[N_K, HEAD_DIM_V], strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_DV])
+    else:
+        q = {_load("Q_blk + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd", qmask)}
     # -- float32 accumulators
 {_indent(init, 4)}
     # -- key blocks this query block can touch (block skipping from the mask predicate)

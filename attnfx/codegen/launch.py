@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import re
 
 import torch
 import triton
 
-from attnfx.codegen import cache
-from attnfx.codegen.plan import Config, Plan, configs, make_plan, skip_bounds
+from attnfx.codegen import autotune, cache
+from attnfx.codegen.plan import (
+    Config,
+    Plan,
+    apply_features,
+    configs,
+    features,
+    features_key,
+    make_plan,
+    skip_bounds,
+)
 from attnfx.spec import AttentionSpec
 
 # How many times each kernel was launched (tests assert the Triton path ran).
@@ -70,8 +80,79 @@ def _check(spec: AttentionSpec, q, k, v):
         )
 
 
-def _cfg(spec: AttentionSpec, kernel: str, interpret: bool) -> Config:
-    return configs(spec, interpret)[kernel][0]
+def _gpu_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+def _max_shared(device: torch.device) -> int | None:
+    try:
+        from triton.runtime import driver
+
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        return int(driver.active.utils.get_device_properties(idx)["max_shared_mem"])
+    except Exception:  # noqa: BLE001 - unknown: the launch itself will refuse
+        return None
+
+
+def _tma_ok(*ts: torch.Tensor) -> bool:
+    """Device-side tensor descriptors over each head's (N, D) matrix: unit last stride,
+    16-byte aligned base and (batch, head, row) strides."""
+    for t in ts:
+        es = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16:
+            return False
+        if any((st * es) % 16 for st in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _ensure_allocator(device: torch.device) -> None:
+    """Device-side tensor descriptors need a small global scratch buffer per launch."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+
+        def alloc(size: int, alignment: int, stream):
+            return torch.empty(size, dtype=torch.int8, device=device)
+
+        triton.set_allocator(alloc)
+
+
+def _candidates(spec: AttentionSpec, kernel: str, interpret: bool, tma_ok: bool = False):
+    cands = configs(spec, interpret)[kernel]
+    if kernel == "fwd":  # forced habits apply under the interpreter too (tests)
+        cands = apply_features(cands, features(), {"tma": tma_ok})
+    return cands
+
+
+def _pick(spec, kernel, fn, cands, interpret, nq, nk, device, grid_of, make_args, consts):
+    """The launch config: the first candidate, or the autotuner's choice (CUDA only).
+
+    ``make_args(scratch)``: the kernel's positional arguments, on scratch outputs when
+    ``scratch`` (benchmark launches must not touch the real results); ``consts``: its
+    constexprs other than the config's."""
+    if interpret or len(cands) == 1 or not autotune.enabled():
+        return cands[0]
+    key = autotune.make_key(spec, kernel, nq, nk, _gpu_name(device), cands, features_key())
+
+    def kwargs(c: Config) -> dict:
+        kw = dict(consts, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, **c.launch_kwargs(False))
+        if kernel == "fwd":
+            kw.update(c.habit_constexprs())
+        return kw
+
+    def compile_fn(c: Config) -> dict:
+        k = fn.warmup(*make_args(True), grid=grid_of(c), **kwargs(c))
+        k._init_handles()  # raises OutOfResources past the device's shared memory
+        return {"n_spills": k.n_spills, "n_regs": k.n_regs, "shared": k.metadata.shared}
+
+    def bench_fn(c: Config):
+        args, kw, grid = make_args(True), kwargs(c), grid_of(c)
+        return lambda: fn[grid](*args, **kw)
+
+    return autotune.TUNER.choose(
+        key, cands, compile_fn=compile_fn, bench_fn=bench_fn, max_shared=_max_shared(device)
+    )
 
 
 def run_forward(spec: AttentionSpec, q, k, v, aux) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,24 +173,37 @@ def run_forward(spec: AttentionSpec, q, k, v, aux) -> tuple[torch.Tensor, torch.
     if B * H * NQ == 0:
         return out, lse
     bounds = skip_bounds(spec, plan, NQ, NK)
-    cfg = _cfg(spec, "fwd", interpret)
     aux_ptrs, aux_strides = _aux_lists(plan, aux)
-    grid = (triton.cdiv(NQ, cfg.BLOCK_M), B * H)
     extra = {"TANH_IMPL": tanh_impl(spec, interpret)} if plan.uses_tanh else {}
-    mod._attn_fwd[grid](
-        q, k, v, out, lse, *aux_ptrs,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *[s for st in aux_strides for s in st],
-        H, NQ, NK, *bounds,
+    consts = dict(
         GROUP=spec.gqa_group,
         HEAD_DIM=spec.head_dim,
         HEAD_DIM_V=spec.head_dim_v,
         BLOCK_D=plan.block_d,
         BLOCK_DV=plan.block_dv,
-        BLOCK_M=cfg.BLOCK_M,
-        BLOCK_N=cfg.BLOCK_N,
         **extra,
-        **cfg.launch_kwargs(interpret),
+    )
+
+    def make_args(scratch: bool):
+        o, ls = (torch.empty_like(out), torch.empty_like(lse)) if scratch else (out, lse)
+        return (
+            q, k, v, o, ls, *aux_ptrs,
+            *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            *[s for st in aux_strides for s in st],
+            H, NQ, NK, *bounds,
+        )  # fmt: skip
+
+    def grid_of(c: Config):
+        return (triton.cdiv(NQ, c.BLOCK_M), B * H)
+
+    cands = _candidates(spec, "fwd", interpret, _tma_ok(q, k, v))
+    if not interpret and any(c.tma for c in cands):
+        _ensure_allocator(q.device)
+    fn = mod._attn_fwd
+    cfg = _pick(spec, "fwd", fn, cands, interpret, NQ, NK, q.device, grid_of, make_args, consts)
+    fn[grid_of(cfg)](
+        *make_args(False), **consts, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+        **cfg.habit_constexprs(), **cfg.launch_kwargs(interpret),
     )  # fmt: skip
     LAUNCHES["fwd"] += 1
     return out, lse
@@ -146,7 +240,7 @@ def run_backward(spec: AttentionSpec, dout, q, k, v, aux, out, lse):
     # row_norm: log(l) of the rows whose huge float32 lse lost it (0 elsewhere)
     lg = [torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)] if plan.row_norm else []
     if softmax or zero:
-        cfg = _cfg(spec, "bwd_pre", interpret)
+        cfg = _candidates(spec, "bwd_pre", interpret)[0]
         rn_args, rn_consts = [], {}
         if plan.row_norm:
             rn_args = [*lg, q, k]
@@ -174,30 +268,48 @@ def run_backward(spec: AttentionSpec, dout, q, k, v, aux, out, lse):
     if plan.can_skip and softmax and not zero:
         dead = [torch.isneginf(lse).any(-1).to(torch.int32).contiguous()]
 
-    cfg = _cfg(spec, "bwd_dkdv", interpret)
-    mod._attn_bwd_dkdv[(triton.cdiv(NK, cfg.BLOCK_N), B * HK)](
-        q, k, v, dout, m_row, delta, dk, dv, *lg, *aux_ptrs, *dead,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
-        *dk.stride(), *dv.stride(), *aux_flat,
-        H, NQ, NK, *bounds,
-        **consts,
-        BLOCK_M=cfg.BLOCK_M,
-        BLOCK_N=cfg.BLOCK_N,
-        **extra,
+    # dK/dV and dQ: tuned on scratch copies of their outputs (tl.store only, but the
+    # benchmark launches must never touch the real gradients)
+    consts = dict(consts, **extra)
+
+    def dkdv_args(scratch: bool):
+        k_, v_ = (torch.empty_like(dk), torch.empty_like(dv)) if scratch else (dk, dv)
+        return (
+            q, k, v, dout, m_row, delta, k_, v_, *lg, *aux_ptrs, *dead,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+            *k_.stride(), *v_.stride(), *aux_flat,
+            H, NQ, NK, *bounds,
+        )  # fmt: skip
+
+    def dkdv_grid(c: Config):
+        return (triton.cdiv(NK, c.BLOCK_N), B * HK)
+
+    fn = mod._attn_bwd_dkdv
+    cands = _candidates(spec, "bwd_dkdv", interpret)
+    cfg = _pick(spec, "bwd_dkdv", fn, cands, interpret, NQ, NK, q.device, dkdv_grid, dkdv_args, consts)  # fmt: skip
+    fn[dkdv_grid(cfg)](
+        *dkdv_args(False), **consts, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
         **cfg.launch_kwargs(interpret),
     )  # fmt: skip
     LAUNCHES["bwd_dkdv"] += 1
 
-    cfg = _cfg(spec, "bwd_dq", interpret)
-    mod._attn_bwd_dq[(triton.cdiv(NQ, cfg.BLOCK_M), B * H)](
-        q, k, v, dout, m_row, delta, dq, *lg, *aux_ptrs,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
-        *dq.stride(), *aux_flat,
-        H, NQ, NK, *bounds,
-        **consts,
-        BLOCK_M=cfg.BLOCK_M,
-        BLOCK_N=cfg.BLOCK_N,
-        **extra,
+    def dq_args(scratch: bool):
+        q_ = torch.empty_like(dq) if scratch else dq
+        return (
+            q, k, v, dout, m_row, delta, q_, *lg, *aux_ptrs,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+            *q_.stride(), *aux_flat,
+            H, NQ, NK, *bounds,
+        )  # fmt: skip
+
+    def dq_grid(c: Config):
+        return (triton.cdiv(NQ, c.BLOCK_M), B * H)
+
+    fn = mod._attn_bwd_dq
+    cands = _candidates(spec, "bwd_dq", interpret)
+    cfg = _pick(spec, "bwd_dq", fn, cands, interpret, NQ, NK, q.device, dq_grid, dq_args, consts)
+    fn[dq_grid(cfg)](
+        *dq_args(False), **consts, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
         **cfg.launch_kwargs(interpret),
     )  # fmt: skip
     LAUNCHES["bwd_dq"] += 1
@@ -276,9 +388,19 @@ def kernel_targets(spec: AttentionSpec, candidates: bool = True) -> list[KernelT
         attrs = {
             (i,): [["tt.divisibility", 16]]
             for i, arg in enumerate(fn.arg_names)
-            if sig[arg].startswith("*")
+            if sig[arg].startswith("*") or (sig[arg] == "i32" and _div16_stride(arg))
         }
         return KernelTarget(name, fn, sig, cx, cfg, attrs, index)
+
+    def _div16_stride(arg):
+        # the launcher's JIT specializes integer arguments divisible by 16 (tt.divisibility
+        # 16): the strides of contiguous q/k/v/o/dO/dq/dk/dv rows are multiples of the head
+        # dim (sequence lengths and aux strides are left generic)
+        m = re.fullmatch(r"stride_(q|k|v|o|do|dq|dk|dv)[bhmn]", arg)
+        if not m:
+            return False
+        d = spec.head_dim_v if m.group(1) in ("v", "o", "do", "dv") else spec.head_dim
+        return d % 16 == 0
 
     def cands(name):
         return list(enumerate(cfgs[name] if candidates else cfgs[name][:1]))
@@ -293,7 +415,14 @@ def kernel_targets(spec: AttentionSpec, candidates: bool = True) -> list[KernelT
         **aux_types,
     }
     for i, c in cands("fwd"):
-        consts = dict(GROUP=spec.gqa_group, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, **dims, **tanh)
+        consts = dict(
+            GROUP=spec.gqa_group,
+            BLOCK_M=c.BLOCK_M,
+            BLOCK_N=c.BLOCK_N,
+            **c.habit_constexprs(),
+            **dims,
+            **tanh,
+        )
         out.append(build("fwd", fwd._attn_fwd, types, c, consts, i))
     types = {
         "Q": "*" + dt, "K": "*" + dt, "V": "*" + dt, "DO": "*" + odt, "Out": "*" + odt,

@@ -170,11 +170,66 @@ class Config:
     BLOCK_N: int
     num_warps: int = 4
     num_stages: int = 2
+    # Hopper habits (forward only; codegen constexprs USE_TMA / WARP_SPEC):
+    tma: bool = False  # q/k/v through device-side tensor descriptors (TMA loads)
+    ws: bool = False  # warp-specialized key loop (tl.range(..., warp_specialize=True))
 
     def launch_kwargs(self, interpret: bool) -> dict:
         if interpret:
             return {}
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+
+    def habit_constexprs(self) -> dict:
+        return {"USE_TMA": self.tma, "WARP_SPEC": self.ws}
+
+    def describe(self) -> str:
+        tail = "".join(f" {h}" for h in ("tma", "ws") if getattr(self, h))
+        return f"{self.BLOCK_M}x{self.BLOCK_N} w{self.num_warps} s{self.num_stages}{tail}"
+
+
+# ATTNFX_CODEGEN_FEATURES: comma list forcing a habit on ("tma") or off ("-tma", "notma");
+# a habit not named is left to the candidate list (and the autotuner).
+FEATURES_ENV = "ATTNFX_CODEGEN_FEATURES"
+HABITS = ("tma", "ws")
+
+
+def features() -> dict[str, bool]:
+    """{habit: forced on (True) / off (False)} from ``ATTNFX_CODEGEN_FEATURES``."""
+    import os
+
+    out: dict[str, bool] = {}
+    for item in os.environ.get(FEATURES_ENV, "").replace(" ", "").lower().split(","):
+        if not item:
+            continue
+        on = not item.startswith(("-", "no"))
+        name = item.lstrip("-")
+        name = name[2:] if name.startswith("no") else name
+        if name not in HABITS:
+            raise ValueError(f"{FEATURES_ENV}: unknown habit {item!r} (known: {', '.join(HABITS)})")
+        out[name] = on
+    return out
+
+
+def features_key() -> str:
+    return ",".join(f"{'' if v else '-'}{k}" for k, v in sorted(features().items()))
+
+
+def apply_features(cands: list[Config], forced: dict[str, bool], allowed: dict[str, bool]) -> list:
+    """Force habits on/off in a forward candidate list; ``allowed``: habits the launch
+    can use at all (e.g. TMA needs 16-byte aligned strides).  Order kept, duplicates
+    dropped."""
+    out: list[Config] = []
+    for c in cands:
+        kw = {}
+        for h in HABITS:
+            if not allowed.get(h, True):
+                kw[h] = False
+            elif h in forced:
+                kw[h] = forced[h]
+        c2 = dataclasses.replace(c, **kw)
+        if c2 not in out:
+            out.append(c2)
+    return out
 
 
 # The interpreter runs a Python loop per block: small tiles keep tests fast.
@@ -182,30 +237,37 @@ INTERPRET_CONFIG = Config(16, 16, 1, 1)
 
 
 # Candidate launch configs per kernel and padded head dim, best first: (BLOCK_M, BLOCK_N,
-# num_warps, num_stages).  Picked from the sm_90 resource usage that Triton 3.6's ptxas
-# reports (tests/codegen/test_aot_sm90.py compiles *every* candidate of every spec it
-# covers and fails on spills or on more than 227 KB of shared memory): the largest tiles
-# that do not spill come first, a smaller fallback after.  An autotuner may pick any of
-# them; without one the launcher takes the first.
-_FP16_CONFIGS: dict[int, dict[str, list[tuple[int, int, int, int]]]] = {
+# num_warps, num_stages[, tma, ws]).  Picked from the sm_90 resource usage that Triton
+# 3.6's ptxas reports for the kernels as the JIT specializes them on contiguous inputs
+# (row strides divisible by 16: vectorized, cp.async-pipelined loads;
+# tests/codegen/test_aot_sm90.py compiles *every* candidate of every spec it covers and
+# fails on spills or on more than 227 KB of shared memory).  The autotuner
+# (attnfx.codegen.autotune) times them on the GPU; with ATTNFX_AUTOTUNE=0 the first runs.
+# The first candidate of each list compiles without spills for every variant the AOT
+# test covers (aux tensors, tanh, GQA); bigger tiles after it may spill for the heavier
+# variants -- the autotuner drops those (n_spills) before timing.
+# Forward candidates with tma=True load q/k/v through tensor descriptors (TMA): fewer
+# registers (no pointer tiles), used only when the strides allow it.
+_TMA = True
+_FP16_CONFIGS: dict[int, dict[str, list[tuple]]] = {
     32: {
-        "fwd": [(128, 64, 8, 3), (128, 32, 8, 3)],
+        "fwd": [(128, 64, 8, 3), (128, 64, 8, 3, _TMA), (128, 32, 8, 3)],
         "bwd_dkdv": [(32, 128, 8, 2), (16, 64, 4, 2)],
         "bwd_dq": [(128, 64, 8, 2), (64, 32, 4, 2)],
     },
     64: {
-        "fwd": [(128, 64, 8, 3), (64, 32, 4, 3)],
-        "bwd_dkdv": [(32, 128, 8, 2), (16, 64, 4, 1)],
-        "bwd_dq": [(128, 32, 8, 2), (64, 16, 4, 1)],
+        "fwd": [(128, 64, 8, 3), (128, 64, 8, 3, _TMA), (128, 128, 8, 2), (64, 32, 4, 3)],
+        "bwd_dkdv": [(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2)],
+        "bwd_dq": [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2)],
     },
     128: {
-        "fwd": [(128, 32, 8, 3), (64, 16, 8, 1)],
-        "bwd_dkdv": [(16, 32, 8, 1), (16, 16, 8, 1)],
-        "bwd_dq": [(32, 16, 8, 1), (16, 16, 4, 1)],
+        "fwd": [(128, 64, 8, 2), (128, 64, 8, 2, _TMA), (128, 64, 8, 3, _TMA), (128, 32, 8, 3)],
+        "bwd_dkdv": [(16, 32, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2), (32, 64, 8, 2)],
+        "bwd_dq": [(128, 32, 8, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 8, 2)],
     },
     256: {
         "fwd": [(32, 16, 4, 1), (16, 16, 4, 1)],
-        "bwd_dkdv": [(16, 32, 8, 1), (16, 16, 4, 1)],
+        "bwd_dkdv": [(16, 32, 8, 1)],
         "bwd_dq": [(16, 16, 4, 1), (16, 16, 8, 1)],
     },
 }
@@ -231,9 +293,9 @@ def configs(spec: AttentionSpec, interpret: bool = False) -> dict[str, list[Conf
         table["fwd"] = list(_AUX_FWD[d])
     if spec.dtype == "float32":  # fp32 tiles take twice the registers and shared memory
         table = {
-            "fwd": [(max(16, m // 2), n, w, 1) for m, n, w, _ in table["fwd"]],
-            "bwd_dkdv": [(m, max(16, n // 2), w, 1) for m, n, w, _ in table["bwd_dkdv"]],
-            "bwd_dq": [(max(16, m // 2), n, w, 1) for m, n, w, _ in table["bwd_dq"]],
+            "fwd": [(max(16, c[0] // 2), c[1], c[2], 1, *c[4:]) for c in table["fwd"]],
+            "bwd_dkdv": [(c[0], max(16, c[1] // 2), c[2], 1) for c in table["bwd_dkdv"]],
+            "bwd_dq": [(max(16, c[0] // 2), c[1], c[2], 1) for c in table["bwd_dq"]],
         }
     table["bwd_pre"] = list(_PRE)
     out = {}

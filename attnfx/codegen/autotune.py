@@ -187,6 +187,14 @@ class Autotuner:
         except OSError:
             pass  # a read-only cache dir: the in-process choice still holds
 
+    def cached(self, key: TuneKey, candidates: Sequence[Config]) -> Config | None:
+        """A choice already made for ``key`` (in process or on disk), else None."""
+        with self._lock:
+            hit = self._mem.get(key) or self._load(key, list(candidates))
+            if hit is not None:
+                self._mem[key] = hit
+            return hit
+
     def choose(
         self,
         key: TuneKey,

@@ -133,6 +133,10 @@ def _pick(spec, kernel, fn, cands, interpret, nq, nk, device, grid_of, make_args
     constexprs other than the config's."""
     if interpret or len(cands) == 1 or not autotune.enabled():
         return cands[0]
+    if torch.cuda.is_current_stream_capturing():
+        # no benchmarking inside a CUDA graph capture: a choice made earlier, else the default
+        key = autotune.make_key(spec, kernel, nq, nk, _gpu_name(device), cands, features_key())
+        return autotune.TUNER.cached(key, cands) or cands[0]
     key = autotune.make_key(spec, kernel, nq, nk, _gpu_name(device), cands, features_key())
 
     def kwargs(c: Config) -> dict:

@@ -251,3 +251,11 @@ def test_tma_forward_under_interpreter(monkeypatch, tmp_path, features):
     torch.testing.assert_close(out, torch.softmax(s, -1) @ v, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, torch.logsumexp(s, -1), atol=1e-5, rtol=1e-5)
     assert not math.isnan(out.sum().item())
+
+
+def test_cached_lookup(tmp_path):
+    key = _key()
+    assert Autotuner(tmp_path).cached(key, CANDS) is None
+    f = Fake({CANDS[0]: 2.0, CANDS[1]: 1.0, CANDS[2]: 3.0})
+    Autotuner(tmp_path).choose(key, CANDS, **f.kw())
+    assert Autotuner(tmp_path).cached(key, CANDS) == CANDS[1]

@@ -31,6 +31,7 @@ from attnfx.spec import AttentionSpec, ScoreOp
 
 log = logging.getLogger("attnfx")
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+_HUGE_NEGATIVE = -1e30
 
 
 def debug(msg: str, *args) -> None:
@@ -240,10 +241,12 @@ def _arith_op(t, other, aux, score_shape, node) -> ScoreOp:
     if t is operator.add and G.dtype(other) is not None and G.dtype(other).is_floating_point:
         # An additive 0/-inf mask built from indices is a predicate fill.
         res = _analyze(other, nq, nk, want_value=True)
-        if res is not None and res[2] == float("-inf"):
-            return ScoreOp(
-                "fill_pred", value=float("-inf"), pred=MaskPredicate(sympy.Not(res[0])).to_key()
-            )
+        if res is not None and res[2] is not None and res[2] <= _HUGE_NEGATIVE:
+            # s + v == v exactly (in float32 and bfloat16) for a v this large and any
+            # finite |s| < 1e29: the additive mask is a fill.  (fp16's finfo.min, -65504,
+            # is not: it stays a tensor.)
+            keep = MaskPredicate(sympy.Not(res[0])).to_key()
+            return ScoreOp("fill_pred", value=res[2], pred=keep)
     if G.requires_grad(other):
         raise Refusal("additive score bias requires grad", node)
     aux.append(AuxOperand(other, "neg" if t is operator.sub else None))

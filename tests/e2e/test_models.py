@@ -81,19 +81,22 @@ def _first_tensor(out):
     return out[0]
 
 
+# The mask each model's sites must be read as: causal masks built from index arithmetic
+# (HF's additive finfo.min masks included) become predicates the kernel skips blocks by;
+# BERT's padding mask is an input, so it stays a tensor.
 CASES = [
-    ("gpt2", _gpt2, "eager"),
-    ("gpt2", _gpt2, "sdpa"),
-    ("bert", _bert, "eager"),
-    ("bert", _bert, "sdpa"),
-    ("llama", _llama, "eager"),
-    ("llama", _llama, "sdpa"),
-    ("vit_tiny", _vit, "timm"),
+    ("gpt2", _gpt2, "eager", "causal"),
+    ("gpt2", _gpt2, "sdpa", "causal"),
+    ("bert", _bert, "eager", "tensor"),
+    ("bert", _bert, "sdpa", "tensor"),
+    ("llama", _llama, "eager", "causal"),
+    ("llama", _llama, "sdpa", "causal"),
+    ("vit_tiny", _vit, "timm", "none"),
 ]
 
 
-@pytest.mark.parametrize("name,build,impl", CASES, ids=[f"{n}-{i}" for n, _, i in CASES])
-def test_model_rewritten_and_equal(name, build, impl):
+@pytest.mark.parametrize("name,build,impl,mask", CASES, ids=[f"{n}-{i}" for n, _, i, _ in CASES])
+def test_model_rewritten_and_equal(name, build, impl, mask):
     torch.manual_seed(0)
     model, inputs, n_layers = build(impl)
     model.eval()
@@ -101,6 +104,7 @@ def test_model_rewritten_and_equal(name, build, impl):
     report = attnfx.explain(model, *inputs)
     assert report.count("softmax") == n_layers, str(report)
     assert not report.kept, str(report)
+    assert all(s.spec.mask_class.kind == mask for s in report.rewritten), str(report)
     if name == "llama":
         assert all(s.spec.gqa_group == 2 for s in report.rewritten), str(report)
 

@@ -148,3 +148,77 @@ def assert_attention_close(
     if not res.ok:
         raise AssertionError(res.message)
     return res
+
+
+def _prep_inputs(inputs, grad_idx, f64: bool = False) -> list:
+    out = []
+    for i, x in enumerate(inputs):
+        if isinstance(x, torch.Tensor):
+            x = x.detach().double() if f64 and x.is_floating_point() else x.detach().clone()
+            if i in grad_idx:
+                x.requires_grad_(True)
+        out.append(x)
+    return out
+
+
+def assert_rewrites_match_eager(
+    model: torch.nn.Module,
+    inputs,
+    *,
+    kind: str = "softmax",
+    sites: int = 1,
+    grad: bool = False,
+    grad_idx=(0, 1, 2),
+    params: bool = False,
+    transcendental: bool = False,
+    options: dict | None = None,
+) -> torch.Tensor:
+    """Compile ``model`` with attnfx and check that ``sites`` sites of ``kind`` were
+    rewritten, none kept, and that the output (and, with ``grad``, the gradients of the
+    inputs ``grad_idx`` and — with ``params`` — of every parameter) pass the rule against
+    eager: base = ``model`` in its dtype, gold = a float64 copy.  Returns the output.
+
+    Reads ``attnfx.counters``: reset them (``attnfx.reset_counters()``) and Dynamo
+    (``torch._dynamo.reset()``) before calling.
+    """
+    import copy
+
+    import attnfx
+
+    model = model.eval()
+    gold_m = copy.deepcopy(model).double()
+    base_m = copy.deepcopy(model)
+    gidx = set(grad_idx) if grad else set()
+    cm = torch.compile(model, backend="attnfx", options=options)
+    c_in, b_in, g_in = (
+        _prep_inputs(inputs, gidx),
+        _prep_inputs(inputs, gidx),
+        _prep_inputs(inputs, gidx, True),
+    )
+    cand = cm(*c_in)
+    counters = dict(attnfx.counters)
+    assert attnfx.counters[f"rewritten.{kind}"] == sites, counters
+    assert not [k for k in counters if k.startswith("kept.")], counters
+    base, gold = base_m(*b_in), gold_m(*g_in)
+    kw = {"transcendental": transcendental}
+    assert_attention_close(cand, base, gold, context="output", **kw)
+    if grad:
+        cot = torch.randn(cand.shape, generator=torch.Generator().manual_seed(7)).to(cand.dtype)
+        cand.backward(cot)
+        base.backward(cot)
+        gold.backward(cot.double())
+        for i in sorted(gidx):
+            assert c_in[i].grad is not None, f"no gradient for input {i}"
+            assert_attention_close(
+                c_in[i].grad, b_in[i].grad, g_in[i].grad, grad=True, context=f"grad {i}", **kw
+            )
+        if params:
+            named = zip(
+                model.named_parameters(), base_m.parameters(), gold_m.parameters(), strict=True
+            )
+            for (name, pc), pb, pg in named:
+                assert pc.grad is not None, f"no gradient for parameter {name}"
+                assert_attention_close(
+                    pc.grad, pb.grad, pg.grad, grad=True, context=f"grad {name}", **kw
+                )
+    return cand

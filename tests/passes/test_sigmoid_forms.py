@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attnfx
-from attnfx.testing import assert_attention_close
+from attnfx.testing import assert_attention_close, assert_rewrites_match_eager
 
 B, H, N, D = 2, 2, 16, 32
 NEG = float("-inf")
@@ -40,60 +40,20 @@ def _keep(n=N, seed=1):
     return (torch.rand((B, 1, n, n), generator=g) > 0.4) | torch.eye(n, dtype=torch.bool)
 
 
-def _prep(inputs, grad_idx, f64=False):
-    out = []
-    for i, x in enumerate(inputs):
-        if isinstance(x, torch.Tensor):
-            x = x.detach().double() if f64 and x.is_floating_point() else x.detach().clone()
-            if i in grad_idx:
-                x.requires_grad_(True)
-        out.append(x)
-    return out
-
-
 def check_form(m, inputs, *, grad=False, grad_idx=(0, 1, 2), params=False, sites=1):
-    """Compile ``m``; ``sites`` sigmoid sites are rewritten, nothing is kept, and outputs
-    (and, with ``grad``, input and — with ``params`` — parameter gradients) pass the rule."""
-    m = m.eval()
-    gold_m = copy.deepcopy(m).double()
-    base_m = copy.deepcopy(m)
-    gidx = set(grad_idx) if grad else set()
-    cm = torch.compile(m, backend="attnfx")
-    c_in, b_in, g_in = _prep(inputs, gidx), _prep(inputs, gidx), _prep(inputs, gidx, True)
-    cand = cm(*c_in)
-    counters = dict(attnfx.counters)
-    assert attnfx.counters[f"rewritten.{KIND}"] == sites, counters
-    assert not [k for k in counters if k.startswith("kept.")], counters
-    base, gold = base_m(*b_in), gold_m(*g_in)
-    assert_attention_close(cand, base, gold, transcendental=True, context="output")
-    if grad:
-        cot = torch.randn(cand.shape, generator=torch.Generator().manual_seed(7))
-        cand.backward(cot)
-        base.backward(cot)
-        gold.backward(cot.double())
-        for i in sorted(gidx):
-            assert c_in[i].grad is not None, f"no gradient for input {i}"
-            assert_attention_close(
-                c_in[i].grad,
-                b_in[i].grad,
-                g_in[i].grad,
-                grad=True,
-                transcendental=True,
-                context=f"grad {i}",
-            )
-        if params:
-            named = zip(m.named_parameters(), base_m.parameters(), gold_m.parameters(), strict=True)
-            for (name, pc), pb, pg in named:
-                assert pc.grad is not None, f"no gradient for parameter {name}"
-                assert_attention_close(
-                    pc.grad,
-                    pb.grad,
-                    pg.grad,
-                    grad=True,
-                    transcendental=True,
-                    context=f"grad {name}",
-                )
-    return cand
+    """``sites`` sigmoid sites rewritten, nothing kept, outputs (and, with ``grad``, input
+    and — with ``params`` — parameter gradients) equal eager under the rule (σ is a
+    transcendental score transform)."""
+    return assert_rewrites_match_eager(
+        m,
+        inputs,
+        kind=KIND,
+        sites=sites,
+        grad=grad,
+        grad_idx=grad_idx,
+        params=params,
+        transcendental=True,
+    )
 
 
 class Fn(nn.Module):

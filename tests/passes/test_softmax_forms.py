@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attnfx
-from attnfx.testing import assert_attention_close
+from attnfx.testing import assert_attention_close, assert_rewrites_match_eager
 
 B, H, N, D = 2, 2, 16, 32
 NEG = float("-inf")
@@ -51,48 +51,12 @@ def _pad(n=N):
     return keep
 
 
-def _to_double(x):
-    if isinstance(x, torch.Tensor) and x.is_floating_point():
-        return x.detach().double()
-    return x
-
-
-def _prep(inputs, grad_idx, f64=False):
-    out = []
-    for i, x in enumerate(inputs):
-        x = _to_double(x) if f64 else (x.detach().clone() if isinstance(x, torch.Tensor) else x)
-        if i in grad_idx:
-            x.requires_grad_(True)
-        out.append(x)
-    return out
-
-
 def check_form(m, inputs, *, grad=False, grad_idx=(0, 1, 2), options=None, sites=1):
-    """Compile ``m`` with attnfx, check ``sites`` sites were rewritten and the outputs (and
-    input gradients when ``grad``) pass the DESIGN §5 rule against eager."""
-    m = m.eval()
-    gold_m = copy.deepcopy(m).double()
-    gidx = set(grad_idx) if grad else set()
-    cm = torch.compile(m, backend="attnfx", options=options)
-
-    c_in, b_in, g_in = _prep(inputs, gidx), _prep(inputs, gidx), _prep(inputs, gidx, f64=True)
-    cand = cm(*c_in)
-    assert attnfx.counters["rewritten.softmax"] == sites, dict(attnfx.counters)
-    assert not [k for k in attnfx.counters if k.startswith("kept.")], dict(attnfx.counters)
-    base = m(*b_in)
-    gold = gold_m(*g_in)
-    assert_attention_close(cand, base, gold, context="output")
-    if grad:
-        cot = torch.randn(cand.shape, generator=torch.Generator().manual_seed(7)).to(cand.dtype)
-        cand.backward(cot)
-        base.backward(cot)
-        gold.backward(cot.double())
-        for i in sorted(gidx):
-            assert c_in[i].grad is not None, f"no gradient for input {i}"
-            assert_attention_close(
-                c_in[i].grad, b_in[i].grad, g_in[i].grad, grad=True, context=f"grad {i}"
-            )
-    return cand
+    """``sites`` softmax sites rewritten, nothing kept, outputs (and input gradients with
+    ``grad``) equal eager under the rule."""
+    return assert_rewrites_match_eager(
+        m, inputs, kind="softmax", sites=sites, grad=grad, grad_idx=grad_idx, options=options
+    )
 
 
 class Fn(nn.Module):

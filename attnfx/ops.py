@@ -6,8 +6,10 @@ One generic op per family, registered once; the kernel is chosen by the spec str
     attnfx::attention_backward(dout, q, k, v, aux[], out, lse, spec) -> (dq, dk, dv)
 
 ``q`` is (B, Hq, NQ, D), ``k`` (B, Hk, NK, D), ``v`` (B, Hk, NK, Dv), any strides; each
-aux tensor is broadcast (stride-0 views) to (B, Hq, NQ, NK).  ``lse`` is the float32
-log-sum-exp of each query row's scores (softmax), saved for the backward.
+aux tensor is broadcast (stride-0 views) to (B, Hq, NQ, NK).  ``out`` is (B, Hq, NQ, Dv)
+in the memory order the spec's ``out_layout`` names (``empty_output``); ``lse`` is the
+float32 log-sum-exp of each query row's scores (softmax), saved for the backward; the
+gradients are contiguous.
 
 Where the op runs:
 

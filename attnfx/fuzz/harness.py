@@ -14,6 +14,14 @@ A program namespace defines ``make_model()``, ``make_inputs(nq, nkv, seed)``,
     uncounted exception   torch.compile raised, or attnfx fell back on an internal error
     not idempotent        the rewritten graph fails lint, or a second pipeline run changes it
     recompile             a dynamic-shape rerun compiled more graphs than expected
+
+An output that fails the rule is first checked for ill-conditioning: the program is run
+again with every rewritten site computed *exactly* (float64, from the same working-dtype
+inputs, by the reference implementation as it was before any planted bug).  If even that
+exact evaluation misses the rule, yet lands within 4x of eager's own error, the miss is
+the conditioning of the working-dtype inputs, not the rewrite: eager's extra roundings
+happened to land nearer gold.  The output is then held to the exact evaluation instead
+(``ill-conditioned``, counted, not a failure).
 """
 
 from __future__ import annotations
@@ -24,9 +32,12 @@ import time
 import torch
 
 import attnfx
-from attnfx import report
+from attnfx import ops, report
 from attnfx.backend import Options, attnfx_backend, rewrite_graph
 from attnfx.testing import compare
+
+# The reference implementation as imported, before a planted bug can replace it.
+_PRISTINE_REFERENCE = ops.reference_attention
 
 CATEGORIES = (
     "mismatch",
@@ -95,6 +106,47 @@ def _idempotence(gm, example_inputs) -> str | None:
     if shape(again) != shape(new):
         return "a second pipeline run changed the rewritten graph"
     return None
+
+
+def _exact_candidate(ns, model, inputs, device):
+    """The attnfx-compiled program with each rewritten site evaluated in float64 from its
+    working-dtype inputs (output rounded to the site's dtype) by the pristine reference."""
+    import os
+
+    def exact(q, k, v, aux, spec):
+        up = [a.double() if a.is_floating_point() else a for a in aux]
+        out, lse = _PRISTINE_REFERENCE(q.double(), k.double(), v.double(), up, spec)
+        return out.to(ops.torch_dtype(spec.out_dtype)), lse
+
+    saved, env = ops.reference_attention, os.environ.pop("ATTNFX_INTERPRET", None)
+    ops.reference_attention = exact
+    try:
+        torch._dynamo.reset()
+        with torch.no_grad():
+            out = torch.compile(
+                model, backend="attnfx", options={"verify": "off", "inner": "eager"}
+            )(*inputs)
+    finally:
+        ops.reference_attention = saved
+        if env is not None:
+            os.environ["ATTNFX_INTERPRET"] = env
+        torch._dynamo.reset()
+    return [o.detach() for o in _flat(out)]
+
+
+def _ill_conditioned(ns, model, c, b, g, i, tr, device) -> bool:
+    """Whether output ``i``'s miss is the inputs' conditioning (see the module docstring)."""
+    try:
+        exact = _exact_candidate(ns, model, _inputs(ns, device), device)[i]
+    except Exception:  # noqa: BLE001 - no verdict: the miss stays a mismatch
+        return False
+    if compare(exact, b, g, transcendental=tr).ok:
+        return False  # the exact evaluation meets the rule: the candidate must too
+    e_err = (exact.double() - g.double()).abs().nan_to_num(0).max().item()
+    b_err = (b.double() - g.double()).abs().nan_to_num(0).max().item()
+    if e_err > 4 * b_err + 1e-6:
+        return False  # far from eager: not conditioning (e.g. a wrong match)
+    return compare(c, exact, g, transcendental=tr).ok
 
 
 def check_program(
@@ -197,13 +249,18 @@ def check_program(
             res = compare(
                 c.detach(), b.detach(), g.detach(), transcendental=tr, context=f"output {i}"
             )
-            if not res.ok:
+            if not res.ok and _ill_conditioned(
+                ns, model, c.detach(), b.detach(), g.detach(), i, tr, device
+            ):
+                stats["ill_conditioned"] = stats.get("ill_conditioned", 0) + 1
+            elif not res.ok:
                 failures.append(("mismatch", res.message))
 
     if grads:
         outs = _flat(cand)
         gen = torch.Generator().manual_seed(7)
-        cot = torch.randn(outs[0].shape, generator=gen).to(device)
+        # Rounded to the working dtype first, so that gold sees the very same cotangent.
+        cot = torch.randn(outs[0].shape, generator=gen).to(outs[0].dtype).to(device)
         try:
             _flat(cand)[0].backward(cot.to(outs[0].dtype))
         except Exception as e:  # noqa: BLE001

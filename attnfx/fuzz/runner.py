@@ -83,6 +83,8 @@ class Summary:
             r.stats["known_gap"] for r in self.results if r.stats.get("known_gap")
         )
         rows.append(("known gaps (open bugs)", str(sum(gaps.values()))))
+        ill = sum(r.stats.get("ill_conditioned", 0) for r in self.results)
+        rows.append(("ill-conditioned (held to exact)", str(ill)))
         rows.append(("near-misses correctly kept", f"{len(near_ok)} / {len(near)}"))
         rows.append(("lanes", ", ".join(f"{k} {v}" for k, v in sorted(lanes.items()))))
         for cat in CATEGORIES:

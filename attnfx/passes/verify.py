@@ -173,9 +173,9 @@ def _check(orig, cand, inputs, grad_idx, site, label) -> Verdict:
         base, gbase = _run(orig, inputs, grad_idx, None, False) if not grad_idx else (None, None)
         if grad_idx:
             probe, _ = _run(orig, inputs, [], None, False)
-            cot = torch.randn(probe.shape, generator=torch.Generator().manual_seed(1)).to(
-                probe.device
-            )
+            # Rounded to the working dtype first, so that gold sees the very same cotangent.
+            cot = torch.randn(probe.shape, generator=torch.Generator().manual_seed(1))
+            cot = cot.to(probe.dtype).to(probe.device)
             base, gbase = _run(orig, inputs, grad_idx, cot, False)
         else:
             cot = None

@@ -142,13 +142,7 @@ SIMPLER = {
 
 # Programs attnfx is known not to rewrite yet (an open bug): a missed rewrite there is
 # reported as a known gap, not a failure.  (choices predicate, reason)
-KNOWN_GAPS = (
-    (
-        lambda c: c["form"] == "eager" and c["mm"] == "einsum" and c["near_miss"] == "none",
-        "einsum scores: canonicalized matmul loses its example value (the set_example_value "
-        "fake-mode bug; strict xfail in tests/passes/test_softmax_forms.py)",
-    ),
-)
+KNOWN_GAPS: tuple = ()  # einsum scores were one until the fake-mode fix in passes/graph.py
 
 
 def choices(draw, device: str) -> dict:

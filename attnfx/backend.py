@@ -99,7 +99,7 @@ def rewrite_graph(
     if todo:
         wanted = set()
         for i in todo:
-            wanted |= set(rewrite.externals(rewrite.region(gnx, matched[i])))
+            wanted |= set(rewrite.site_inputs(gnx, matched[i])[1])
         captured = verify.capture_inputs(new, example_inputs, wanted)
         for i in todo:
             verdicts[i] = verify.verify_site(

@@ -93,6 +93,13 @@ def constant_value(x):
         and is_number(x.args[1])
     ):
         val = float(x.args[1])
+    elif (
+        x.target in (torch.zeros, torch.ones)
+        and len(x.args) == 1
+        and isinstance(x.args[0], (tuple, list))
+        and tuple(x.args[0]) == ()
+    ):
+        val = 0.0 if x.target is torch.zeros else 1.0
     else:
         return None
     dt = x.kwargs.get("dtype")

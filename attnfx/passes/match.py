@@ -172,7 +172,8 @@ def walk_scores(start: fx.Node, score_shape: tuple) -> ScoreChain:
                 raise NoMatch("arithmetic not on the scores")
             if t in (operator.truediv, operator.sub) and not chain_first:
                 raise NoMatch(f"{t.__name__} with the scores on the right")
-            ops.append(_arith_op(t, other, aux, score_shape, cur))
+            op = _arith_op(t, other, aux, score_shape, cur)
+            ops.extend(op if isinstance(op, list) else [op])
             cur = chain
             continue
 
@@ -181,7 +182,8 @@ def walk_scores(start: fx.Node, score_shape: tuple) -> ScoreChain:
             val = G.constant_value(value)
             if val is None:
                 raise Refusal("masked_fill with a non-constant fill value", cur)
-            ops.append(_fill_op(mask, val, True, aux, mask_nodes, nq, nk, score_shape, cur))
+            op = _fill_op(mask, val, True, aux, mask_nodes, nq, nk, score_shape, cur)
+            ops.extend(op if isinstance(op, list) else [op])
             cur = x
             continue
 
@@ -196,7 +198,8 @@ def walk_scores(start: fx.Node, score_shape: tuple) -> ScoreChain:
             val = G.constant_value(other)
             if val is None:
                 raise Refusal("where() with a non-constant fill value", cur)
-            ops.append(_fill_op(cond, val, fill_where, aux, mask_nodes, nq, nk, score_shape, cur))
+            op = _fill_op(cond, val, fill_where, aux, mask_nodes, nq, nk, score_shape, cur)
+            ops.extend(op if isinstance(op, list) else [op])
             cur = chain
             continue
         raise NoMatch(f"score chain op {getattr(t, '__name__', t)} not understood")
@@ -217,7 +220,7 @@ def _check_broadcast(other: fx.Node, score_shape: tuple, node: fx.Node) -> tuple
     return shp
 
 
-def _arith_op(t, other, aux, score_shape, node) -> ScoreOp:
+def _arith_op(t, other, aux, score_shape, node) -> ScoreOp | list[ScoreOp]:
     nq, nk = score_shape[-2], score_shape[-1]
     expr = scalar_expr(other, nq, nk)
     if expr is not None:
@@ -242,18 +245,113 @@ def _arith_op(t, other, aux, score_shape, node) -> ScoreOp:
         # An additive 0/-inf mask built from indices is a predicate fill.
         res = _analyze(other, nq, nk, want_value=True)
         if res is not None and res[2] is not None and res[2] <= _HUGE_NEGATIVE:
-            # s + v == v exactly (in float32 and bfloat16) for a v this large and any
-            # finite |s| < 1e29: the additive mask is a fill.  (fp16's finfo.min, -65504,
-            # is not: it stays a tensor.)
-            keep = MaskPredicate(sympy.Not(res[0])).to_key()
-            return ScoreOp("fill_pred", value=res[2], pred=keep)
+            keep = MaskPredicate(sympy.Not(res[0]))
+            if _rows_never_empty(keep):
+                # s + v == v exactly (float32, bfloat16) for a v this large and finite
+                # |s| < 1e29, so the values are a fill's.  The gradients are too only
+                # where no row is fully masked (eager's gradient flows through the add;
+                # a fill's is 0): a causal mask always keeps key 0.  (fp16's finfo.min,
+                # -65504, is not large enough: it stays a tensor.)
+                return ScoreOp("fill_pred", value=res[2], pred=keep.to_key())
     if G.requires_grad(other):
         raise Refusal("additive score bias requires grad", node)
     aux.append(AuxOperand(other, "neg" if t is operator.sub else None))
     return ScoreOp("add_aux", aux=len(aux) - 1)
 
 
-def _fill_op(mask, val, fill_where, aux, mask_nodes, nq, nk, score_shape, node) -> ScoreOp:
+_AND = {
+    operator.and_,
+    torch.logical_and,
+    torch.bitwise_and,
+    "__and__",
+    "logical_and",
+    "bitwise_and",
+}
+_PASS_THROUGH = {"to", "expand", "bool", "contiguous"}
+
+
+def _conjuncts(x: fx.Node, out: list) -> list:
+    """The operands of a tree of ``&`` (through dtype/device moves and expands)."""
+    x = _unwrap_views(x)
+    t = x.target if isinstance(x, fx.Node) and x.op in ("call_function", "call_method") else None
+    if t is not None and _hashable(t) and t in _AND and len(x.args) == 2:
+        for a in x.args:
+            _conjuncts(a, out)
+    else:
+        out.append(x)
+    return out
+
+
+def _hashable(t) -> bool:
+    try:
+        hash(t)
+        return True
+    except TypeError:
+        return False
+
+
+def _unwrap_views(x):
+    """Through no-op slices (``mask[:, :, :, :n]`` where n is the full length) and
+    dtype/device moves: the tensor the values come from."""
+    while isinstance(x, fx.Node):
+        if (
+            x.op == "call_function"
+            and x.target is operator.getitem
+            and G.shape(x) == G.shape(x.args[0])
+        ):
+            x = x.args[0]
+        elif (
+            x.op == "call_method" and x.target in _PASS_THROUGH and G.shape(x) == G.shape(x.args[0])
+        ):
+            x = x.args[0]
+        else:
+            break
+    return x
+
+
+def _rows_never_empty(keep: MaskPredicate) -> bool:
+    """Whether every query row keeps at least one key, for all lengths: causal with a
+    constant offset >= 0 keeps key 0 in every row."""
+    c = keep.mask_class
+    return c.kind == "causal" and c.right is not None and c.right.is_number and c.right >= 0
+
+
+def conjunct_fills(cond, v, aux, score_shape, node) -> list[ScoreOp] | None:
+    """Fill with ``v`` where ``a & b & ...`` is False, as one fill per conjunct: an index
+    predicate where one can be read (so the kernel skips blocks), the tensor otherwise.
+    Filling with ``v`` where any conjunct is False is filling where their conjunction is.
+    None when no conjunct is a predicate (nothing gained over one tensor mask)."""
+    if G.shape(cond) is None:
+        return None
+    parts = _conjuncts(_unwrap_views(cond), [])
+    if len(parts) < 2:
+        return None
+    nq, nk = score_shape[-2], score_shape[-1]
+    for p in parts:
+        if not isinstance(p, fx.Node) or G.dtype(p) is not torch.bool:
+            return None
+        _check_broadcast(p, score_shape, node)
+    ops, new_aux = [], []
+    for p in parts:
+        pred = _analyze(p, nq, nk)
+        if pred is not None and pred[0] is sympy.true:
+            continue  # an all-True conjunct (HF starts its mask from ones)
+        if pred is not None:
+            ops.append(ScoreOp("fill_pred", value=v, pred=MaskPredicate(pred[0]).to_key()))
+        else:
+            new_aux.append(AuxOperand(p))
+            ops.append(
+                ScoreOp("fill_aux", value=v, aux=len(aux) + len(new_aux) - 1, fill_where=False)
+            )
+    if not any(op.op == "fill_pred" for op in ops):
+        return None
+    aux.extend(new_aux)
+    return ops
+
+
+def _fill_op(
+    mask, val, fill_where, aux, mask_nodes, nq, nk, score_shape, node
+) -> ScoreOp | list[ScoreOp]:
     if not isinstance(mask, fx.Node) or not G.is_tensor(mask):
         raise Refusal("mask is not a tensor", node)
     _check_broadcast(mask, score_shape, node)
@@ -263,6 +361,10 @@ def _fill_op(mask, val, fill_where, aux, mask_nodes, nq, nk, score_shape, node) 
         keep = sympy.Not(expr) if fill_where else expr
         mask_nodes |= nodes
         return ScoreOp("fill_pred", value=val, pred=MaskPredicate(keep).to_key())
+    if not fill_where:
+        split = conjunct_fills(mask, val, aux, score_shape, node)
+        if split is not None:
+            return split
     aux.append(AuxOperand(mask))
     return ScoreOp("fill_aux", value=val, aux=len(aux) - 1, fill_where=fill_where)
 

@@ -73,6 +73,17 @@ def externals(nodes: set[fx.Node]) -> list[fx.Node]:
     return sorted(ext, key=order.__getitem__)
 
 
+def site_inputs(gm_nx: nx.DiGraph, site: Site) -> tuple[set[fx.Node], list[fx.Node]]:
+    """The region and every value the original region or the op call reads from outside
+    it, in graph order.  (An operand can sit upstream of a node the region reads, when a
+    shared mask is computed before an earlier layer's output feeds this site's q.)"""
+    nodes = region(gm_nx, site)
+    ext = set(externals(nodes)) if nodes else set()
+    ext |= set(site.operand_nodes)
+    order = {n: i for i, n in enumerate(site.output.graph.nodes)}
+    return nodes, sorted(ext, key=order.__getitem__)
+
+
 def apply(gm: fx.GraphModule, site: Site) -> fx.Node:
     """Rewrite ``site`` in ``gm``: the op call replaces its output; dead nodes go."""
     graph = gm.graph

@@ -88,8 +88,7 @@ def _mutates(gm: fx.GraphModule) -> bool:
 
 def build_graphs(gm: fx.GraphModule, gnx: nx.DiGraph, site: Site):
     """The site's original subgraph and its candidate, as modules with the same inputs."""
-    nodes = rewrite.region(gnx, site)
-    ext = rewrite.externals(nodes) if nodes else []
+    nodes, ext = rewrite.site_inputs(gnx, site)
     orig, cand = fx.Graph(), fx.Graph()
     env_o, env_c = {}, {}
     for i, e in enumerate(ext):

@@ -132,7 +132,7 @@ _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "s
 
 
 def match_sdpa(node: fx.Node) -> Site:
-    from attnfx.passes.match import AuxOperand, _analyze
+    from attnfx.passes.match import AuxOperand, _analyze, conjunct_fills
 
     a = dict(zip(_SDPA_ARGS, node.args))
     a.update(node.kwargs)
@@ -150,7 +150,14 @@ def match_sdpa(node: fx.Node) -> Site:
     d, dv = qs[-1], vs[-1]
     check_head_dims(d, dv, node)
     group = 1
-    if qs[1] != ks[1]:
+    if qs[1] == ks[1] and not gqa:
+        # HF repeats kv heads (repeat_kv) before calling SDPA: read the repeat back.
+        kb, gk = strip_repeat_kv(k)
+        vb, gv = strip_repeat_kv(v)
+        if gk == gv and gk > 1:
+            k, v, group = kb, vb, gk
+            ks, vs = G.shape(k), G.shape(v)
+    elif qs[1] != ks[1]:
         if not gqa or not isinstance(qs[1], int) or not isinstance(ks[1], int) or qs[1] % ks[1]:
             raise Refusal("sdpa with different q and kv head counts", node)
         group = qs[1] // ks[1]
@@ -171,10 +178,15 @@ def match_sdpa(node: fx.Node) -> Site:
                     ScoreOp("fill_pred", value=float("-inf"), pred=MaskPredicate(pred[0]).to_key())
                 )
             else:
-                aux.append(AuxOperand(mask))
-                ops.append(
-                    ScoreOp("fill_aux", value=float("-inf"), aux=len(aux) - 1, fill_where=False)
-                )
+                shape = (qs[0], qs[1], qs[2], ks[2])
+                split = conjunct_fills(mask, float("-inf"), aux, shape, node)
+                if split is not None:
+                    ops.extend(split)  # causal & padding: the causal part skips blocks
+                else:
+                    aux.append(AuxOperand(mask))
+                    ops.append(
+                        ScoreOp("fill_aux", value=float("-inf"), aux=len(aux) - 1, fill_where=False)
+                    )
         else:
             if G.requires_grad(mask):
                 raise Refusal("additive score bias requires grad", node)

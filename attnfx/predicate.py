@@ -141,7 +141,7 @@ def _eval_torch(e, env):
         return functools.reduce(
             lambda a, b: torch.maximum(torch.as_tensor(a), torch.as_tensor(b)), map(ev, e.args)
         )
-    raise NotImplementedError(f"cannot evaluate {type(e).__name__} in a mask predicate: {e}")
+    raise ValueError(f"cannot evaluate {type(e).__name__} in a mask predicate: {e}")
 
 
 def _floor_fraction(e):
@@ -197,7 +197,7 @@ class _TritonPrinter:
             return _fold("tl.minimum", [p(a) for a in e.args])
         if isinstance(e, sympy.Max):
             return _fold("tl.maximum", [p(a) for a in e.args])
-        raise NotImplementedError(f"cannot print {type(e).__name__} in a Triton mask: {e}")
+        raise ValueError(f"cannot print {type(e).__name__} in a Triton mask: {e}")
 
 
 def _fold(fn, items):

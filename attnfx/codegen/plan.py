@@ -86,7 +86,9 @@ def _may_saturate(op) -> bool:
 
 def make_plan(spec: AttentionSpec) -> Plan:
     if spec.dtype == "float64":
-        raise NotImplementedError("attnfx codegen: float64 attention has no Triton kernel")
+        raise TypeError(
+            "attnfx codegen: float64 attention has no Triton kernel (the backend keeps float64 sites)"
+        )
     ops = spec.score_ops
     softmax = spec.activation == "softmax"
     # exp2 with log2e folded into the score program is exact only when no value of the

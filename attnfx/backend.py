@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import os
 import threading
 
 import torch
@@ -158,26 +159,35 @@ def attnfx_backend(
         log.warning(
             "attnfx: internal error, graph kept as Dynamo gave it: %s: %s", type(e).__name__, e
         )
-        if G and log.isEnabledFor(logging.DEBUG):
+        if os.environ.get("ATTNFX_DEBUG", "0") not in ("", "0"):
             log.exception("attnfx internal error")
         new, records = (
             gm,
             [report.SiteRecord("?", "kept", "internal error", f"{type(e).__name__}: {e}")],
         )
+    if new is gm:
+        compiled = _inner(gm, example_inputs, opts)
+    else:
+        try:
+            compiled = _inner(new, example_inputs, opts)
+        except Exception as e:  # noqa: BLE001 - fall back to the graph as Dynamo gave it
+            log.warning(
+                "attnfx: inner compiler failed on the rewritten graph (%s); compiling the original",
+                e,
+            )
+            records = [
+                dataclasses.replace(
+                    r, status="kept", reason="inner compiler failed on rewritten graph"
+                )
+                if r.status == "rewritten"
+                else r
+                for r in records
+            ]
+            compiled = _inner(gm, example_inputs, opts)
+    # Counted once the graph that runs is settled, so the counters say what runs.
     for r in records:
         report.record(r)
-    if new is gm:
-        return _inner(gm, example_inputs, opts)
-    try:
-        return _inner(new, example_inputs, opts)
-    except Exception as e:  # noqa: BLE001 - fall back to the graph as Dynamo gave it
-        log.warning(
-            "attnfx: inner compiler failed on the rewritten graph (%s); compiling the original", e
-        )
-        report.counters["kept.inner compiler failed on rewritten graph"] += len(
-            [r for r in records if r.status == "rewritten"]
-        )
-        return _inner(gm, example_inputs, opts)
+    return compiled
 
 
 def explain(model, *args, options: dict | None = None, **kwargs) -> report.Report:

@@ -139,3 +139,24 @@ def test_triton_path_end_to_end_under_interpreter(monkeypatch):
     ggold = torch.autograd.grad(gold, (qd, kd, vd), g.double())
     for c, b, gd in zip(grads, gbase, ggold):
         assert_attention_close(c, b, gd, grad=True, check_strides=False)
+
+
+def test_inner_compiler_failure_falls_back_and_is_counted(monkeypatch):
+    """An inner compiler that rejects the rewritten graph: the original graph is compiled
+    instead, and the site is counted as kept, not rewritten."""
+    import attnfx.backend as backend
+
+    real = backend._inner
+
+    def picky(gm, example_inputs, opts):
+        if any(n.op == "call_function" and "site_attention" in str(n.target) for n in gm.graph.nodes):
+            raise RuntimeError("planted inner-compiler failure")
+        return real(gm, example_inputs, opts)
+
+    monkeypatch.setattr(backend, "_inner", picky)
+    m = Attn()
+    q, k, v = _qkv()
+    out = torch.compile(m, backend="attnfx")(q, k, v)
+    torch.testing.assert_close(out, m(q, k, v))
+    assert attnfx.counters["rewritten.softmax"] == 0
+    assert attnfx.counters["kept.inner compiler failed on rewritten graph"] == 1

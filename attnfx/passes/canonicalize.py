@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from attnfx.passes import graph as G
 from attnfx.passes.graph import example_value, set_example_value
 
 _MATMULS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", "__matmul__"}
@@ -82,17 +83,9 @@ class _Skip(Exception):
     pass
 
 
-def _hashable(t):
-    try:
-        hash(t)
-        return True
-    except TypeError:
-        return False
-
-
 def _canonicalize_node(gm, node) -> int:
     t = _key(node)
-    if not _hashable(t):
+    if not G.hashable(t):
         return 0
     args, kwargs = list(node.args), dict(node.kwargs)
 

@@ -68,6 +68,15 @@ def is_tensor(node) -> bool:
     return isinstance(example_value(node), torch.Tensor)
 
 
+def hashable(t) -> bool:
+    """Whether a node target can be looked up in a set (some Dynamo targets cannot)."""
+    try:
+        hash(t)
+        return True
+    except TypeError:
+        return False
+
+
 def is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 

@@ -274,20 +274,12 @@ def _conjuncts(x: fx.Node, out: list) -> list:
     """The operands of a tree of ``&`` (through dtype/device moves and expands)."""
     x = _unwrap_views(x)
     t = x.target if isinstance(x, fx.Node) and x.op in ("call_function", "call_method") else None
-    if t is not None and _hashable(t) and t in _AND and len(x.args) == 2:
+    if t is not None and G.hashable(t) and t in _AND and len(x.args) == 2:
         for a in x.args:
             _conjuncts(a, out)
     else:
         out.append(x)
     return out
-
-
-def _hashable(t) -> bool:
-    try:
-        hash(t)
-        return True
-    except TypeError:
-        return False
 
 
 def _unwrap_views(x):

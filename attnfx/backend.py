@@ -90,6 +90,7 @@ def rewrite_graph(
     gnx = G.to_networkx(new.graph) if matched else None
 
     verdicts: dict[int, verify.Verdict] = {}
+    replaced: set[fx.Node] = set()  # nodes of the rewritten regions: the only ones removed
     todo = []
     for i, s in enumerate(matched):
         key = (s.spec.key, s.where)
@@ -125,6 +126,7 @@ def rewrite_graph(
             continue
         with _lock:
             _verified.add((s.spec.key, s.where))
+        replaced |= rewrite.region(gnx, s)
         rewrite.apply(new, s)
         records.append(
             report.SiteRecord(s.kind, "rewritten", None, s.where, s.spec, v.max_rel_err, graph=gid)
@@ -134,7 +136,7 @@ def rewrite_graph(
         # attnfx leaves alone compiles exactly as it would without attnfx (canonical
         # forms are equal in value, not always in rounding).
         return gm, records
-    rewrite.finish(new)
+    rewrite.finish(new, replaced)
     return new, records
 
 

@@ -3,6 +3,8 @@ networkx view of an FX graph, and module paths."""
 
 from __future__ import annotations
 
+import operator
+
 import networkx as nx
 import torch
 import torch.fx as fx
@@ -150,6 +152,58 @@ def dropout_identity(node: fx.Node) -> tuple[bool, str | None]:
             return True, None
         return True, "dropout on the probabilities in training mode"
     return False, None
+
+
+_INPLACE_OPERATORS = {
+    operator.setitem,
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    operator.itruediv,
+    operator.ifloordiv,
+    operator.imod,
+    operator.ipow,
+    operator.iand,
+    operator.ior,
+    operator.ixor,
+    operator.ilshift,
+    operator.irshift,
+    operator.imatmul,
+}
+
+
+def has_side_effects(node: fx.Node) -> bool:
+    """Whether removing ``node`` could change what the program does even when nothing
+    reads its value: in-place tensor ops (``x.add_(y)``, ``buf.copy_(v)``, ``index_add_``,
+    ``x[i] = y``, ``x += y``), ``out=`` calls, module calls, random ops and anything
+    ``torch.fx`` already calls impure.  Conservative: when in doubt, it has effects.
+
+    ``Graph.eliminate_dead_code`` is not enough: it treats every ``call_method`` as pure,
+    so it deletes ``x.add_(y)`` whose return value is unused."""
+    if node.op in ("placeholder", "output", "call_module"):
+        return True
+    if node.op == "get_attr":
+        return False
+    if "out" in node.kwargs:
+        return True
+    target = node.target
+    if node.op == "call_method":
+        name = str(target)
+        if name.startswith("__") and name.endswith("__"):
+            return name == "__setitem__" or name.startswith("__i")
+        return name.endswith("_") or name in ("backward", "record_stream", "register_hook")
+    if hashable(target) and target in _INPLACE_OPERATORS:
+        return True
+    name = getattr(target, "__name__", "") or ""
+    if name.endswith("_") and not name.endswith("__"):
+        return True  # torch.relu_, torch.Tensor.add_ called as a function, aten in-place
+    schema = getattr(target, "_schema", None)
+    if schema is not None and getattr(schema, "is_mutable", False):
+        return True
+    try:
+        return node.is_impure()
+    except Exception:  # noqa: BLE001 - unknown purity: keep the node
+        return True
 
 
 def to_networkx(graph: fx.Graph) -> nx.DiGraph:

@@ -100,7 +100,21 @@ def apply(gm: fx.GraphModule, site: Site) -> fx.Node:
     return out
 
 
-def finish(gm: fx.GraphModule) -> None:
-    gm.graph.eliminate_dead_code()
+def remove_replaced(gm: fx.GraphModule, nodes: set[fx.Node]) -> int:
+    """Erase the nodes among ``nodes`` (the replaced regions) that nothing reads any
+    more, users first; a node with side effects is never erased, nor is anything outside
+    ``nodes``.  Returns how many were erased."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    erased = 0
+    for n in sorted((n for n in nodes if n in order), key=order.__getitem__, reverse=True):
+        if not n.users and not G.has_side_effects(n):
+            gm.graph.erase_node(n)
+            erased += 1
+    return erased
+
+
+def finish(gm: fx.GraphModule, replaced: set[fx.Node]) -> None:
+    """Remove what the rewrites replaced (and only that), check and recompile."""
+    remove_replaced(gm, replaced)
     gm.graph.lint()
     gm.recompile()

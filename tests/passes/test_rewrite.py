@@ -113,9 +113,9 @@ def test_side_effect_predicate():
 
 def test_remove_replaced_touches_only_given_nodes():
     def f(x, y):
-        dead = x * 3  # dead, but outside the region: kept
+        x * 3  # dead, but outside the region: kept
         r1 = y * 2
-        r2 = r1 + 1  # the region
+        r1 + 1  # the region
         x.add_(1)
         return x
 

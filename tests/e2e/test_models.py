@@ -72,6 +72,30 @@ def _llama_padded(impl):
     return m, (ids, am), n
 
 
+def _llama4(impl):
+    """Llama-4 text (MoE on every layer, chunked attention): its MoE block adds the routed
+    experts' output in place (``out.add_``) and its router fills scores with ``scatter_``,
+    both with unused return values next to the attention sites."""
+    c = transformers.Llama4TextConfig(
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        hidden_size=64,
+        head_dim=16,
+        intermediate_size=128,
+        intermediate_size_mlp=128,
+        vocab_size=100,
+        max_position_embeddings=64,
+        num_local_experts=4,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=1,
+        attention_chunk_size=8,
+    )
+    c._attn_implementation = impl
+    m = transformers.Llama4ForCausalLM(c)
+    return m, (torch.randint(0, 100, (2, 12)),), 2
+
+
 def _vit(impl):
     timm = pytest.importorskip("timm")
     m = timm.create_model(
@@ -103,6 +127,7 @@ CASES = [
     # would zero the gradient of rows padding masks fully, which eager's add does not).
     ("llama_padded", _llama_padded, "eager", "tensor"),
     ("llama_padded", _llama_padded, "sdpa", "predicate+tensor"),
+    ("llama4", _llama4, "eager", "tensor"),
     ("vit_tiny", _vit, "timm", "none"),
 ]
 

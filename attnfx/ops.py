@@ -153,6 +153,17 @@ def lower_symbolic(
     return dataclasses.replace(spec, score_ops=tuple(ops), aux_dtypes=tuple(dts)), aux
 
 
+def _zero_empty_rows(p: Tensor, s: Tensor, spec: AttentionSpec) -> Tensor:
+    """``fully_masked="zero"``: a query row whose scores are all -inf — every key filled
+    with -inf, or biased to -inf by an additive mask — yields 0 (SDPA's semantics), not
+    softmax's NaN.  Decided on the final scores, so it holds for every input, not only
+    for the masks verification happened to see."""
+    if spec.fully_masked != "zero":
+        return p
+    alive = (s != float("-inf")).any(-1, keepdim=True)
+    return torch.where(alive, p, torch.zeros_like(p))
+
+
 def reference_attention(
     q: Tensor, k: Tensor, v: Tensor, aux: list[Tensor], spec: AttentionSpec
 ) -> tuple[Tensor, Tensor]:
@@ -163,15 +174,14 @@ def reference_attention(
         v = v.repeat_interleave(g, dim=1)
     acc = _accumulation_dtype(q.dtype)
     s = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1))
-    s, kept, _ = apply_score_ops(s, spec, aux)
+    s, _, _ = apply_score_ops(s, spec, aux)
     if spec.activation == "softmax":
         lse = torch.logsumexp(s, dim=-1)
         p = torch.softmax(s, dim=-1)
     else:
         lse = torch.zeros(s.shape[:-1], dtype=acc, device=s.device)
         p = torch.sigmoid(s)
-    if spec.fully_masked == "zero":
-        p = torch.where(kept.any(-1, keepdim=True), p, torch.zeros_like(p))
+    p = _zero_empty_rows(p, s, spec)
     out = torch.matmul(p, v.to(acc))
     return out.to(torch_dtype(spec.out_dtype)), lse.to(torch.float32)
 
@@ -201,8 +211,7 @@ def reference_attention_backward(
         p = torch.softmax(s, dim=-1)
     else:
         p = torch.sigmoid(s)
-    if spec.fully_masked == "zero":
-        p = torch.where(kept.any(-1, keepdim=True), p, torch.zeros_like(p))
+    p = _zero_empty_rows(p, s, spec)
     dv = torch.matmul(p.transpose(-2, -1), do)
     dp = torch.matmul(do, vv.transpose(-2, -1))
     if spec.activation == "softmax":

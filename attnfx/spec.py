@@ -133,7 +133,9 @@ class AttentionSpec:
     out_dtype: str = "float16"
     # What a query row with no kept key yields: "preserve" computes what the eager
     # score program computes (NaN after a -inf fill, a uniform average after a finite
-    # one); "zero" returns zeros, as SDPA and most fused kernels do.
+    # one); "zero": a row whose final scores are all -inf (filled, or biased to -inf by an
+    # additive mask) returns zeros, as SDPA does (its math path's safe softmax) — decided
+    # on the scores, so it holds for every mask the op is given.
     fully_masked: str = "preserve"
     # Memory order of the output: "bhnd" (contiguous, as ``p @ v`` returns it) or "bnhd"
     # (heads inside tokens, as SDPA returns it on most backends, so that the usual

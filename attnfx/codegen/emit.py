@@ -335,10 +335,9 @@ def forward_source(spec: AttentionSpec) -> str:
     zero = spec.fully_masked == "zero"
     tanh = ["TANH_IMPL: tl.constexpr"] if plan.uses_tanh else []
     tanh_arg = ["TANH_IMPL"] if plan.uses_tanh else []
-    alive = ["alive"] if zero else []
-    state = ["acc", "l_i", "m_i"] + alive if softmax else ["acc"] + alive
+    state = ["acc", "l_i", "m_i"] if softmax else ["acc"]
 
-    prog = score_program(spec, plan, orient="mn", s="s", keep="keep" if zero else None)
+    prog = score_program(spec, plan, orient="mn", s="s")
     body = []
     body.append("# -- load a block of K^T (BLOCK_D, BLOCK_N) and V (BLOCK_N, BLOCK_DV)")
     kmask_tail = "(offs_n[None, :] < N_K)"
@@ -360,13 +359,6 @@ def forward_source(spec: AttentionSpec) -> str:
         "# -- score program (spec.score_ops, in order)",
         *prog,
     ]
-    if zero:
-        body += [
-            "if APPLY_MASK:",
-            f"    keep = keep & {kmask_tail}",
-            "# -- rows with at least one kept key (fully_masked='zero')",
-            "alive = tl.maximum(alive, tl.reduce(keep.to(tl.int32), 1, _max_combine))",
-        ]
     if softmax:
         exp_arg = (
             "s - m_safe[:, None]"
@@ -479,8 +471,6 @@ def _attn_fwd_inner(
             'm_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max',
             "l_i = tl.full([BLOCK_M], 0, dtype=tl.float32)  # running row sum",
         ] + init
-    if zero:
-        init.append("alive = tl.full([BLOCK_M], 0, dtype=tl.int32)")
 
     if softmax:
         lse = (
@@ -499,8 +489,10 @@ def _attn_fwd_inner(
             "out = acc",
             "lse = tl.full([BLOCK_M], 0, dtype=tl.float32)  # sigmoid: no normalizer",
         ]
-    if zero:
-        epi.append("out = tl.where(alive[:, None] > 0, out, 0.0)  # rows with no kept key -> 0")
+    if zero and softmax:
+        # SDPA's semantics: a row whose scores are all -inf (every key filled or biased to
+        # -inf) gives 0; its running max is still -inf here.  Sigmoid gives 0 there anyway.
+        epi.append('out = tl.where(m_i[:, None] > float("-inf"), out, 0.0)  # all -inf rows -> 0')
     qmask = _mask("(offs_m[:, None] < N_Q)", dims.d("col"))
     omask = _mask("(offs_m[:, None] < N_Q)", dims.dv("col"))
 
@@ -649,17 +641,11 @@ def backward_source(spec: AttentionSpec) -> str:
         ]
     if plan.row_norm:
         pre_lines += _row_norm_lines(spec, plan, dims)
-    if zero:
-        keep_prog = score_program(spec, plan, orient="mn", s=None, keep="keep", guard_skip=False)
+    if zero and softmax:
         pre_lines += [
-            "# -- fully_masked='zero': a row with no kept key gets m_row = +inf, so that",
-            "#    p = exp2(s - inf) = 0 (softmax) / p is gated off (sigmoid) in the backward",
-            "alive = tl.full([BLOCK_M], 0, dtype=tl.int32)",
-            "for start_n in range(0, N_K, BLOCK_N):",
-            "    offs_n = start_n + tl.arange(0, BLOCK_N)",
-            *["    " + x for x in keep_prog],
-            "    alive = tl.maximum(alive, tl.reduce(keep.to(tl.int32), 1, _max_combine))",
-            'm_row = tl.where(alive > 0, m_row, float("inf"))',
+            "# -- fully_masked='zero': a row whose scores are all -inf (lse = -inf) gets",
+            "#    m_row = +inf, so that p = exp2(s - inf) = 0 in the backward, as its output was 0",
+            'm_row = tl.where(m_row == float("-inf"), float("inf"), m_row)',
         ]
     rn = plan.row_norm
     pre_params = (
@@ -717,8 +703,6 @@ def _attn_bwd_preprocess(
         ]
     else:
         p_lines = ["pT = _sigmoid(sT, TANH_IMPL)"]
-        if zero:
-            p_lines.append("pT = tl.where(m_row[None, :] == 0.0, pT, 0.0)  # rows with no kept key")
         ds_lines = [_gated("dsT", "pT * (1.0 - pT) * dpT * fT", "keepT", gate)]
     m_other = 'float("inf")' if softmax else "0.0"
     dkdv_body = [
@@ -866,8 +850,6 @@ def _attn_bwd_dkdv(
         dq_ds = [_gated("ds", "p * (dp - delta[:, None]) * f", "keep", gate)]
     else:
         dq_p = ["p = _sigmoid(s, TANH_IMPL)"]
-        if zero:
-            dq_p.append("p = tl.where(m_row[:, None] == 0.0, p, 0.0)  # rows with no kept key")
         dq_ds = [_gated("ds", "p * (1.0 - p) * dp * f", "keep", gate)]
     kptr = "K_blk + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd"
     vptr = "V_blk + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd"

@@ -243,7 +243,7 @@ def run_backward(spec: AttentionSpec, dout, q, k, v, aux, out, lse):
     m_row = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
     # row_norm: log(l) of the rows whose huge float32 lse lost it (0 elsewhere)
     lg = [torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)] if plan.row_norm else []
-    if softmax or zero:
+    if softmax:
         cfg = _candidates(spec, "bwd_pre", interpret)[0]
         rn_args, rn_consts = [], {}
         if plan.row_norm:
@@ -370,7 +370,7 @@ def kernel_targets(spec: AttentionSpec, candidates: bool = True) -> list[KernelT
         BLOCK_DV=plan.block_dv,
     )
     aux_types = {f"A{i}": "*" + _tt(spec.aux_dtypes[i]) for i in plan.aux_used}
-    softmax, zero = spec.activation == "softmax", spec.fully_masked == "zero"
+    softmax = spec.activation == "softmax"
 
     def build(name, fn, types, cfg, consts, index):
         sig, cx = {}, {}
@@ -433,7 +433,7 @@ def kernel_targets(spec: AttentionSpec, candidates: bool = True) -> list[KernelT
         "Lse": "*fp32", "Delta": "*fp32", "M": "*fp32", "Lg": "*fp32", "Dead": "*i32",
         "DQ": "*" + dt, "DK": "*" + dt, "DV": "*" + dt, **aux_types,
     }  # fmt: skip
-    if softmax or zero:
+    if softmax:
         for i, c in cands("bwd_pre"):
             consts = dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, **dims)
             if plan.row_norm:

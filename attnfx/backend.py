@@ -68,13 +68,6 @@ class Options:
         return o
 
 
-def _copy(gm: fx.GraphModule) -> fx.GraphModule:
-    graph = fx.Graph()
-    out = graph.graph_copy(gm.graph, {})
-    graph.output(out)
-    return fx.GraphModule(gm, graph)
-
-
 def rewrite_graph(
     gm: fx.GraphModule, example_inputs, options: Options
 ) -> tuple[fx.GraphModule, list]:
@@ -82,7 +75,7 @@ def rewrite_graph(
     from attnfx.passes import rewrite, verify
 
     gid = next(_graph_ids)
-    new = _copy(gm)
+    new = G.copy_module(gm)
     canonicalize(new)
     sites = find_sites(new)
     records: list[report.SiteRecord] = []
@@ -145,7 +138,9 @@ def _inner(gm: fx.GraphModule, example_inputs, options: Options):
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs)
+    from attnfx.passes.inner_guard import guard_for_inductor
+
+    return compile_fx(guard_for_inductor(gm), example_inputs)
 
 
 def attnfx_backend(

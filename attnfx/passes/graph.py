@@ -206,6 +206,15 @@ def has_side_effects(node: fx.Node) -> bool:
         return True
 
 
+def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` with a fresh graph (same submodules and attributes), for passes
+    that must not change the graph Dynamo gave."""
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return fx.GraphModule(gm, graph)
+
+
 def to_networkx(graph: fx.Graph) -> nx.DiGraph:
     """The data-flow graph: an edge from each input node to each user."""
     g = nx.DiGraph()

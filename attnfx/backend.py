@@ -18,6 +18,7 @@ graph as Dynamo gave it, counted under ``kept.internal error``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import logging
 import os
@@ -130,7 +131,40 @@ def rewrite_graph(
         # forms are equal in value, not always in rounding).
         return gm, records
     rewrite.finish(new, replaced)
-    return new, records
+    return _check_whole_graph(gm, new, example_inputs, records, options)
+
+
+def _check_whole_graph(gm, new, example_inputs, records, options: Options):
+    """The rewritten graph against Dynamo's (passes/graph_check.py); on a mismatch the
+    original graph is compiled and every rewritten site is counted as kept."""
+    from attnfx.passes.graph_check import check_graph
+
+    if options.verify == "off":
+        return new, records
+    key = ("whole graph", hashlib.sha256(new.code.encode()).hexdigest())
+    if options.verify == "first" and key in _verified:
+        return new, records
+    try:
+        verdict = check_graph(gm, new, example_inputs)
+    except Exception as e:  # noqa: BLE001 - a rewritten graph that cannot run is a mismatch
+        from attnfx.passes.graph_check import GraphVerdict
+
+        verdict = GraphVerdict(False, f"{type(e).__name__}: {e}")
+    if verdict.ok:
+        with _lock:
+            _verified.add(key)
+        return new, records
+    msg = f"whole-graph check failed: {verdict.message}"
+    if options.on_mismatch == "raise":
+        raise VerificationError(f"attnfx graph {records[0].graph if records else '?'}: {msg}")
+    log.warning("attnfx: %s; compiling the graph as Dynamo gave it", msg)
+    kept = [
+        dataclasses.replace(r, status="kept", reason="whole-graph check failed")
+        if r.status == "rewritten"
+        else r
+        for r in records
+    ]
+    return gm, kept
 
 
 def _inner(gm: fx.GraphModule, example_inputs, options: Options):

@@ -1,0 +1,155 @@
+"""Whole-graph check: the rewritten graph against the graph Dynamo gave.
+
+Per-site verification proves each op call computes what its region computed.  This check
+is the net for everything else: a pass that removes or changes a node outside any site
+(an in-place op deleted as dead code, a buffer update lost, a wrong value wired to a
+user) shows here, not there.
+
+Both graphs run once on the compile's example inputs (SymInts at their hints), in the
+working dtype, under the same RNG seed, with a private copy of every input the graph
+mutates (the model's state is not touched).  Every output, and the final value of every
+mutated input (buffers updated in forward), is compared with
+``attnfx.testing.graph_outputs_close``: integer and bool tensors exactly (``topk`` /
+``argmax`` indices), floating ones within a dtype-scaled bound far below what a changed
+node produces, non-finite values class for class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from attnfx.passes import graph as G
+from attnfx.testing import graph_outputs_close
+
+# Ops whose result may share storage with their first argument: an in-place op on the
+# result mutates the argument too.
+_VIEW_METHODS = {
+    "view",
+    "view_as",
+    "reshape",
+    "reshape_as",
+    "transpose",
+    "permute",
+    "expand",
+    "expand_as",
+    "unsqueeze",
+    "squeeze",
+    "flatten",
+    "unflatten",
+    "narrow",
+    "select",
+    "as_strided",
+    "t",
+    "T",
+    "mT",
+    "contiguous",
+    "detach",
+    "unfold",
+    "split",
+    "chunk",
+    "diagonal",
+    "movedim",
+    "swapaxes",
+    "to",
+    "type_as",
+}
+_VIEW_FUNCTIONS = {
+    operator.getitem,
+    torch.reshape,
+    torch.transpose,
+    torch.permute,
+    torch.unsqueeze,
+    torch.squeeze,
+    torch.flatten,
+    torch.narrow,
+    torch.select,
+    torch.as_strided,
+    torch.t,
+    torch.split,
+    torch.chunk,
+    torch.diagonal,
+    torch.movedim,
+    torch.swapaxes,
+    torch.detach,
+}
+
+
+@dataclasses.dataclass
+class GraphVerdict:
+    ok: bool
+    message: str = ""
+
+
+def _base_of(x) -> fx.Node | None:
+    """The node whose storage ``x`` may view (through view-like ops)."""
+    while isinstance(x, fx.Node):
+        if x.op == "call_method" and x.target in _VIEW_METHODS and x.args:
+            x = x.args[0]
+        elif (
+            x.op == "call_function"
+            and G.hashable(x.target)
+            and x.target in _VIEW_FUNCTIONS
+            and x.args
+        ):
+            x = x.args[0]
+        else:
+            return x
+    return None
+
+
+def mutated_inputs(gm: fx.GraphModule) -> list[int]:
+    """Positions of the placeholders an op with side effects may write (through views)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    hit = set()
+    for n in gm.graph.nodes:
+        if n.op in ("placeholder", "output") or not G.has_side_effects(n):
+            continue
+        targets = list(n.args[:1]) + [v for k, v in n.kwargs.items() if k == "out"]
+        for t in targets:
+            b = _base_of(t)
+            if b is not None and b.op == "placeholder":
+                hit.add(b)
+        if n.op == "call_module":  # a module call may write any input it is given
+            hit |= {b for a in n.all_input_nodes if (b := _base_of(a)) is not None}
+    return [i for i, p in enumerate(placeholders) if p in hit]
+
+
+def _run(gm: fx.GraphModule, inputs: list, mutated: list[int], seed: int):
+    ins = list(inputs)
+    for i in mutated:
+        if isinstance(ins[i], torch.Tensor):
+            ins[i] = ins[i].detach().clone()
+    devices = sorted(
+        {x.device.index or 0 for x in ins if isinstance(x, torch.Tensor) and x.is_cuda}
+    )
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.manual_seed(seed)
+        out = gm(*ins)
+    flat, _ = pytree.tree_flatten(out)
+    return flat, [ins[i] for i in mutated]
+
+
+def check_graph(
+    original: fx.GraphModule, rewritten: fx.GraphModule, example_inputs, *, seed: int = 0
+) -> GraphVerdict:
+    """Run both graphs on ``example_inputs`` and compare what they produce."""
+    inputs = [G.sym_hint(x) if isinstance(x, torch.SymInt) else x for x in example_inputs]
+    mutated = sorted(set(mutated_inputs(original)) | set(mutated_inputs(rewritten)))
+    base, base_state = _run(original, inputs, mutated, seed)
+    cand, cand_state = _run(rewritten, inputs, mutated, seed)
+    if len(base) != len(cand):
+        return GraphVerdict(False, f"{len(cand)} outputs, the original has {len(base)}")
+    pairs = [(f"output {i}", c, b) for i, (c, b) in enumerate(zip(cand, base))]
+    pairs += [
+        (f"input {i} (mutated in place)", c, b) for i, c, b in zip(mutated, cand_state, base_state)
+    ]
+    for label, c, b in pairs:
+        res = graph_outputs_close(c, b)
+        if not res.ok:
+            return GraphVerdict(False, f"{label}: {res.message}")
+    return GraphVerdict(True)

@@ -120,7 +120,8 @@ def rewrite_graph(
             continue
         with _lock:
             _verified.add((s.spec.key, s.where))
-        replaced |= rewrite.region(gnx, s)
+        nodes = rewrite.region(gnx, s)
+        replaced |= nodes | G.dead_users(nodes)
         rewrite.apply(new, s)
         records.append(
             report.SiteRecord(s.kind, "rewritten", None, s.where, s.spec, v.max_rel_err, graph=gid)

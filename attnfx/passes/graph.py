@@ -206,6 +206,41 @@ def has_side_effects(node: fx.Node) -> bool:
         return True
 
 
+def is_dead(node: fx.Node) -> bool:
+    """Whether ``node``'s value never reaches an output or a side effect: no effects of
+    its own and only dead users (a ``sim.clone()`` kept for debugging that nothing
+    reads)."""
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "output" or has_side_effects(n):
+            return False
+        stack.extend(n.users)
+    return True
+
+
+def live_users(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node`` that are not dead."""
+    return [u for u in node.users if not is_dead(u)]
+
+
+def dead_users(nodes: set[fx.Node]) -> set[fx.Node]:
+    """The dead users of ``nodes`` outside them, and everything downstream of those (all
+    dead too): what must go with ``nodes`` when they are replaced."""
+    out: set[fx.Node] = set()
+    stack = [u for n in nodes for u in n.users if u not in nodes and is_dead(u)]
+    while stack:
+        n = stack.pop()
+        if n not in out:
+            out.add(n)
+            stack.extend(n.users)
+    return out
+
+
 def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gm`` with a fresh graph (same submodules and attributes), for passes
     that must not change the graph Dynamo gave."""

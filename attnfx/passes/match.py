@@ -7,8 +7,8 @@ variant in ``attnfx/passes/recognize/``).  From the anchor the matcher walks
   product, turning each step into a ``ScoreOp``;
 * forwards through casts and identity dropout to the ``p @ v`` product.
 
-Every intermediate value (scores, probabilities) must have exactly one user: the rewrite
-deletes them.  A candidate that looks like attention but breaks a condition becomes a
+Every intermediate value (scores, probabilities) must have exactly one live user: the
+rewrite deletes them, with their dead users (a ``sim.clone()`` nothing reads).  A candidate that looks like attention but breaks a condition becomes a
 *refusal*: kept as it is, with the reason counted and reported.
 """
 
@@ -148,7 +148,7 @@ def walk_scores(start: fx.Node, score_shape: tuple) -> ScoreChain:
             raise NoMatch("score chain reaches a constant")
         if cur.op == "call_function" and cur.target is torch.matmul:
             break
-        if len(cur.users) != 1:
+        if len(G.live_users(cur)) != 1:
             raise Refusal("scores have other users (e.g. returned or logged)", cur)
         nodes.append(cur)
         if G.is_cast(cur):
@@ -393,7 +393,7 @@ def strip_scalar_scale(x: fx.Node) -> tuple[fx.Node, list[float]]:
         isinstance(x, fx.Node)
         and x.op == "call_function"
         and x.target in (operator.mul, operator.truediv)
-        and len(x.users) == 1
+        and len(G.live_users(x)) == 1
     ):
         a, b = x.args[0], x.args[1]
         ca, cb = G.constant_value(a), G.constant_value(b)
@@ -513,11 +513,12 @@ def walk_probs(anchor: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
     """Forward from the activation through casts and identity dropout to ``p @ v``."""
     cur, nodes = anchor, []
     while True:
-        if len(cur.users) != 1:
+        live = G.live_users(cur)
+        if len(live) != 1:
             raise Refusal(
                 "attention probabilities have other users (e.g. output_attentions=True)", cur
             )
-        (u,) = cur.users
+        (u,) = live
         if G.is_cast(u):
             cur = u
             nodes.append(u)

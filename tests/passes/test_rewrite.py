@@ -126,3 +126,54 @@ def test_remove_replaced_touches_only_given_nodes():
     left = {n.name for n in gm.graph.nodes}
     assert "mul" in left and "add_" in left
     assert "mul_1" not in left and "add" not in left
+
+
+class DeadDebugClones(torch.nn.Module):
+    """x-transformers keeps intermediates for debugging (``qk_similarities = sim.clone()``)
+    that nothing reads: Dynamo leaves the clones in the graph, dead."""
+
+    def forward(self, q, k, v):
+        sim = torch.einsum("bhid,bhjd->bhij", q, k) * D**-0.5
+        qk_similarities = sim.clone()  # noqa: F841 - dead on purpose
+        causal = torch.ones(sim.shape[-2:], dtype=torch.bool).triu(1)
+        sim = sim.masked_fill(causal, -torch.finfo(sim.dtype).max)
+        pre_softmax_attn = sim.clone()  # noqa: F841
+        attn = sim.softmax(dim=-1)
+        post_softmax_attn = attn.clone().detach()  # noqa: F841
+        return torch.einsum("bhij,bhjd->bhid", attn, v)
+
+
+def test_dead_users_do_not_block_the_rewrite():
+    from torch._dynamo.testing import EagerAndRecordGraphs
+
+    from attnfx.backend import Options, rewrite_graph
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 12, D, requires_grad=True) for _ in range(3))
+    m = DeadDebugClones()
+    got = torch.compile(m, backend="attnfx")(q, k, v)
+    assert attnfx.counters["rewritten.softmax"] == 1, dict(attnfx.counters)
+    torch.testing.assert_close(got, m(q, k, v))
+
+    rec = EagerAndRecordGraphs()
+    torch._dynamo.reset()
+    torch.compile(m, backend=rec)(q, k, v)
+    (gm,) = rec.graphs
+    assert sum(1 for n in gm.graph.nodes if "clone" in str(n.target)) == 3
+    new, _ = rewrite_graph(gm, [q, k, v], Options(verify="off"))
+    left = [n for n in new.graph.nodes if "clone" in str(n.target)]
+    assert not left, "the dead clones of the replaced region must go with it"
+
+
+class LiveClone(torch.nn.Module):
+    def forward(self, q, k, v):
+        sim = q @ k.transpose(-2, -1) * D**-0.5
+        kept = sim.clone()
+        return sim.softmax(-1) @ v, kept
+
+
+def test_live_user_still_refused():
+    q, k, v = (torch.randn(2, 2, 12, D) for _ in range(3))
+    torch.compile(LiveClone(), backend="attnfx")(q, k, v)
+    assert attnfx.counters["rewritten.softmax"] == 0
+    assert any("scores have other users" in key for key in attnfx.counters), dict(attnfx.counters)

@@ -36,7 +36,7 @@ def _is(node, fns=(), methods=()) -> bool:
 
 
 def _single_use(node) -> bool:
-    return isinstance(node, fx.Node) and len(node.users) == 1
+    return isinstance(node, fx.Node) and len(G.live_users(node)) == 1
 
 
 def sigmoid_input(node: fx.Node) -> fx.Node | None:

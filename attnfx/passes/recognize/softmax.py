@@ -60,7 +60,7 @@ def match(node: fx.Node, activation: str = "softmax", kind: str = KIND) -> Site:
 
 def build_site(anchor, pv, chain, *, kind, activation, extra_ops=()) -> Site:
     mm = chain.matmul
-    if len(mm.users) != 1:
+    if len(G.live_users(mm)) != 1:
         raise Refusal("scores have other users (e.g. returned or logged)", mm)
     a, b = mm.args
     qn, qscales = strip_scalar_scale(a)

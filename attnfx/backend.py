@@ -85,6 +85,7 @@ def rewrite_graph(
 
     verdicts: dict[int, verify.Verdict] = {}
     replaced: set[fx.Node] = set()  # nodes of the rewritten regions: the only ones removed
+    sites_out: dict[str, fx.Node] = {}  # site output name -> the node that replaced it
     todo = []
     for i, s in enumerate(matched):
         key = (s.spec.key, s.where)
@@ -122,7 +123,7 @@ def rewrite_graph(
             _verified.add((s.spec.key, s.where))
         nodes = rewrite.region(gnx, s)
         replaced |= nodes | G.dead_users(nodes)
-        rewrite.apply(new, s)
+        sites_out[s.output.name] = rewrite.apply(new, s)
         records.append(
             report.SiteRecord(s.kind, "rewritten", None, s.where, s.spec, v.max_rel_err, graph=gid)
         )
@@ -132,10 +133,10 @@ def rewrite_graph(
         # forms are equal in value, not always in rounding).
         return gm, records
     rewrite.finish(new, replaced)
-    return _check_whole_graph(gm, new, example_inputs, records, options)
+    return _check_whole_graph(gm, new, example_inputs, sites_out, records, options)
 
 
-def _check_whole_graph(gm, new, example_inputs, records, options: Options):
+def _check_whole_graph(gm, new, example_inputs, sites_out, records, options: Options):
     """The rewritten graph against Dynamo's (passes/graph_check.py); on a mismatch the
     original graph is compiled and every rewritten site is counted as kept."""
     from attnfx.passes.graph_check import check_graph
@@ -146,7 +147,7 @@ def _check_whole_graph(gm, new, example_inputs, records, options: Options):
     if options.verify == "first" and key in _verified:
         return new, records
     try:
-        verdict = check_graph(gm, new, example_inputs)
+        verdict = check_graph(gm, new, example_inputs, sites_out)
     except Exception as e:  # noqa: BLE001 - a rewritten graph that cannot run is a mismatch
         from attnfx.passes.graph_check import GraphVerdict
 

@@ -158,3 +158,18 @@ def test_graph_outputs_close_discrete_and_nonfinite():
     assert not graph_outputs_close(torch.tensor([1.0, 0.0, float("inf")]), x).ok
     assert not graph_outputs_close(torch.tensor([1.0, float("nan"), 5.0]), x).ok
     assert graph_outputs_close(3, 3).ok and not graph_outputs_close(3, 4).ok
+
+
+def test_original_run_takes_site_outputs_and_skips_the_scores():
+    """The original graph runs with each site's output taken from the rewritten run: the
+    N² scores are never computed for the check."""
+    from torch._dynamo.testing import EagerAndRecordGraphs
+
+    rec = EagerAndRecordGraphs()
+    torch.compile(AddInplace(), backend=rec)(*_qkv())
+    (gm,) = rec.graphs
+    mm = [n for n in gm.graph.nodes if "matmul" in str(n.target)]
+    assert len(mm) == 2  # q @ kᵀ and p @ v
+    needed = graph_check._needed(gm, {mm[1].name})
+    assert mm[1] in needed and mm[0] not in needed
+    assert not any("softmax" in str(n.target) for n in needed)

@@ -82,6 +82,12 @@ def rewrite_graph(
     records: list[report.SiteRecord] = []
     matched = [s for s in sites if s.spec is not None]
     gnx = G.to_networkx(new.graph) if matched else None
+    for s in matched:
+        w = rewrite.write_inside(gnx, s)
+        if w is not None:
+            s.spec, s.reason = None, "an in-place write lies inside the site"
+            log.debug("attnfx: %s at %s: %s writes in place", s.kind, s.where, w.name)
+    matched = [s for s in sites if s.spec is not None]
 
     verdicts: dict[int, verify.Verdict] = {}
     replaced: set[fx.Node] = set()  # nodes of the rewritten regions: the only ones removed

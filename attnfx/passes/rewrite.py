@@ -73,6 +73,26 @@ def externals(nodes: set[fx.Node]) -> list[fx.Node]:
     return sorted(ext, key=order.__getitem__)
 
 
+def write_inside(gm_nx: nx.DiGraph, site: Site) -> fx.Node | None:
+    """A node with side effects between the site's first node and its output, if any.
+
+    The op call is inserted at the output, so it reads its operands *there*; the eager
+    region read them where it started.  An in-place write in between (``q.mul_(2)``
+    after the scores) would make the two differ — and neither verification (whose
+    captured values share storage with the written tensor) nor the whole-graph check
+    (which takes the op's output as given) would see it.  Such sites are kept."""
+    nodes = region(gm_nx, site)
+    if not nodes:
+        return None
+    order = {n: i for i, n in enumerate(site.output.graph.nodes)}
+    first = min(order[n] for n in nodes)
+    last = order[site.output]
+    for n in site.output.graph.nodes:
+        if first < order[n] < last and n not in nodes and G.has_side_effects(n):
+            return n
+    return None
+
+
 def site_inputs(gm_nx: nx.DiGraph, site: Site) -> tuple[set[fx.Node], list[fx.Node]]:
     """The region and every value the original region or the op call reads from outside
     it, in graph order.  (An operand can sit upstream of a node the region reads, when a

@@ -177,3 +177,25 @@ def test_live_user_still_refused():
     torch.compile(LiveClone(), backend="attnfx")(q, k, v)
     assert attnfx.counters["rewritten.softmax"] == 0
     assert any("scores have other users" in key for key in attnfx.counters), dict(attnfx.counters)
+
+
+class WriteInsideSite(torch.nn.Module):
+    """``q`` is written after the scores read it and before ``p @ v``: the op, placed at
+    ``p @ v``, would read the new q.  Kept, with the reason."""
+
+    def forward(self, q, k, v):
+        q = q.clone()
+        s = q @ k.transpose(-2, -1) / math.sqrt(D)
+        q.mul_(2.0)
+        o = s.softmax(-1) @ v
+        return o + q.sum()
+
+
+def test_in_place_write_inside_site_is_kept():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 12, D) for _ in range(3))
+    m = WriteInsideSite()
+    got = torch.compile(m, backend="attnfx")(q, k, v)
+    assert attnfx.counters["rewritten.softmax"] == 0, dict(attnfx.counters)
+    assert attnfx.counters["kept.an in-place write lies inside the site"] == 1
+    torch.testing.assert_close(got, m(q, k, v))

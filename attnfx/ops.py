@@ -14,9 +14,10 @@ gradients are contiguous.
 Where the op runs:
 
 * CUDA tensors: the generated Triton kernels.
-* CPU tensors: a PyTorch implementation of the spec (``reference_attention``) by
-  default, or the generated Triton kernels under Triton's interpreter when
-  ``ATTNFX_INTERPRET=1`` (that is how the tests exercise the kernels without a GPU).
+* CPU tensors: ``attnfx.cpu`` by default — PyTorch's fused SDPA kernel where the spec
+  is one SDPA expresses exactly, else ``reference_attention`` in blocks of query rows —
+  or the generated Triton kernels under Triton's interpreter when ``ATTNFX_INTERPRET=1``
+  (that is how the tests exercise the kernels without a GPU).
 """
 
 from __future__ import annotations
@@ -189,6 +190,14 @@ def reference_attention(
 def reference_attention_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, aux: list[Tensor], spec: AttentionSpec
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """``reference_gradients`` rounded to the dtypes of q, k and v."""
+    dq, dk, dv = reference_gradients(dout, q, k, v, aux, spec)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def reference_gradients(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, aux: list[Tensor], spec: AttentionSpec
+) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``reference_attention``'s output, written out (the op runs below
     autograd, so it cannot differentiate itself)::
 
@@ -227,7 +236,7 @@ def reference_attention_backward(
         b, h, n, _ = dk.shape
         dk = dk.view(b, h // g, g, n, -1).sum(2)
         dv = dv.view(b, h // g, g, n, -1).sum(2)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq, dk, dv  # in the accumulation dtype
 
 
 # ---------------------------------------------------------------------------------------
@@ -246,7 +255,10 @@ def attention_op(
 
         ks, kaux = lower_symbolic(s, aux, q, k)
         return run_forward(ks, q, k, v, kaux)
-    out, lse = reference_attention(q, k, v, aux, s)
+    from attnfx import cpu
+
+    res = cpu.forward(q, k, v, aux, s)
+    out, lse = res if res is not None else cpu.reference_forward(q, k, v, aux, s)
     return empty_output(q, v, s).copy_(out), lse.contiguous()
 
 
@@ -274,7 +286,10 @@ def attention_backward_op(
 
         ks, kaux = lower_symbolic(s, aux, q, k)
         return run_backward(ks, dout, q, k, v, kaux, out, lse)
-    dq, dk, dv = reference_attention_backward(dout, q, k, v, aux, s)
+    from attnfx import cpu
+
+    res = cpu.backward(dout, q, k, v, aux, s)
+    dq, dk, dv = res if res is not None else cpu.reference_backward(dout, q, k, v, aux, s)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 

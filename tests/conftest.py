@@ -27,12 +27,17 @@ except ImportError:  # pragma: no cover
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
-    """Each test compiles afresh: no cache entries or counters leak between tests."""
+    """Each test compiles afresh: no cache entries, counters or verified sites leak
+    between tests."""
     import torch
 
     import attnfx
+    from attnfx import backend
 
     torch._dynamo.reset()
     attnfx.reset_counters()
+    # verify="first" skips sites this process verified before: start each test afresh,
+    # so that what a test sees verified does not depend on the tests run before it.
+    backend._verified.clear()
     yield
     torch._dynamo.reset()

@@ -151,3 +151,21 @@ def test_blocked_reference_equals_full(name, monkeypatch):
     got = cpu.reference_backward(dout, q, k, v, [], spec)
     for g, r in zip(got, ops.reference_attention_backward(dout, q, k, v, [], spec)):
         torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("nq,nk", [(19, 31), (31, 19)])
+def test_sdpa_path_causal_unequal_lengths(nq, nk):
+    """``K <= Q`` with NQ != NK is top-left aligned: the fused kernel's is_causal must
+    agree (rows past NK keep every key; no row is empty)."""
+    q, k, v = _inputs(nq, nk)
+    spec = _spec([ScoreOp("fill_pred", value=-INF, pred=CAUSAL)])
+    got = cpu.forward(q, k, v, [], spec)
+    assert got is not None
+    ref, _ = ops.reference_attention(q, k, v, [], spec)
+    torch.testing.assert_close(got[0], ref, rtol=1e-6, atol=1e-6)
+    dout = torch.randn_like(ref)
+    for g, r in zip(
+        cpu.backward(dout, q, k, v, [], spec),
+        ops.reference_attention_backward(dout, q, k, v, [], spec),
+    ):
+        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6)

@@ -166,14 +166,26 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float32 else torch.float32
 
 
-def _run_forward(q, k, v, spec, args):
+def _dense(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``, contiguous: the fused kernel, called directly, reads a
+    (B, H, N, D) operand whose head dim is not the innermost one wrongly (measured: a
+    transposed k, strides (…, 1, N), gives errors of order 1; ``F.sdpa`` copies first)."""
+    return t.to(dtype=dtype, memory_format=torch.contiguous_format)
+
+
+def _flash_args(q, k, v, spec, args):
     acc = _acc(q.dtype)
     kk, vv = _kv(k, v, spec)
     mask = args["attn_mask"]
-    return _FLASH(
-        q.to(acc), kk.to(acc), vv.to(acc), 0.0, args["is_causal"],
-        attn_mask=None if mask is None else mask.to(acc), scale=args["scale"],
-    )  # fmt: skip
+    if mask is not None:
+        nq, nk = q.shape[-2], k.shape[-2]
+        mask = _dense(mask.expand(*mask.shape[:-2], nq, nk), acc)
+    return acc, _dense(q, acc), _dense(kk, acc), _dense(vv, acc), mask
+
+
+def _run_forward(q, k, v, spec, args):
+    _, qq, kk, vv, mask = _flash_args(q, k, v, spec, args)
+    return _FLASH(qq, kk, vv, 0.0, args["is_causal"], attn_mask=mask, scale=args["scale"])
 
 
 def forward(q, k, v, aux, spec) -> tuple[Tensor, Tensor] | None:
@@ -193,13 +205,11 @@ def backward(dout, q, k, v, aux, spec) -> tuple[Tensor, Tensor, Tensor] | None:
     args = _prepare(q, k, v, aux, spec)
     if args is None:
         return None
-    acc = _acc(q.dtype)
-    out, lse = _run_forward(q, k, v, spec, args)
-    kk, vv = _kv(k, v, spec)
-    mask = args["attn_mask"]
+    acc, qq, kk, vv, mask = _flash_args(q, k, v, spec, args)
+    out, lse = _FLASH(qq, kk, vv, 0.0, args["is_causal"], attn_mask=mask, scale=args["scale"])
     dq, dk, dv = _FLASH_BACKWARD(
-        dout.to(acc), q.to(acc), kk.to(acc), vv.to(acc), out, lse, 0.0, args["is_causal"],
-        attn_mask=None if mask is None else mask.to(acc), scale=args["scale"],
+        _dense(dout, acc), qq, kk, vv, out, lse, 0.0, args["is_causal"],
+        attn_mask=mask, scale=args["scale"],
     )  # fmt: skip
     return dq.to(q.dtype), _fold_group(dk, spec).to(k.dtype), _fold_group(dv, spec).to(v.dtype)
 

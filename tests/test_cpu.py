@@ -169,3 +169,29 @@ def test_sdpa_path_causal_unequal_lengths(nq, nk):
         ops.reference_attention_backward(dout, q, k, v, [], spec),
     ):
         torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6)
+
+
+def test_sdpa_path_any_strides():
+    """A transposed k (head dim not innermost), a (B, N, H, D) v and a per-query mask:
+    the fused kernel reads such operands wrongly when called directly, so they are made
+    dense first."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 2, 12, D, generator=g)
+    k = torch.randn(2, 2, D, 12, generator=g).transpose(-2, -1)
+    v = torch.randn(2, 12, 2, D, generator=g).transpose(1, 2)
+    rowmask = torch.zeros(2, 1, 12, 1)
+    rowmask[0, ..., 3, :] = -2.0
+    aux = [rowmask.expand(2, 2, 12, 12)]
+    spec = _spec(
+        [ScoreOp("add_aux", aux=0), ScoreOp("fill_pred", value=-INF, pred=CAUSAL)], ["float32"]
+    )
+    got = cpu.forward(q, k, v, aux, spec)
+    assert got is not None
+    ref, _ = ops.reference_attention(q, k, v, aux, spec)
+    torch.testing.assert_close(got[0], ref, rtol=1e-6, atol=1e-6)
+    dout = torch.randn(2, 12, 2, D, generator=g).transpose(1, 2)
+    for a, r in zip(
+        cpu.backward(dout, q, k, v, aux, spec),
+        ops.reference_attention_backward(dout, q, k, v, aux, spec),
+    ):
+        torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-6)

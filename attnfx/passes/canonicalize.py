@@ -73,6 +73,12 @@ def canonicalize(gm: fx.GraphModule) -> int:
             changed += _canonicalize_node(gm, node)
         except _Skip:
             continue
+    # Then, on canonical matmuls: batched-heads products back to 4-D (scores first, so
+    # that the value product's pattern never takes a score product for one).
+    for split in (_split_scores, _split_values):
+        for node in list(gm.graph.nodes):
+            if node.op in ("call_function", "call_method") and node.graph is gm.graph:
+                changed += split(node)
     if changed:
         gm.graph.lint()
         gm.recompile()
@@ -240,4 +246,167 @@ def _canonicalize_baddbmm(node: fx.Node) -> int:
             return 1
     node.replace_all_uses_with(cur)
     node.graph.erase_node(node)
+    return 1
+
+
+# ---------------------------------------------------------------------------------------
+# Batched-heads products: (B·H, N, D) matmuls whose scores are viewed as (B, H, N, N)
+# ---------------------------------------------------------------------------------------
+#
+# ``torch.bmm(q.reshape(B*H, N, D), kᵀ.reshape(B*H, D, N)).view(B, H, N, N)`` (and GPT-2's
+# ``baddbmm`` + ``reshape``) becomes ``q4 @ k4ᵀ`` on 4-D views of the same operands, with
+# the scalar ops in between moved after it; ``bmm(p.view(B*H, N, N), v3)`` becomes
+# ``(p @ v3.reshape(B, H, N, Dv)).reshape(B*H, N, Dv)``.  Each product computes the same
+# dot products, element for element, so values are unchanged.
+
+_VIEWS = {"view", "reshape", torch.reshape}
+
+
+def _is_view(node: fx.Node) -> bool:
+    t = _key(node)
+    return G.hashable(t) and t in _VIEWS and node.op in ("call_function", "call_method")
+
+
+def _sizes(node: fx.Node) -> list | None:
+    """Static sizes of ``node``'s value, else None."""
+    shp = G.shape(node)
+    if shp is None or not all(isinstance(x, int) for x in shp):
+        return None
+    return list(shp)
+
+
+def _scalar_operand(x) -> bool:
+    if G.is_number(x):
+        return True
+    ev = G.example_value(x)
+    if isinstance(ev, (torch.SymInt, torch.SymFloat)):
+        return True
+    return isinstance(ev, torch.Tensor) and ev.dim() == 0
+
+
+def _split_scores(view: fx.Node) -> int:
+    """``view(B, H, NQ, NK)`` of ``ops(matmul(a3, b3))`` with (B·H, NQ, NK) scores."""
+    if not _is_view(view):
+        return 0
+    out, src = _sizes(view), _sizes(view.args[0]) if isinstance(view.args[0], fx.Node) else None
+    if out is None or src is None or len(out) != 4 or len(src) != 3:
+        return 0
+    if out[2:] != src[1:] or out[0] * out[1] != src[0] or not _feeds_activation(view):
+        return 0
+    chain, cur = [], view.args[0]
+    while isinstance(cur, fx.Node) and not (
+        cur.op == "call_function" and cur.target is torch.matmul
+    ):
+        if len(cur.users) != 1:
+            return 0
+        if G.is_cast(cur):
+            chain.append((cur, 0))
+        elif (
+            cur.op == "call_function"
+            and cur.target in (operator.mul, operator.truediv, operator.add, operator.sub)
+            and len(cur.args) == 2
+        ):
+            a, b = cur.args
+            if isinstance(a, fx.Node) and _scalar_operand(b) and G.is_tensor(a):
+                chain.append((cur, 0))
+            elif isinstance(b, fx.Node) and _scalar_operand(a) and G.is_tensor(b):
+                chain.append((cur, 1))
+            else:
+                return 0
+        else:
+            return 0
+        cur = cur.args[chain[-1][1]]
+    mm = cur
+    if not isinstance(mm, fx.Node) or len(mm.users) != 1 or len(mm.args) != 2:
+        return 0
+    a3, b3 = mm.args
+    sa, sb = _sizes(a3), _sizes(b3)
+    if sa is None or sb is None or len(sa) != 3 or len(sb) != 3:
+        return 0
+    b, h, nq, nk = out
+    d = sa[2]
+    graph = view.graph
+    with graph.inserting_after(mm):
+        q4 = graph.call_method("reshape", (a3, b, h, nq, d))
+    with graph.inserting_after(q4):
+        kt = graph.call_method("reshape", (b3, b, h, d, nk))
+    with graph.inserting_after(kt):
+        k4 = graph.call_function(torch.transpose, (kt, -2, -1))
+    with graph.inserting_after(k4):
+        kt4 = graph.call_function(torch.transpose, (k4, -2, -1))
+    with graph.inserting_after(kt4):
+        mm4 = graph.call_function(torch.matmul, (q4, kt4))
+    for n in (q4, kt, k4, kt4, mm4):
+        set_example_value(n)
+    prev = mm4
+    for node, pos in reversed(chain):  # from the product towards the view
+        args = list(node.args)
+        args[pos] = prev
+        node.args = tuple(args)
+        set_example_value(node)
+        prev = node
+    view.replace_all_uses_with(prev)
+    graph.erase_node(view)
+    graph.erase_node(mm)
+    return 1
+
+
+def _is_activation(x) -> bool:
+    t = _key(x)
+    return G.hashable(t) and (t in _SOFTMAX or t in (torch.sigmoid, F.sigmoid, "sigmoid"))
+
+
+def _feeds_activation(x: fx.Node, limit: int = 16) -> bool:
+    """``x`` flows, one user at a time, into a softmax or sigmoid: it is scores."""
+    for _ in range(limit):
+        if len(x.users) != 1:
+            return False
+        (x,) = x.users
+        if _is_activation(x):
+            return True
+    return False
+
+
+def _is_probabilities(x) -> bool:
+    """``x`` is a softmax or sigmoid output, through casts and dropout."""
+    while isinstance(x, fx.Node):
+        if G.is_cast(x) or G.dropout_identity(x)[0]:
+            x = x.args[0]
+            continue
+        return _is_activation(x)
+    return False
+
+
+def _split_values(mm: fx.Node) -> int:
+    """``matmul(p.view(B·H, NQ, NK), v3)`` with ``p`` of shape (B, H, NQ, NK)."""
+    if not (mm.op == "call_function" and mm.target is torch.matmul and len(mm.args) == 2):
+        return 0
+    p3, v3 = mm.args
+    if not isinstance(p3, fx.Node) or not _is_view(p3) or len(p3.users) != 1:
+        return 0
+    p4 = p3.args[0]
+    if not _is_probabilities(p4):
+        return 0
+    s4, s3, sv, so = (
+        _sizes(p4) if isinstance(p4, fx.Node) else None,
+        _sizes(p3),
+        _sizes(v3) if isinstance(v3, fx.Node) else None,
+        _sizes(mm),
+    )
+    if None in (s4, s3, sv, so) or len(s4) != 4 or len(s3) != 3 or len(sv) != 3:
+        return 0
+    if s4[2:] != s3[1:] or s4[0] * s4[1] != s3[0] or sv[0] != s3[0] or sv[1] != s3[2]:
+        return 0
+    b, h, nk, dv = s4[0], s4[1], sv[1], sv[2]
+    graph = mm.graph
+    with graph.inserting_before(mm):
+        v4 = graph.call_method("reshape", (v3, b, h, nk, dv))
+        out4 = graph.call_function(torch.matmul, (p4, v4))
+        out3 = graph.call_method("reshape", (out4, *so))
+    for n in (v4, out4, out3):
+        set_example_value(n)
+    out3.meta.update({k: v for k, v in mm.meta.items() if k not in ("example_value", "val")})
+    mm.replace_all_uses_with(out3)
+    graph.erase_node(mm)
+    graph.erase_node(p3)
     return 1

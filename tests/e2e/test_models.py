@@ -31,6 +31,17 @@ def _gpt2(impl):
     return m, (torch.randint(0, 100, (2, 12)),), 2
 
 
+def _gpt2_reorder(impl):
+    """GPT-2 with ``reorder_and_upcast_attn``: ``baddbmm(empty, q3, kᵀ3, beta=0,
+    alpha=...)`` on merged batch·heads, reshaped to 4-D, float32 softmax; the scale also
+    depends on the layer (``scale_attn_by_inverse_layer_idx``)."""
+    m, inputs, n = _gpt2(impl)
+    c = m.config
+    c.reorder_and_upcast_attn = True
+    c.scale_attn_by_inverse_layer_idx = True
+    return transformers.GPT2Model(c), inputs, n
+
+
 def _bert(impl):
     c = transformers.BertConfig(
         num_hidden_layers=2,
@@ -179,3 +190,28 @@ def test_model_rewritten_and_equal(name, build, impl, mask):
             check_strides=False,
             context=pname,
         )
+
+
+def test_gpt2_reorder_and_upcast_rewritten_and_equal():
+    """Its attention raises unless the scores are float32, so there is no float64 gold:
+    outputs and parameter gradients are held to eager's float32 values, closely."""
+    torch.manual_seed(0)
+    model, inputs, n_layers = _gpt2_reorder("eager")
+    model.eval()
+    report = attnfx.explain(model, *inputs)
+    assert report.count("softmax") == n_layers and not report.kept, str(report)
+    assert all(s.spec.mask_class.kind == "causal" for s in report.rewritten), str(report)
+    attnfx.reset_counters()
+    compiled = torch.compile(model, backend="attnfx")
+    out = _first_tensor(compiled(*inputs))
+    assert attnfx.counters["rewritten.softmax"] == n_layers
+    base = _first_tensor(model(*inputs))
+    torch.testing.assert_close(out, base, rtol=1e-5, atol=1e-5)
+    cot = torch.randn_like(base)
+    grads = []
+    for o in (out, base):
+        model.zero_grad(set_to_none=True)
+        o.backward(cot)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for name, g in grads[1].items():
+        torch.testing.assert_close(grads[0][name], g, rtol=1e-4, atol=1e-5, msg=name)

@@ -237,24 +237,28 @@ def _check_training_dropout(inner):
     assert not torch.equal(m.eval()(*inputs), expected)  # dropout really dropped something
 
 
-class _WrongReference:
-    """``attnfx.ops.reference_attention`` plus 1.0: a rewrite that computes the wrong thing."""
+class _WrongCpuPath:
+    """The op's CPU implementation (either path) plus 1.0: a rewrite that computes the
+    wrong thing."""
 
-    def __init__(self, orig):
-        self.orig = orig
+    def __init__(self, fused, reference):
+        self.fused, self.reference = fused, reference
         self.calls = 0
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
-        out, lse = self.orig(*args, **kwargs)
+        res = self.fused(*args, **kwargs)
+        out, lse = res if res is not None else self.reference(*args, **kwargs)
         return out + 1.0, lse
 
 
 @pytest.fixture
 def wrong_reference(monkeypatch):
-    monkeypatch.delenv("ATTNFX_INTERPRET", raising=False)  # the CPU op must run the reference
-    wrong = _WrongReference(attnfx.ops.reference_attention)
-    monkeypatch.setattr(attnfx.ops, "reference_attention", wrong)
+    import attnfx.cpu
+
+    monkeypatch.delenv("ATTNFX_INTERPRET", raising=False)  # the CPU op must run on CPU
+    wrong = _WrongCpuPath(attnfx.cpu.forward, attnfx.cpu.reference_forward)
+    monkeypatch.setattr(attnfx.cpu, "forward", wrong)
     return wrong
 
 

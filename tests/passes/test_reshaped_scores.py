@@ -112,3 +112,28 @@ def test_reshape_that_mixes_query_rows_is_not_split():
     got = torch.compile(m, backend="attnfx")(q, k, v)
     assert attnfx.counters["rewritten.softmax"] == 0
     torch.testing.assert_close(got, m(q, k, v))
+
+
+class ClassAttention(nn.Module):
+    """CaiT-style class attention: the class token's query (NQ = 1, from a slice) over
+    ``cat(cls, tokens)`` (NK = N + 1)."""
+
+    def __init__(self, dim=64, heads=2):
+        super().__init__()
+        self.h, self.d = heads, dim // heads
+        self.q, self.k, self.v = (nn.Linear(dim, dim) for _ in range(3))
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q = self.q(x[:, 0:1]).reshape(b, 1, self.h, self.d).permute(0, 2, 1, 3)
+        k = self.k(x).reshape(b, n, self.h, self.d).permute(0, 2, 1, 3)
+        v = self.v(x).reshape(b, n, self.h, self.d).permute(0, 2, 1, 3)
+        attn = (q * self.d**-0.5) @ k.transpose(-2, -1)
+        cls = attn.softmax(dim=-1) @ v
+        return cls.transpose(1, 2).reshape(b, 1, c)
+
+
+def test_class_attention_single_query():
+    torch.manual_seed(0)
+    x = torch.randn(2, 17, 64)
+    assert_rewrites_match_eager(ClassAttention(), [x], grad=True, grad_idx=(0,), params=True)

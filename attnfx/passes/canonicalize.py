@@ -75,7 +75,7 @@ def canonicalize(gm: fx.GraphModule) -> int:
             continue
     # Then, on canonical matmuls: batched-heads products back to 4-D (scores first, so
     # that the value product's pattern never takes a score product for one).
-    for split in (_split_scores, _split_values):
+    for split in (_split_scores, _split_values, _merge_window_mask):
         for node in list(gm.graph.nodes):
             if node.op in ("call_function", "call_method") and node.graph is gm.graph:
                 changed += split(node)
@@ -409,4 +409,46 @@ def _split_values(mm: fx.Node) -> int:
     mm.replace_all_uses_with(out3)
     graph.erase_node(mm)
     graph.erase_node(p3)
+    return 1
+
+
+def _merge_window_mask(view4: fx.Node) -> int:
+    """Swin's per-window mask: ``view4(view5(s) + m)`` with ``s`` of shape (B·nW, H, N, N)
+    viewed as (B, nW, H, N, N) for the add becomes ``s + m4``, where ``m4`` is ``m``
+    broadcast over (B, nW) and reshaped to (B·nW, ·, ·, ·): the same sum, element for
+    element (``m4`` has one batch·window row per score row, its other dims as ``m``)."""
+    if not _is_view(view4) or not isinstance(view4.args[0], fx.Node):
+        return 0
+    add = view4.args[0]
+    if not (add.op == "call_function" and add.target is operator.add and len(add.users) == 1):
+        return 0
+    v5, m = add.args
+    if not (isinstance(v5, fx.Node) and _is_view(v5)) or not isinstance(m, fx.Node):
+        return 0
+    s4 = v5.args[0]
+    out, s4s, s5s, ms = (
+        _sizes(view4),
+        _sizes(s4) if isinstance(s4, fx.Node) else None,
+        _sizes(v5),
+        _sizes(m),
+    )
+    if None in (out, s4s, s5s, ms) or len(out) != 4 or len(s5s) != 5 or len(ms) > 5:
+        return 0
+    if out != s4s or s5s[2:] != s4s[1:] or s5s[0] * s5s[1] != s4s[0] or len(v5.users) != 1:
+        return 0
+    ms = [1] * (5 - len(ms)) + ms
+    if any(a not in (1, b) for a, b in zip(ms, s5s)) or not _feeds_activation(view4):
+        return 0
+    graph = view4.graph
+    with graph.inserting_before(view4):
+        m5 = graph.call_method("reshape", (m, *ms)) if len(G.shape(m)) != 5 else m
+        me = graph.call_method("expand", (m5, s5s[0], s5s[1], *ms[2:]))
+        m4 = graph.call_method("reshape", (me, s4s[0], *ms[2:]))
+        new = graph.call_function(operator.add, (s4, m4))
+    for n in [x for x in (m5, me, m4, new) if x is not m]:
+        set_example_value(n)
+    new.meta.update({k: v for k, v in view4.meta.items() if k not in ("example_value", "val")})
+    view4.replace_all_uses_with(new)
+    for n in (view4, add, v5):
+        graph.erase_node(n)
     return 1

@@ -215,3 +215,23 @@ def test_gpt2_reorder_and_upcast_rewritten_and_equal():
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     for name, g in grads[1].items():
         torch.testing.assert_close(grads[0][name], g, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256"])
+def test_timm_swin_shifted_block_rewritten(name):
+    """Both blocks, the shifted one's per-window mask included (added through a 5-D view
+    of the scores).  Frozen weights: a learnable relative bias is a separate matter."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    m = timm.create_model(
+        name, pretrained=False, img_size=56, window_size=7, num_classes=10,
+        depths=(2,), num_heads=(2,), embed_dim=32,
+    ).eval().requires_grad_(False)  # fmt: skip
+    x = torch.randn(2, 3, 56, 56)
+    report = attnfx.explain(m, x)
+    assert len(report.rewritten) == 2 and not report.kept, str(report)
+    gold = copy.deepcopy(m).double()(x.double())
+    attnfx.reset_counters()
+    out = torch.compile(m, backend="attnfx")(x)
+    assert sum(v for k, v in attnfx.counters.items() if k.startswith("rewritten.")) == 2
+    assert_attention_close(out, m(x), gold, check_strides=False)

@@ -137,3 +137,32 @@ def test_class_attention_single_query():
     torch.manual_seed(0)
     x = torch.randn(2, 17, 64)
     assert_rewrites_match_eager(ClassAttention(), [x], grad=True, grad_idx=(0,), params=True)
+
+
+class WindowAttention(nn.Module):
+    """Swin-style shifted-window attention: a (H, N, N) relative bias, then the per-window
+    mask added through a (B, nW, H, N, N) view and viewed back."""
+
+    def __init__(self, n_windows=4, heads=2, n=16):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.register_buffer("bias", torch.randn(heads, n, n, generator=g))
+        mask = torch.zeros(n_windows, n, n)
+        mask[1:, : n // 2, n // 2 :] = -100.0  # shifted windows mix regions
+        mask[1:, n // 2 :, : n // 2] = -100.0
+        self.register_buffer("mask", mask)
+        self.nw = n_windows
+
+    def forward(self, q, k, v):
+        bw, h, n, d = q.shape
+        attn = (q * d**-0.5) @ k.transpose(-2, -1)
+        attn = attn + self.bias.unsqueeze(0)
+        attn = attn.view(-1, self.nw, h, n, n) + self.mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, h, n, n)
+        return attn.softmax(dim=-1) @ v
+
+
+def test_swin_window_mask_through_5d_view():
+    g = torch.Generator().manual_seed(0)
+    qkv = [torch.randn(2 * 4, 2, 16, D, generator=g) for _ in range(3)]
+    assert_rewrites_match_eager(WindowAttention(), qkv, grad=True)

@@ -507,11 +507,18 @@ def test_op_autograd_matches_reference():
     q, k, v = (t.requires_grad_() for t in _inputs(spec, 1, 1, 17, 17))
     before = dict(codegen.LAUNCHES)
     out = ops.attention(q, k, v, spec)
-    out.sum().backward()
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    grads = torch.autograd.grad(out, (q, k, v), dout)
     assert codegen.LAUNCHES["fwd"] > before.get("fwd", 0)
     assert codegen.LAUNCHES["bwd_dkdv"] > before.get("bwd_dkdv", 0)
-    ref = ops.reference_attention(q.detach(), k.detach(), v.detach(), [], spec)[0]
+    assert codegen.LAUNCHES["bwd_dq"] > before.get("bwd_dq", 0)
+    qd, kd, vd = q.detach(), k.detach(), v.detach()
+    ref = ops.reference_attention(qd, kd, vd, [], spec)[0]
     torch.testing.assert_close(out.detach(), ref, atol=2e-5, rtol=1e-4)
+    # the gradients autograd got from the kernels, not only the forward
+    ref_grads = ops.reference_attention_backward(dout, qd, kd, vd, [], spec)
+    for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
+        _assert_close(got, want, *GTOL["float32"], name)
 
 
 # -- source, cache, interpreter set-up -------------------------------------------------------------------

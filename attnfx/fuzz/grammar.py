@@ -21,7 +21,14 @@ Shapes, dtypes and values are drawn by the shared strategies here, biased to the
 (``research/style_reliability.md`` Part 2): lengths 1, 2, block ± 1, primes; head dims
 16..256 with non-powers of two; non-contiguous and offset views; fp32/fp16 on CPU (bf16
 only on CUDA); a finite lane and exceptional lanes (NaN, ±inf, fully masked rows,
-fp16-overflowing magnitudes).
+fp16-overflowing magnitudes, fully ``-inf`` rows of an additive mask that appear only in a
+later call's inputs: ``masked_later``).
+
+The *interpreter lane* (``interp``, about one CPU program in ``INTERP_EVERY``) runs the
+rewritten sites through the generated Triton kernels under Triton's interpreter
+(``ATTNFX_INTERPRET=1``) instead of the op's PyTorch implementation; its shapes are kept
+small (``bound_interp``: the interpreter runs a Python loop per block) and its dtypes
+fp32/fp16 (the interpreter computes bf16 ``tl.dot`` wrongly).
 """
 
 from __future__ import annotations
@@ -37,7 +44,10 @@ HEAD_DIMS = (16, 17, 24, 32, 40, 59, 64, 80, 96, 111, 128, 160, 256)
 BIG_HEAD_DIM = 96  # above this, lengths are kept to <= 17 (CPU time)
 MAXN = 256  # size of the causal / temperature buffers a program slices (>= every length)
 VIEWS = ("contig", "offset", "transposed", "padded")
-LANES = ("finite", "nan", "posinf", "neginf", "fully_masked", "overflow")
+LANES = ("finite", "nan", "posinf", "neginf", "fully_masked", "overflow", "masked_later")
+# One CPU program in INTERP_EVERY runs its rewritten sites through the generated kernels.
+INTERP_EVERY = 10
+INTERP_MAX_D = 64  # interpreter lane: head dim, heads and batch kept small (CPU time)
 
 
 @dataclasses.dataclass
@@ -53,6 +63,7 @@ class Program:
     grads: bool  # check input gradients too
     lane: str
     known_gap: str | None = None  # an open attnfx bug makes a missed rewrite expected
+    interp: bool = False  # rewritten sites run the generated kernels (Triton interpreter)
 
     @property
     def label(self) -> str:
@@ -151,7 +162,28 @@ def draw_values(draw, device: str) -> dict:
         "lane": draw(st.sampled_from(LANES)) if draw(st.booleans()) else "finite",
         "std": draw(st.sampled_from((0.5, 1.0, 3.0))),
         "seed": draw(st.integers(0, 2**16)),
+        # On CUDA the kernels always run: the interpreter lane is a CPU lane.
+        "interp": device == "cpu" and draw(st.integers(0, INTERP_EVERY - 1)) == INTERP_EVERY // 2,
     }
+
+
+def bound_interp(c: dict) -> dict:
+    """Keep an interpreter-lane program cheap and in the dtypes the interpreter computes
+    right: batch 1, at most 2 query heads, head dim <= INTERP_MAX_D, no bf16; lengths >= 2
+    (one key makes the softmax gradients exactly 0 in eager and gold, and the kernels'
+    rounding noise there fails a rule whose rounding floor is then 0)."""
+    if not c.get("interp"):
+        return c
+    c["B"] = 1
+    c["NQ"], c["NKV"] = max(c["NQ"], 2), max(c["NKV"], 2)
+    if c["gqa"] == "none":
+        c["H"] = c["HK"] = min(c["H"], 2)
+    else:
+        c["H"], c["HK"] = 2, 1
+    c["D"] = min(c["D"], INTERP_MAX_D)
+    if c["dtype"] == "bfloat16":
+        c["dtype"] = "float16"
+    return c
 
 
 # The input helpers every program carries (rendered into its source).

@@ -1,11 +1,17 @@
 """The checks run on one generated program (plain PyTorch + attnfx only: this module's
 source is pasted into every repro script, so a repro runs exactly what the fuzzer ran).
 
-A program namespace defines ``make_model()``, ``make_inputs(nq, nkv, seed)``,
-``EXPECTED`` ({kind: sites}), ``NEAR_MISS``, ``RERUN``, ``GRADS``, ``GRAD_INPUTS`` and
-``TRANSCENDENTAL`` (σ or tanh in the program: the DESIGN §5 bound gets its +1).
-``check_program(ns, ...)`` returns ``(failures, stats)``; each failure is
-``(category, message)`` with category one of
+A program namespace defines ``make_model()``, ``make_inputs(nq, nkv, seed, later)``,
+``EXPECTED`` ({kind: sites}), ``NEAR_MISS``, ``RERUN``, ``GRADS``, ``GRAD_INPUTS``,
+``TRANSCENDENTAL`` (σ or tanh in the program: the DESIGN §5 bound gets its +1) and,
+optionally, ``INTERPRET`` (run the rewritten sites through the generated Triton kernels
+under Triton's interpreter, ``ATTNFX_INTERPRET=1``: on CPU the op otherwise runs its
+PyTorch implementation) and ``LATER`` (call the compiled model once more on
+``make_inputs(later=True)``: inputs the sites were not compiled or verified on, e.g. rows
+of an additive mask that are all ``-inf``).  Every call's outputs and, with ``GRADS``,
+input gradients are checked; the module's buffers (updated in place by forward) are
+compared after the last call.  ``check_program(ns, ...)`` returns ``(failures, stats)``;
+each failure is ``(category, message)`` with category one of
 
     mismatch              an output or gradient fails the DESIGN §5 rule against gold/base
     label mismatch        sites rewritten by kind != the labels (a missed or a false rewrite;
@@ -14,6 +20,7 @@ A program namespace defines ``make_model()``, ``make_inputs(nq, nkv, seed)``,
     uncounted exception   torch.compile raised, or attnfx fell back on an internal error
     not idempotent        the rewritten graph fails lint, or a second pipeline run changes it
     recompile             a dynamic-shape rerun compiled more graphs than expected
+    kernel not run        an ``INTERPRET`` program rewrote sites but no generated kernel ran
 
 An output that fails the rule is first checked for ill-conditioning: the program is run
 again with every rewritten site computed *exactly* (float64, from the same working-dtype
@@ -27,6 +34,7 @@ happened to land nearer gold.  The output is then held to the exact evaluation i
 from __future__ import annotations
 
 import copy
+import os
 import time
 
 import torch
@@ -46,6 +54,7 @@ CATEGORIES = (
     "uncounted exception",
     "not idempotent",
     "recompile",
+    "kernel not run",
 )
 
 
@@ -57,8 +66,10 @@ def _flat(out) -> list:
     return []
 
 
-def _inputs(ns, device, *, nq=None, nkv=None, f64=False, grad=False):
+def _inputs(ns, device, *, nq=None, nkv=None, f64=False, grad=False, later=False):
     kw = {} if nq is None else {"nq": nq, "nkv": nkv}
+    if later:
+        kw["later"] = True
     xs = list(ns["make_inputs"](**kw))
     out = []
     for i, x in enumerate(xs):
@@ -111,7 +122,6 @@ def _idempotence(gm, example_inputs) -> str | None:
 def _exact_candidate(ns, model, inputs, device):
     """The attnfx-compiled program with each rewritten site evaluated in float64 from its
     working-dtype inputs (output rounded to the site's dtype) by the pristine reference."""
-    import os
 
     def exact(q, k, v, aux, spec):
         up = [a.double() if a.is_floating_point() else a for a in aux]
@@ -134,10 +144,13 @@ def _exact_candidate(ns, model, inputs, device):
     return [o.detach() for o in _flat(out)]
 
 
-def _ill_conditioned(ns, model, c, b, g, i, tr, device) -> bool:
-    """Whether output ``i``'s miss is the inputs' conditioning (see the module docstring)."""
+def _ill_conditioned(ns, model, c, b, g, i, tr, device, later=False) -> bool:
+    """Whether output ``i``'s miss is the inputs' conditioning (see the module docstring).
+    ``model``: a fresh copy of the model as made (the buffers a program updates in place
+    never feed its outputs, so this is the model as it was before any call).
+    ``later``: the miss is on the later call's inputs."""
     try:
-        exact = _exact_candidate(ns, model, _inputs(ns, device), device)[i]
+        exact = _exact_candidate(ns, model, _inputs(ns, device, later=later), device)[i]
     except Exception:  # noqa: BLE001 - no verdict: the miss stays a mismatch
         return False
     if compare(exact, b, g, transcendental=tr).ok:
@@ -149,6 +162,87 @@ def _ill_conditioned(ns, model, c, b, g, i, tr, device) -> bool:
     return compare(c, exact, g, transcendental=tr).ok
 
 
+def _check_outputs(failures, stats, outs, *, tr, what, ill=None) -> None:
+    """Each floating output of (cand, base, gold) under the §5 rule.  ``ill(c, b, g, i)``:
+    whether a miss of output ``i`` is the inputs' conditioning (then counted, not failed)."""
+    cand, base, gold = outs
+    for i, (c, b, g) in enumerate(zip(_flat(cand), _flat(base), _flat(gold), strict=False)):
+        if not c.is_floating_point():
+            continue
+        c, b, g = c.detach(), b.detach(), g.detach()
+        res = compare(c, b, g, transcendental=tr, context=f"{what}output {i}")
+        if not res.ok and ill is not None and ill(c, b, g, i):
+            stats["ill_conditioned"] = stats.get("ill_conditioned", 0) + 1
+        elif not res.ok:
+            failures.append(("mismatch", res.message))
+
+
+def _check_grads(failures, ns, outs, ins, *, tr, what) -> None:
+    """Backward of output 0 under one cotangent; each input gradient under the §5 rule."""
+    cand, base, gold = (_flat(o) for o in outs)
+    c_in, b_in, g_in = ins
+    gen = torch.Generator().manual_seed(7)
+    # Rounded to the working dtype first, so that gold sees the very same cotangent.
+    cot = torch.randn(cand[0].shape, generator=gen).to(cand[0].dtype).to(cand[0].device)
+    try:
+        cand[0].backward(cot)
+    except Exception as e:  # noqa: BLE001
+        failures.append(
+            (
+                "uncounted exception",
+                f"{what}backward of the compiled model raised {type(e).__name__}: {e}",
+            )
+        )
+        return
+    base[0].backward(cot)
+    gold[0].backward(cot.double())
+    for i in ns["GRAD_INPUTS"]:
+        gc, gb, gg = c_in[i].grad, b_in[i].grad, g_in[i].grad
+        if gb is None:
+            continue
+        if gc is None:
+            failures.append(("mismatch", f"{what}grad of input {i}: none from the compiled model"))
+            continue
+        res = compare(
+            gc,
+            gb,
+            gg,
+            grad=True,
+            transcendental=tr,
+            check_strides=False,
+            context=f"{what}grad of input {i}",
+        )
+        if not res.ok:
+            failures.append(("mismatch", res.message))
+
+
+def _check_buffers(failures, models, *, tr) -> None:
+    """The module buffers of (cand, base, gold) models after the same calls: floating ones
+    under the §5 rule, the others exactly (forward may update them in place)."""
+    bufs = [dict(m.named_buffers()) for m in models]
+    for name, c in bufs[0].items():
+        b, g = bufs[1].get(name), bufs[2].get(name)
+        if b is None or g is None:
+            continue
+        if c.is_floating_point():
+            res = compare(c, b, g, transcendental=tr, context=f"buffer {name}")
+            if not res.ok:
+                failures.append(("mismatch", res.message))
+        elif not torch.equal(c, b):
+            failures.append(
+                (
+                    "mismatch",
+                    f"buffer {name}: {c.tolist()} from the compiled model, {b.tolist()} eager",
+                )
+            )
+
+
+def _launches() -> int:
+    from attnfx.codegen import LAUNCHES
+
+    return sum(LAUNCHES.values())
+
+
 def check_program(
     ns: dict,
     *,
@@ -158,6 +252,27 @@ def check_program(
     idempotence: bool = True,
 ) -> tuple[list[tuple[str, str]], dict]:
     """Compile the program with attnfx and run every check; never raises for a finding."""
+    interp = bool(ns.get("INTERPRET", False)) and device == "cpu"
+    saved_env = os.environ.get("ATTNFX_INTERPRET")
+    if interp:
+        os.environ["ATTNFX_INTERPRET"] = "1"  # the op runs the generated kernels on CPU
+    try:
+        return _check_program(
+            ns,
+            options=options,
+            device=device,
+            exact_backend=exact_backend,
+            idempotence=idempotence,
+            interp=interp,
+        )
+    finally:
+        if saved_env is None:
+            os.environ.pop("ATTNFX_INTERPRET", None)
+        else:
+            os.environ["ATTNFX_INTERPRET"] = saved_env
+
+
+def _check_program(ns, *, options, device, exact_backend, idempotence, interp):
     failures: list[tuple[str, str]] = []
     stats: dict = {"rewritten": {}, "kept": {}, "graphs": 0, "rerun_graphs": 0}
     options = dict(options or {})
@@ -165,12 +280,17 @@ def check_program(
     grads = bool(ns["GRADS"])
     tr = bool(ns.get("TRANSCENDENTAL", False))  # σ / tanh in the score program: the §5 +1
     t0 = time.perf_counter()
+    launches0 = _launches() if interp else 0
 
     torch._dynamo.reset()
     attnfx.reset_counters()
     torch.manual_seed(0)
     model = ns["make_model"]().to(device)
-    gold_model = copy.deepcopy(model).double()
+    # Forward may update buffers in place: every run starts from its own copy of the
+    # model as made (compiled, eager, gold, exact evaluation, near-miss reference).
+    pristine = copy.deepcopy(model)
+    base_model = copy.deepcopy(pristine)
+    gold_model = copy.deepcopy(pristine).double()
 
     graphs = []
 
@@ -200,7 +320,7 @@ def check_program(
         stats["time"] = time.perf_counter() - t0
         return failures, stats
     stats["graphs"] = len(graphs)
-    base = model(*b_in)
+    base = base_model(*b_in)
     gold = _gold(ns, gold_model, g_in)
 
     # Labels: precision and recall per kind, from the counters and the explain records.
@@ -244,55 +364,36 @@ def check_program(
         failures.append(("uncounted exception", f"attnfx fell back: {bad} {errs}"))
 
     # Outputs against gold (float64) and base (working dtype), under the §5 rule.
-    for i, (c, b, g) in enumerate(zip(_flat(cand), _flat(base), _flat(gold), strict=False)):
-        if c.is_floating_point():
-            res = compare(
-                c.detach(), b.detach(), g.detach(), transcendental=tr, context=f"output {i}"
-            )
-            if not res.ok and _ill_conditioned(
-                ns, model, c.detach(), b.detach(), g.detach(), i, tr, device
-            ):
-                stats["ill_conditioned"] = stats.get("ill_conditioned", 0) + 1
-            elif not res.ok:
-                failures.append(("mismatch", res.message))
+    def ill(later):
+        def judge(c, b, g, i):
+            m = copy.deepcopy(pristine)
+            return _ill_conditioned(ns, m, c, b, g, i, tr, device, later=later)
 
+        return judge
+
+    _check_outputs(failures, stats, (cand, base, gold), tr=tr, what="", ill=ill(False))
     if grads:
-        outs = _flat(cand)
-        gen = torch.Generator().manual_seed(7)
-        # Rounded to the working dtype first, so that gold sees the very same cotangent.
-        cot = torch.randn(outs[0].shape, generator=gen).to(outs[0].dtype).to(device)
+        _check_grads(failures, ns, (cand, base, gold), (c_in, b_in, g_in), tr=tr, what="")
+
+    # A later call on inputs the sites were neither compiled nor verified on.
+    if ns.get("LATER"):
+        c2_in = _inputs(ns, device, grad=grads, later=True)
+        b2_in = _inputs(ns, device, grad=grads, later=True)
+        g2_in = _inputs(ns, device, f64=True, grad=grads, later=True)
+        n_before = len(graphs)
         try:
-            _flat(cand)[0].backward(cot.to(outs[0].dtype))
+            outs = (compiled(*c2_in), base_model(*b2_in), _gold(ns, gold_model, g2_in))
         except Exception as e:  # noqa: BLE001
             failures.append(
-                (
-                    "uncounted exception",
-                    f"backward of the compiled model raised {type(e).__name__}: {e}",
-                )
+                ("uncounted exception", f"the later call raised {type(e).__name__}: {e}")
             )
         else:
-            _flat(base)[0].backward(cot.to(outs[0].dtype))
-            _flat(gold)[0].backward(cot.double())
-            for i in ns["GRAD_INPUTS"]:
-                gc, gb, gg = c_in[i].grad, b_in[i].grad, g_in[i].grad
-                if gb is None:
-                    continue
-                if gc is None:
-                    failures.append(
-                        ("mismatch", f"grad of input {i}: none from the compiled model")
-                    )
-                    continue
-                res = compare(
-                    gc,
-                    gb,
-                    gg,
-                    grad=True,
-                    transcendental=tr,
-                    check_strides=False,
-                    context=f"grad of input {i}",
-                )
-                if not res.ok:
-                    failures.append(("mismatch", res.message))
+            if len(graphs) > n_before:
+                failures.append(("recompile", "the later call (same shapes) compiled again"))
+            what = "later call: "
+            _check_outputs(failures, stats, outs, tr=tr, what=what, ill=ill(True))
+            if grads:
+                _check_grads(failures, ns, outs, (c2_in, b2_in, g2_in), tr=tr, what=what)
 
     # Dynamic-shape rerun: at most one recompile (to a dynamic graph) per graph.
     if ns["RERUN"]:
@@ -301,7 +402,7 @@ def check_program(
         try:
             with torch.no_grad():
                 cand2 = compiled(*_inputs(ns, device, nq=nq, nkv=nkv, grad=grads))
-                base2 = model(*_inputs(ns, device, nq=nq, nkv=nkv))
+                base2 = base_model(*_inputs(ns, device, nq=nq, nkv=nkv))
                 gold2 = _gold(ns, gold_model, _inputs(ns, device, nq=nq, nkv=nkv, f64=True))
         except Exception as e:  # noqa: BLE001
             failures.append(
@@ -319,24 +420,21 @@ def check_program(
                         f"{len(graphs)} graphs after a rerun at ({nq}, {nkv}); expected <= {2 * n_before}",
                     )
                 )
-            for i, (c, b, g) in enumerate(
-                zip(_flat(cand2), _flat(base2), _flat(gold2), strict=False)
-            ):
-                if c.is_floating_point():
-                    res = compare(
-                        c, b, g, transcendental=tr, context=f"rerun ({nq}, {nkv}) output {i}"
-                    )
-                    if not res.ok:
-                        failures.append(("mismatch", res.message))
+            what = f"rerun ({nq}, {nkv}) "
+            _check_outputs(failures, stats, (cand2, base2, gold2), tr=tr, what=what)
             bad = {k: v for k, v in attnfx.counters.items() if k == "kept.internal error"}
             if bad:
                 failures.append(("uncounted exception", f"attnfx fell back on the rerun: {bad}"))
+
+    # Buffers that forward updated in place, after the same calls on each model.
+    _check_buffers(failures, (model, base_model, gold_model), tr=tr)
 
     # A near-miss equals the plain compile bitwise.
     if near is not None:
         torch._dynamo.reset()
         try:
-            ref = torch.compile(model, backend=exact_backend)(*_inputs(ns, device, grad=grads))
+            ref_model = torch.compile(copy.deepcopy(pristine), backend=exact_backend)
+            ref = ref_model(*_inputs(ns, device, grad=grads))
         except Exception as e:  # noqa: BLE001
             failures.append(
                 ("uncounted exception", f"backend={exact_backend!r} raised {type(e).__name__}: {e}")
@@ -362,6 +460,15 @@ def check_program(
                             f"output {i} differs from backend={exact_backend!r} (max diff {diff})",
                         )
                     )
+
+    # The interpreter lane: the rewritten sites must have run the generated kernels.
+    if interp:
+        stats["interp"] = True
+        stats["launches"] = _launches() - launches0
+        if sum(rewritten.values()) and not stats["launches"]:
+            failures.append(
+                ("kernel not run", f"{rewritten} rewritten under ATTNFX_INTERPRET=1, no launch")
+            )
     torch._dynamo.reset()
     stats["time"] = time.perf_counter() - t0
     return failures, stats

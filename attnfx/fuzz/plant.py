@@ -10,13 +10,16 @@ hide the bug, and it must report a mismatch (or a label mismatch) and write a re
                           (``dim=-2``) as if it were over the keys
     sigmoid-bias          the CPU kernel ignores the constant and length-dependent biases
                           (``add``, ``add_sym``) of sigmoid specs (``σ(s + b)`` becomes ``σ(s)``)
+    kernel-drop-scale     the generated Triton kernels (``attnfx.codegen.run_forward`` /
+                          ``run_backward``) ignore the constant scale ops (``mul``): only
+                          the interpreter lane (or a GPU) can find it
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-PLANTS = ("drop-scale", "accept-query-softmax", "sigmoid-bias")
+PLANTS = ("drop-scale", "accept-query-softmax", "sigmoid-bias", "kernel-drop-scale")
 _applied: set[str] = set()
 
 
@@ -32,6 +35,8 @@ def apply(name: str | None) -> None:
         _drop_scale()
     elif name == "sigmoid-bias":
         _drop_sigmoid_bias()
+    elif name == "kernel-drop-scale":
+        _kernel_drop_scale()
     else:
         _accept_query_softmax()
 
@@ -48,6 +53,21 @@ def _drop_scale() -> None:
         return original(q, k, v, aux, spec, *args, **kwargs)
 
     ops.reference_attention = reference_attention
+
+
+def _kernel_drop_scale() -> None:
+    import attnfx.codegen as cg
+
+    fwd, bwd = cg.run_forward, cg.run_backward
+
+    def strip(spec):
+        return dataclasses.replace(
+            spec, score_ops=tuple(o for o in spec.score_ops if o.op != "mul")
+        )
+
+    # the op looks the launchers up on attnfx.codegen at each call
+    cg.run_forward = lambda spec, *args, **kw: fwd(strip(spec), *args, **kw)
+    cg.run_backward = lambda spec, *args, **kw: bwd(strip(spec), *args, **kw)
 
 
 def _drop_sigmoid_bias() -> None:

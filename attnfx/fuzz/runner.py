@@ -14,6 +14,7 @@ program's source, the checks of ``attnfx/fuzz/harness.py``, and the failing asse
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import inspect
 import linecache
@@ -87,6 +88,25 @@ class Summary:
         rows.append(("ill-conditioned (held to exact)", str(ill)))
         rows.append(("near-misses correctly kept", f"{len(near_ok)} / {len(near)}"))
         rows.append(("lanes", ", ".join(f"{k} {v}" for k, v in sorted(lanes.items()))))
+        interp = [r for r in self.results if r.program.interp]
+        ran = [r for r in interp if r.stats.get("launches")]
+        launches = sum(r.stats.get("launches", 0) for r in interp)
+        rows.append(
+            (
+                "through the kernels (interpreter)",
+                f"{len(ran)} / {len(interp)} programs ({launches} kernel launches)",
+            )
+        )
+        inplace = collections.Counter(
+            r.program.choices.get("inplace", "none") for r in self.results
+        )
+        del inplace["none"]
+        rows.append(
+            (
+                "in-place ops around a site",
+                ", ".join(f"{k} {v}" for k, v in sorted(inplace.items())) or "0",
+            )
+        )
         for cat in CATEGORIES:
             rows.append((cat if cat != "mismatch" else "mismatches", str(self.count(cat))))
         rows.append(("programs failing", str(len(self.failures))))
@@ -111,6 +131,28 @@ class Summary:
             if r.repro:
                 lines.append(f"      repro: {r.repro}")
         return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _global_constants_only():
+    """Hypothesis mixes constants found in the local modules of ``sys.modules`` into its
+    draws, so one seed would draw different programs depending on what happens to be
+    imported (the CLI, pytest running one file or the whole suite): draw with its global
+    constants only.  (Private API: without it, draws are as hypothesis makes them.)"""
+    try:
+        from hypothesis.internal.conjecture import providers as P
+
+        saved, empty = P._get_local_constants, P.Constants()
+        P.CONSTANTS_CACHE.cache.clear()
+    except (ImportError, AttributeError, TypeError):
+        yield
+        return
+    P._get_local_constants = lambda: empty
+    try:
+        yield
+    finally:
+        P._get_local_constants = saved
+        P.CONSTANTS_CACHE.cache.clear()
 
 
 def draw_programs(
@@ -140,7 +182,8 @@ def draw_programs(
             seen.add(key)
             out.append(p)
 
-    collect()
+    with _global_constants_only():
+        collect()
     return out[:examples]
 
 

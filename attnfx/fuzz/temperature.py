@@ -146,6 +146,9 @@ def normalize(c: dict) -> dict:
     if c["temp"] == "selective":
         c.update(SELECTIVE_FRAME)
         c["near_miss"] = "none"
+        c["inplace"] = "none"  # the module's own forward: nothing to put around the site
+        if c["lane"] == "masked_later":
+            c["lane"] = "finite"  # it takes no mask input
         if c["merge"] == "none":
             c["layers"] = 1
     c = sm.normalize_frame(c, MASK_INPUTS)

@@ -279,3 +279,14 @@ def reference_backward(dout, q, k, v, aux, spec) -> tuple[Tensor, Tensor, Tensor
         dk = gk if dk is None else dk + gk
         dv = gv if dv is None else dv + gv
     return torch.cat(dqs, dim=-2), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def reference_aux_backward(dout, q, k, v, aux, spec, which) -> list[Tensor]:
+    """``ops.reference_aux_gradients`` in blocks of query rows."""
+    from attnfx.ops import reference_aux_gradients
+
+    parts = [
+        reference_aux_gradients(dout[..., rows, :], q[..., rows, :], k, v, a, sp, which)
+        for rows, a, sp in _blocks(q, k, aux, spec)
+    ]
+    return [torch.cat([p[j] for p in parts], dim=-2) for j in range(len(which))]

@@ -22,6 +22,7 @@ Where the op runs:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -239,6 +240,69 @@ def reference_gradients(
     return dq, dk, dv  # in the accumulation dtype
 
 
+def _score_grad(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, aux: list[Tensor], spec: AttentionSpec
+) -> tuple[Tensor, Tensor]:
+    """(raw scores, dL/d(final scores)) in the accumulation dtype."""
+    g = spec.gqa_group
+    acc = _accumulation_dtype(q.dtype)
+    kk = k.repeat_interleave(g, dim=1).to(acc) if g > 1 else k.to(acc)
+    vv = v.repeat_interleave(g, dim=1).to(acc) if g > 1 else v.to(acc)
+    raw = torch.matmul(q.to(acc), kk.transpose(-2, -1))
+    s, _, _ = apply_score_ops(raw, spec, aux)
+    p = torch.softmax(s, dim=-1) if spec.activation == "softmax" else torch.sigmoid(s)
+    p = _zero_empty_rows(p, s, spec)
+    dp = torch.matmul(dout.to(acc), vv.transpose(-2, -1))
+    if spec.activation == "softmax":
+        return raw, p * (dp - (p * dp).sum(-1, keepdim=True))
+    return raw, p * (1 - p) * dp
+
+
+def reference_aux_gradients(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    aux: list[Tensor],
+    spec: AttentionSpec,
+    which: list[int],
+) -> list[Tensor]:
+    """Gradients of the aux tensors ``which`` (a learnable bias or multiplier), each of
+    the scores' shape (B, Hq, NQ, NK) in its own dtype; autograd sums them back to the
+    tensor's own shape through the broadcast.  The score program is run forward, then
+    back: an ``add_aux`` receives the gradient reaching its step, a ``mul_aux`` that times
+    the scores before it; fills pass exactly 0 (as ``masked_fill``'s backward does)."""
+    raw, g = _score_grad(dout, q, k, v, aux, spec)
+    nq, nk = raw.shape[-2], raw.shape[-1]
+    steps, s = [], raw
+    for op in spec.score_ops:  # forward: the value before each step
+        steps.append(s)
+        s, _, _ = apply_score_ops(s, dataclasses.replace(spec, score_ops=(op,)), aux)
+    grads: dict[int, Tensor] = {}
+    for op, before in zip(reversed(spec.score_ops), reversed(steps)):
+        if op.aux in which and op.op == "add_aux":
+            grads[op.aux] = grads.get(op.aux, 0) + g
+        elif op.aux in which and op.op == "mul_aux":
+            grads[op.aux] = grads.get(op.aux, 0) + g * before
+        if op.op in ("mul", "mul_aux", "mul_sym"):
+            m = (
+                op.value
+                if op.op == "mul"
+                else aux[op.aux].to(g.dtype)
+                if op.op == "mul_aux"
+                else op.value_at(nq, nk)
+            )
+            g = g * m
+        elif op.op == "tanh":
+            t = torch.tanh(before)
+            g = g * (1 - t * t)
+        elif op.op in ("fill_aux", "fill_pred"):
+            _, kept, _ = apply_score_ops(before, dataclasses.replace(spec, score_ops=(op,)), aux)
+            g = torch.where(kept, g, torch.zeros_like(g))
+    shape = raw.shape
+    return [torch.as_tensor(grads.get(i, 0.0)).to(aux[i].dtype).expand(shape) for i in which]
+
+
 # ---------------------------------------------------------------------------------------
 # The custom ops
 # ---------------------------------------------------------------------------------------
@@ -299,18 +363,44 @@ def _(dout, q, k, v, aux, out, lse, spec):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+@torch.library.custom_op("attnfx::attention_aux_backward", mutates_args=())
+def attention_aux_backward_op(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, aux: list[Tensor], spec: str, which: list[int]
+) -> list[Tensor]:
+    """Gradients of the aux tensors ``which`` (learnable score biases / multipliers), each
+    (B, Hq, NQ, NK).  PyTorch, in blocks of query rows (bounded memory), on any device:
+    the kernels do not produce dS."""
+    from attnfx import cpu
+
+    s = AttentionSpec.from_key(spec)
+    return [g.contiguous() for g in cpu.reference_aux_backward(dout, q, k, v, aux, s, which)]
+
+
+@attention_aux_backward_op.register_fake
+def _(dout, q, k, v, aux, spec, which):
+    b, h, nq, _ = q.shape
+    return [aux[i].new_empty((b, h, nq, k.shape[-2])) for i in which]
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, aux, spec = inputs
     out, lse = output
     ctx.spec = spec
     ctx.n_aux = len(aux)
+    ctx.aux_grad = [i for i, a in enumerate(aux) if a.requires_grad]
     ctx.save_for_backward(q, k, v, out, lse, *aux)
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, *aux = ctx.saved_tensors
-    dq, dk, dv = attention_backward_op(dout.contiguous(), q, k, v, list(aux), out, lse, ctx.spec)
-    return dq, dk, dv, [None] * ctx.n_aux, None
+    dout = dout.contiguous()
+    dq, dk, dv = attention_backward_op(dout, q, k, v, list(aux), out, lse, ctx.spec)
+    daux = [None] * ctx.n_aux
+    if ctx.aux_grad:
+        grads = attention_aux_backward_op(dout, q, k, v, list(aux), ctx.spec, ctx.aux_grad)
+        for i, g in zip(ctx.aux_grad, grads):
+            daux[i] = g
+    return dq, dk, dv, daux, None
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)

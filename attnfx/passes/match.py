@@ -253,8 +253,8 @@ def _arith_op(t, other, aux, score_shape, node) -> ScoreOp | list[ScoreOp]:
                 # a fill's is 0): a causal mask always keeps key 0.  (fp16's finfo.min,
                 # -65504, is not large enough: it stays a tensor.)
                 return ScoreOp("fill_pred", value=res[2], pred=keep.to_key())
-    if G.requires_grad(other):
-        raise Refusal("additive score bias requires grad", node)
+    # A bias that requires grad (a learnable relative position bias) gets its gradient from
+    # the op's backward (ops.attention_aux_backward_op).
     aux.append(AuxOperand(other, "neg" if t is operator.sub else None))
     return ScoreOp("add_aux", aux=len(aux) - 1)
 

@@ -107,6 +107,23 @@ def _llama4(impl):
     return m, (torch.randint(0, 100, (2, 12)),), 2
 
 
+def _t5(impl):
+    """T5 encoder: a learnable relative-position bias (bucketed embedding) added to the
+    scores; its gradient comes from the op's backward."""
+    c = transformers.T5Config(
+        num_layers=2,
+        num_heads=2,
+        d_model=64,
+        d_kv=32,
+        d_ff=128,
+        vocab_size=100,
+        dropout_rate=0.0,
+        relative_attention_num_buckets=8,
+    )
+    c._attn_implementation = impl
+    return transformers.T5EncoderModel(c), (torch.randint(0, 100, (2, 12)),), 2
+
+
 def _vit(impl):
     timm = pytest.importorskip("timm")
     m = timm.create_model(
@@ -139,6 +156,7 @@ CASES = [
     ("llama_padded", _llama_padded, "eager", "tensor"),
     ("llama_padded", _llama_padded, "sdpa", "predicate+tensor"),
     ("llama4", _llama4, "eager", "tensor"),
+    ("t5_encoder", _t5, "eager", "tensor"),
     ("vit_tiny", _vit, "timm", "none"),
 ]
 

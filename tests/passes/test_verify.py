@@ -380,18 +380,6 @@ def test_capture_sees_inplace_updates():
 # ---------------------------------------------------------------------------------------
 
 
-class _NoGradCheck:
-    """``attnfx.passes.graph`` with ``requires_grad`` always False: lifts the matcher's
-    refusal of a learnable additive bias, so that verification is the only guard."""
-
-    def __getattr__(self, name):
-        return getattr(G, name)
-
-    @staticmethod
-    def requires_grad(node):
-        return False
-
-
 class LearnedBias(nn.Module):
     def __init__(self):
         super().__init__()
@@ -404,13 +392,17 @@ class LearnedBias(nn.Module):
 
 @pytest.mark.parametrize("sdpa", [False, True])
 def test_learnable_bias_losing_its_gradient_is_rejected(monkeypatch, verdicts, sdpa):
+    """Planted: the op's bias gradient is lost (zeros); verification is the guard."""
     import torch.nn.functional as F
 
-    from attnfx.passes import match
-    from attnfx.passes.recognize import softmax as softmax_rec
+    from attnfx import ops
 
-    monkeypatch.setattr(match, "G", _NoGradCheck())
-    monkeypatch.setattr(softmax_rec, "G", _NoGradCheck())
+    real = ops.attention_aux_backward_op
+    monkeypatch.setattr(
+        ops,
+        "attention_aux_backward_op",
+        lambda dout, q, k, v, aux, spec, which: [torch.zeros_like(aux[i]) for i in which],
+    )
     m = LearnedBias()
     if sdpa:
         m.forward = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=m.bias)
@@ -424,10 +416,10 @@ def test_learnable_bias_losing_its_gradient_is_rejected(monkeypatch, verdicts, s
     (gb,) = torch.autograd.grad(out.sum(), [m.bias])
     (want,) = torch.autograd.grad(m(q, k, v).sum(), [m.bias])
     torch.testing.assert_close(gb, want)
-    # The same site with a frozen bias is rewritten: the gradient was the reason.
+    # The same site with the op's real bias gradient is rewritten.
     verdicts.clear()
     torch._dynamo.reset()
-    m.bias.requires_grad_(False)
+    monkeypatch.setattr(ops, "attention_aux_backward_op", real)
     torch.compile(m, backend="attnfx")(q, k, v)
     assert verdicts[-1].ok and attnfx.counters["rewritten.softmax"] == 1
 

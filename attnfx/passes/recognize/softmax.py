@@ -188,9 +188,7 @@ def match_sdpa(node: fx.Node) -> Site:
                         ScoreOp("fill_aux", value=float("-inf"), aux=len(aux) - 1, fill_where=False)
                     )
         else:
-            if G.requires_grad(mask):
-                raise Refusal("additive score bias requires grad", node)
-            aux.append(AuxOperand(mask))
+            aux.append(AuxOperand(mask))  # a float mask that requires grad gets its gradient
             ops.append(ScoreOp("add_aux", aux=len(aux) - 1))
     elif mask is not None:
         raise Refusal("sdpa attn_mask is not a tensor", node)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from attnfx.passes import graph as G
-from attnfx.passes.match import AuxOperand, Refusal
+from attnfx.passes.match import AuxOperand
 from attnfx.spec import ScoreOp
 
 KIND = "temperature"
@@ -47,11 +47,8 @@ def move_row_multipliers(
             q_mul.append(aux[op.aux])
         elif op.op not in _MULS:
             prefix_is_mul = False
-    for op in ops:
-        if op.op == "mul_aux" and op.aux not in moved and G.requires_grad(aux[op.aux].node):
-            raise Refusal(
-                "learnable score multiplier after a bias, mask or tanh (not movable onto q)", anchor
-            )
+    # A learnable multiplier after a bias, mask or tanh stays in the score program: its
+    # gradient comes from the op's backward (ops.attention_aux_backward_op).
     if not moved:
         return ops, aux, q_mul
     remap, kept_aux = {}, []

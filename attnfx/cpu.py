@@ -59,8 +59,12 @@ def _sdpa_plan(spec: AttentionSpec):
         scale *= ops.pop(0).value
     masks = []
     for op in ops:
-        if op.op == "add_aux" and spec.aux_dtypes[op.aux] in ("float16", "bfloat16", "float32"):
-            masks.append(op)
+        if op.op in ("add_aux", "add_pos_aux") and spec.aux_dtypes[op.aux] in (
+            "float16",
+            "bfloat16",
+            "float32",
+        ):
+            masks.append(op)  # a position bias becomes part of the additive mask here
         elif op.op in ("fill_pred", "fill_aux"):
             v = op.value
             if v == -math.inf:
@@ -86,6 +90,11 @@ def _combined_mask(spec, ops, aux, nq, nk, dtype, device):
     for op in ops:
         if op.op == "add_aux":
             term = aux[op.aux].to(dtype)
+        elif op.op == "add_pos_aux":
+            from attnfx.predicate import materialize_expr
+
+            pos = materialize_expr(op.sym, nq, nk, device=device).to(dtype)
+            term = aux[op.aux].to(dtype) * pos
         else:
             if op.op == "fill_pred":
                 hit = ~op.predicate.materialize(nq, nk, device=device)
@@ -233,8 +242,11 @@ def _rows_spec(spec: AttentionSpec, r0: int, nq: int) -> AttentionSpec:
 
     from attnfx.predicate import NQ, MaskPredicate
 
-    if r0 == 0 and not any(op.op == "fill_pred" or op.op.endswith("_sym") for op in spec.score_ops):
+    if r0 == 0 and not any(
+        op.op in ("fill_pred", "add_pos_aux") or op.op.endswith("_sym") for op in spec.score_ops
+    ):
         return spec
+
     ops = []
     for op in spec.score_ops:
         if op.op == "fill_pred":
@@ -242,6 +254,9 @@ def _rows_spec(spec: AttentionSpec, r0: int, nq: int) -> AttentionSpec:
             op = dataclasses.replace(op, pred=MaskPredicate(e).to_key())
         elif op.op.endswith("_sym"):
             op = dataclasses.replace(op, expr=sympy.srepr(op.sym.subs({NQ: nq})))
+        elif op.op == "add_pos_aux":
+            e = op.sym.subs({Q: Q + r0, NQ: nq}, simultaneous=True)
+            op = dataclasses.replace(op, expr=sympy.srepr(e))
         ops.append(op)
     return dataclasses.replace(spec, score_ops=tuple(ops))
 

@@ -108,6 +108,8 @@ def apply_score_ops(
             s = s + aux[op.aux].to(s.dtype)
         elif op.op == "add_sym":
             s = s + op.value_at(nq, nk)
+        elif op.op == "add_pos_aux":
+            s = s + aux[op.aux].to(s.dtype) * _position(op, nq, nk, s)
         elif op.op == "tanh":
             s = torch.tanh(s)
             d = d * (1 - s * s) if with_grad else d
@@ -125,6 +127,13 @@ def apply_score_ops(
                 else d
             )
     return s, kept.expand_as(s), d
+
+
+def _position(op, nq: int, nk: int, like: Tensor) -> Tensor:
+    """The (nq, nk) position term of an ``add_pos_aux`` op, in ``like``'s dtype."""
+    from attnfx.predicate import materialize_expr
+
+    return materialize_expr(op.sym, nq, nk, device=like.device).to(like.dtype)
 
 
 def lower_symbolic(
@@ -282,6 +291,8 @@ def reference_aux_gradients(
     for op, before in zip(reversed(spec.score_ops), reversed(steps)):
         if op.aux in which and op.op == "add_aux":
             grads[op.aux] = grads.get(op.aux, 0) + g
+        elif op.aux in which and op.op == "add_pos_aux":
+            grads[op.aux] = grads.get(op.aux, 0) + g * _position(op, nq, nk, g)
         elif op.aux in which and op.op == "mul_aux":
             grads[op.aux] = grads.get(op.aux, 0) + g * before
         if op.op in ("mul", "mul_aux", "mul_sym"):

@@ -92,6 +92,23 @@ class MaskPredicate:
         return _TritonPrinter({Q: q + qi, K: k + ki, NQ: nq, NK: nk}).doprint(self.expr)
 
 
+def materialize_expr(expr, nq: int, nk: int, device=None):
+    """A ``(nq, nk)`` float32 tensor of the index expression ``expr`` over Q, K, NQ, NK
+    (a position bias such as ``K - Q``)."""
+    import torch
+
+    q = torch.arange(nq, device=device).view(nq, 1)
+    k = torch.arange(nk, device=device).view(1, nk)
+    out = _eval_torch(expr, {Q: q, K: k, NQ: nq, NK: nk})
+    return torch.as_tensor(out, device=device).to(torch.float32).expand(nq, nk)
+
+
+def expr_to_triton(expr, *, transposed: bool = False) -> str:
+    """An index expression as Triton source over the tile's ``offs_m`` / ``offs_n``."""
+    qi, ki = ("[None, :]", "[:, None]") if transposed else ("[:, None]", "[None, :]")
+    return _TritonPrinter({Q: "offs_m" + qi, K: "offs_n" + ki, NQ: "N_Q", NK: "N_K"}).doprint(expr)
+
+
 def _rebind(expr):
     """Parsed symbols lose their assumptions; map them back onto ours."""
     return expr.xreplace({s: _SYMBOLS[s.name] for s in expr.free_symbols if s.name in _SYMBOLS})

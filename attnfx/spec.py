@@ -36,6 +36,7 @@ SCORE_OPS = (
     "tanh",
     "add_sym",
     "mul_sym",
+    "add_pos_aux",
 )
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 AUX_DTYPES = DTYPES + ("bool", "int32", "int64", "uint8")
@@ -64,6 +65,8 @@ class ScoreOp:
     ``tanh``      ``tanh(s)``              (soft-capping is ``mul 1/c, tanh, mul c``)
     ``add_sym``   ``s + expr(NQ, NK)``     (a scalar that depends on the lengths: ``-log(NK)``)
     ``mul_sym``   ``s * expr(NQ, NK)``     (e.g. a ``log(NK)`` scaling)
+    ``add_pos_aux`` ``s + aux[i] * expr(Q, K, NQ, NK)``  (a position bias: ALiBi's
+                  per-head slope times ``K − Q``; no N×N tensor)
     ============  ==========================================================
     """
 
@@ -81,7 +84,7 @@ class ScoreOp:
             raise ValueError(f"{self.op} needs an aux index")
         if self.op == "fill_pred" and self.pred is None:
             raise ValueError("fill_pred needs a predicate")
-        if self.op.endswith("_sym") and self.expr is None:
+        if (self.op.endswith("_sym") or self.op == "add_pos_aux") and self.expr is None:
             raise ValueError(f"{self.op} needs an expression")
 
     @property
@@ -111,6 +114,8 @@ class ScoreOp:
             return f"fill({'' if self.fill_where else '~'}aux{self.aux}, {self.value:g})"
         if self.op == "tanh":
             return "tanh"
+        if self.op == "add_pos_aux":
+            return f"+aux{self.aux}·({self.sym})"
         if self.op == "add_sym":
             return f"+({self.sym})"
         if self.op == "mul_sym":

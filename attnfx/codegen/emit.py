@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 from attnfx.codegen.plan import HUGE_LSE, LOG2E, Plan, make_plan
+from attnfx.predicate import expr_to_triton
 from attnfx.spec import AttentionSpec
 
 LN2 = 0.6931471805599453
@@ -227,6 +228,13 @@ def score_program(
             if s is not None:
                 assert not scaled
                 out.append(f"{s} = {s} + a{op.aux}.to(tl.float32)")
+        elif op.op == "add_pos_aux":
+            if s is not None:
+                assert not scaled
+                pos = expr_to_triton(op.sym, transposed=t.orient == "nm")
+                out.append(
+                    f"{s} = {s} + a{op.aux}.to(tl.float32) * ({pos}).to(tl.float32)  # {op.sym}"
+                )
         elif op.op == "fill_aux":
             cmp = "!=" if op.fill_where else "=="
             out.append(

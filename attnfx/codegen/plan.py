@@ -77,8 +77,8 @@ HUGE_LSE = 1024.0
 
 def _may_saturate(op) -> bool:
     """Whether a score op can make a row's scores huge but finite (|lse| >= HUGE_LSE)."""
-    if op.op in ("add_aux", "mul_aux"):
-        return True  # HF-style additive finfo.min masks; unbounded multipliers
+    if op.op in ("add_aux", "mul_aux", "add_pos_aux"):
+        return True  # HF-style additive finfo.min masks; unbounded multipliers, biases
     if op.op in ("mul", "add", "fill_aux", "fill_pred") and op.value is not None:
         return _finite(op.value) and abs(op.value) >= HUGE_LSE
     return False
@@ -94,7 +94,7 @@ def make_plan(spec: AttentionSpec) -> Plan:
     # exp2 with log2e folded into the score program is exact only when no value of the
     # program overflows when scaled by log2e: finite fills near finfo(float32).min and
     # additive tensors (HF masks use finfo.min) keep the natural domain.
-    fold = softmax and not any(op.op == "add_aux" for op in ops)
+    fold = softmax and not any(op.op in ("add_aux", "add_pos_aux") for op in ops)
     for op in ops:
         if op.op in ("mul", "add", "fill_aux", "fill_pred") and op.value is not None:
             if _finite(op.value) and abs(op.value) * LOG2E >= FP32_MAX:

@@ -143,6 +143,48 @@ def _analyze(root: fx.Node, nq, nk) -> MaskAnalysis:
     return MaskAnalysis(pred, "", _dead_nodes(root, cone), value)
 
 
+def analyze_position(node: fx.Node, nq, nk):
+    """Read a numeric tensor built from index arithmetic (``k_pos - q_pos``,
+    ``-(k - q).abs()``, bucketed forms with ``//`` and ``clamp``) as an integer-valued
+    expression over ``Q``, ``K``, ``NQ``, ``NK``; None when it is not one.  Checked
+    against the materialized tensor, like predicates."""
+    from attnfx.predicate import materialize_expr
+
+    try:
+        nq, nk = _raw(nq), _raw(nk)
+        cone = _cone(node)
+        _check_sources(cone)
+        env: dict[fx.Node, _V] = {}
+        for n in cone:
+            env[n] = _eval_node(n, env)
+        v = env[node]
+        if v.is_bool or isinstance(v.expr, sympy.Piecewise) or v.expr.has(sympy.Piecewise):
+            return None
+        rank = len(v.shape)
+        if any(v.expr.has(_D[j]) for j in range(2, rank)):
+            return None
+        if rank < 2 or not (_same(v.shape[-1], nk) and _same(v.shape[-2], nq)):
+            return None  # a per-key or per-query term alone is not a position bias here
+        expr = _canonical(v.expr.xreplace({_D[0]: K, _D[1]: Q}).xreplace(_size_map(nq, nk)))
+        if expr.free_symbols - {Q, K, NQ, NK} or not expr.has(Q) or not expr.has(K):
+            return None
+        nq_v, nk_v = int(_raw(nq).xreplace(_hints(cone))), int(_raw(nk).xreplace(_hints(cone)))
+        got = _run_subgraph(node, cone, _hints(cone)).to(torch.float32)
+        want = materialize_expr(expr, nq_v, nk_v)
+        if not torch.equal(got.expand(*got.shape[:-2], nq_v, nk_v), want.expand_as(got)):
+            return None
+        return expr
+    except Exception:  # noqa: BLE001 - not a form we read: the bias stays a tensor
+        return None
+
+
+def _hints(cone) -> dict:
+    senv = _shape_env(cone)
+    if senv is None:
+        return {}
+    return {s: int(v) for s, v in senv.backed_var_to_val.items()}
+
+
 # ---------------------------------------------------------------------------------------
 # the subgraph: what it reads, what dies with it
 # ---------------------------------------------------------------------------------------

@@ -253,10 +253,38 @@ def _arith_op(t, other, aux, score_shape, node) -> ScoreOp | list[ScoreOp]:
                 # a fill's is 0): a causal mask always keeps key 0.  (fp16's finfo.min,
                 # -65504, is not large enough: it stays a tensor.)
                 return ScoreOp("fill_pred", value=res[2], pred=keep.to_key())
+    pos = _position_bias(other, nq, nk, score_shape)
+    if pos is not None:  # slope × f(Q, K): no N×N tensor (ALiBi)
+        slope, expr = pos
+        aux.append(AuxOperand(slope, "neg" if t is operator.sub else None))
+        return ScoreOp("add_pos_aux", aux=len(aux) - 1, expr=sympy.srepr(expr))
     # A bias that requires grad (a learnable relative position bias) gets its gradient from
     # the op's backward (ops.attention_aux_backward_op).
     aux.append(AuxOperand(other, "neg" if t is operator.sub else None))
     return ScoreOp("add_aux", aux=len(aux) - 1)
+
+
+def _position_bias(other, nq, nk, score_shape):
+    """``slope * f(arange…)`` (either order, through dtype moves): a tensor constant along
+    queries and keys (per head, per batch) times an index expression of (Q, K).  Returns
+    (slope node, expression) or None."""
+    from attnfx.passes.masks import analyze_position
+
+    x = _unwrap_views(other)
+    if not (isinstance(x, fx.Node) and x.op == "call_function" and x.target is operator.mul):
+        return None
+    for slope, term in ((x.args[0], x.args[1]), (x.args[1], x.args[0])):
+        shp = G.shape(slope) if isinstance(slope, fx.Node) else None
+        if shp is None or not G.dtype(slope).is_floating_point:
+            continue
+        if len(shp) >= 1 and shp[-1] != 1 or len(shp) >= 2 and shp[-2] != 1:
+            continue  # the slope must not vary along queries or keys
+        if G.shape(other) != G.shape(x) and len(shp) > len(score_shape):
+            continue
+        expr = analyze_position(term, nq, nk) if isinstance(term, fx.Node) else None
+        if expr is not None:
+            return slope, expr
+    return None
 
 
 _AND = {

@@ -63,6 +63,10 @@ def _spec(d, dtype, kind):
         ops_.append(ScoreOp("fill_pred", -math.inf, pred=CAUSAL))
     elif kind == "tanh":
         ops_.append(ScoreOp("tanh"))
+    elif kind == "alibi":  # per-head slope × (K − Q), causal: no N×N bias tensor
+        ops_ += [ScoreOp("add_pos_aux", aux=0, expr=sympy.srepr(K - Q))]
+        ops_.append(ScoreOp("fill_pred", -math.inf, pred=CAUSAL))
+        aux = ("float32",)
     return AttentionSpec(
         activation=act,
         score_ops=tuple(ops_),
@@ -81,7 +85,7 @@ CASES += [(64, "float16", "mask"), (128, "bfloat16", "mask"), (128, "bfloat16", 
 CASES += [(128, "float16", "hfmask")]
 CASES += [(64, "bfloat16", "sigmoid"), (128, "float16", "sigmoid")]
 CASES += [(64, "float16", "softcap"), (128, "bfloat16", "softcap"), (256, "float16", "softcap")]
-CASES += [(128, "float16", "tanh")]
+CASES += [(128, "float16", "tanh"), (64, "bfloat16", "alibi")]
 IDS = [f"{d}-{t}-{k}" for d, t, k in CASES]
 # cases whose every candidate config is compiled (the others: the default configs)
 FULL = {(64, "float16", "causal"), (256, "float16", "causal"), (128, "bfloat16", "softcap")}

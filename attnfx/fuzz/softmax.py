@@ -335,9 +335,11 @@ def normalize_lanes(c: dict, mask_inputs: dict, additive: str | None) -> dict:
         c["inplace"] = "none"
     if c["interp"] and c["dtype"] == "float32":
         c["grads"] = False  # the fp32 kernels' gradients: see KNOWN_GAPS
-    if c["inplace"] == "out_mul" and (c["form"] == "sdpa" or c["near_miss"] == "after_pv"):
-        # SDPA's and sigmoid's backward read their output: eager itself would raise
-        c["grads"] = False
+    if c["inplace"] == "out_mul" and c["near_miss"] == "after_pv":
+        # σ's backward reads its output: aot_eager (the near-miss reference) refuses o.mul_
+        c["inplace"] = "acc_add"
+    if c["inplace"] == "out_mul" and c["form"] == "sdpa":
+        c["grads"] = False  # SDPA's backward reads its output: eager itself would raise
     if c["inplace"] == "out_mul" and not OUT_MUL_FIXED:
         c["grads"] = False
         if c["form"] == "sdpa":
@@ -444,8 +446,9 @@ def _forward_lines(c, f: Frame | None = None) -> list[str]:
                 "q, k, v = qkv[0], qkv[1], qkv[2]",
             ]
     L.append("b, nq, nkv = q.shape[0], q.shape[-2], k.shape[-2]")
-    L += f.post_heads(c)
+    # before post_heads: a temperature applied to q after a copy_ stays visible to the site
     L += INPLACE_PRE.get(c["inplace"], [])
+    L += f.post_heads(c)
     # GQA: repeat the kv heads (or let sdpa do it).
     if c["gqa"] == "expand":
         L.append("k, v = repeat_kv(k, G), repeat_kv(v, G)")
@@ -483,7 +486,8 @@ INPLACE_POST = {
         "o = acc",
     ],
     "buffer": [
-        "self.stat.add_(o.detach().sum(dim=(0, 1, 2)))  # a buffer updated in forward",
+        # one row, not a reduction: summed rounding errors would fail the rule by themselves
+        "self.stat.add_(o.detach()[0, 0, -1])  # a buffer updated in forward",
         "self.calls.add_(1)",
     ],
 }

@@ -154,7 +154,7 @@ def dropout_identity(node: fx.Node) -> tuple[bool, str | None]:
     return False, None
 
 
-_INPLACE_OPERATORS = {
+INPLACE_OPERATORS = {
     operator.setitem,
     operator.iadd,
     operator.isub,
@@ -192,7 +192,7 @@ def has_side_effects(node: fx.Node) -> bool:
         if name.startswith("__") and name.endswith("__"):
             return name == "__setitem__" or name.startswith("__i")
         return name.endswith("_") or name in ("backward", "record_stream", "register_hook")
-    if hashable(target) and target in _INPLACE_OPERATORS:
+    if hashable(target) and target in INPLACE_OPERATORS:
         return True
     name = getattr(target, "__name__", "") or ""
     if name.endswith("_") and not name.endswith("__"):

@@ -166,7 +166,9 @@ def _run(
                 return None  # fed only the sites
             out = super().run_node(n)
             if n in record:
-                recorded[n] = out
+                # a copy: an in-place op downstream (``o.mul_(2)``) must not reach the value
+                # the original run is given
+                recorded[n] = out.clone() if isinstance(out, torch.Tensor) else out
             return out
 
     devices = sorted(

@@ -116,8 +116,27 @@ def apply(gm: fx.GraphModule, site: Site) -> fx.Node:
             if k in ("example_value", "val", "nn_module_stack", "stack_trace")
         }
     )
+    if written_in_place(site.output):
+        # The op saves its output for the backward (and an SDPA-layout output is a view):
+        # a later in-place write (``o.mul_(2)``) must land on a copy, as it landed on
+        # ``p @ v``'s fresh result in eager.
+        with graph.inserting_after(out):
+            copy = graph.call_method("clone", (out,))
+        copy.meta.update(out.meta)
+        out = copy
     site.output.replace_all_uses_with(out)
     return out
+
+
+def written_in_place(node: fx.Node) -> bool:
+    """Whether a node with side effects may write into ``node``'s value (through views)."""
+    from attnfx.passes.graph_check import _base_of
+
+    for n in node.graph.nodes:
+        if n.op in ("call_method", "call_function") and G.has_side_effects(n) and n.args:
+            if _base_of(n.args[0]) is node:
+                return True
+    return False
 
 
 def remove_replaced(gm: fx.GraphModule, nodes: set[fx.Node]) -> int:

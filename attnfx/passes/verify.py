@@ -146,28 +146,13 @@ def capture_inputs(
     return values
 
 
-_INPLACE_OPERATORS = {
-    operator.setitem,
-    operator.iadd,
-    operator.isub,
-    operator.imul,
-    operator.itruediv,
-    operator.ifloordiv,
-    operator.imod,
-    operator.ipow,
-    operator.iand,
-    operator.ior,
-    operator.ixor,
-}
-
-
 def _mutates(gm: fx.GraphModule) -> bool:
     """Whether any node may write into a tensor: ``x.add_``, ``x[i] = y``, ``x += y``,
     ``out=`` arguments."""
     for n in gm.graph.nodes:
         if n.op not in ("call_method", "call_function"):
             continue
-        if "out" in n.kwargs or (G.hashable(n.target) and n.target in _INPLACE_OPERATORS):
+        if "out" in n.kwargs or (G.hashable(n.target) and n.target in G.INPLACE_OPERATORS):
             return True
         name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
         if name.endswith("_") and not name.endswith("__"):

@@ -199,3 +199,38 @@ def test_in_place_write_inside_site_is_kept():
     assert attnfx.counters["rewritten.softmax"] == 0, dict(attnfx.counters)
     assert attnfx.counters["kept.an in-place write lies inside the site"] == 1
     torch.testing.assert_close(got, m(q, k, v))
+
+
+class InPlaceOnOutput(torch.nn.Module):
+    """``o.mul_(2)`` on the site's output, then a view: eager's ``p @ v`` result is fresh;
+    the op's output is saved for its backward (and SDPA's is a bnhd view)."""
+
+    def __init__(self, sdpa: bool):
+        super().__init__()
+        self.sdpa = sdpa
+
+    def forward(self, q, k, v):
+        if self.sdpa:
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            o = _attn(q, k, v)
+        o.mul_(2.0)
+        return o.transpose(1, 2).reshape(o.shape[0], o.shape[2], -1)
+
+
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_in_place_write_on_site_output(sdpa):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 12, D, requires_grad=True) for _ in range(3))
+    m = InPlaceOnOutput(sdpa)
+    got = torch.compile(m, backend="attnfx", options={"verify": "always"})(q, k, v)
+    assert attnfx.counters["rewritten.softmax"] == 1, dict(attnfx.counters)
+    ref = m(q, k, v)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    if sdpa:
+        return  # eager SDPA's own backward refuses the in-place write (it saved its output)
+    cot = torch.randn_like(ref)
+    for a, b in zip(
+        torch.autograd.grad(got, (q, k, v), cot), torch.autograd.grad(ref, (q, k, v), cot)
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -115,13 +115,11 @@ GQAS_EAGER = ("none", "expand", "interleave")
 GQAS_SDPA = GQAS_EAGER + ("enable_gqa",)
 MERGES = ("none", "transpose_reshape", "contiguous_view", "permute_reshape")
 INPLACES = ("none", "out_mul", "acc_add", "copy_pre", "clone_mul_pre", "index_add", "buffer")
-# Open bugs, in-place ops on a rewritten site's output (``o.mul_``): the op saves its
-# output for the backward, so the backward raises where eager's ``p @ v`` does not; an
-# SDPA site's op returns a (bnhd) view, which autograd refuses to modify in place; and the
-# whole-graph check keeps such sites (KNOWN_GAPS).  Until they are fixed, out_mul programs
-# check no gradients and are eager spellings (tests/fuzz: strict xfails track them; set
-# this True once they pass).
-OUT_MUL_FIXED = False
+# In-place ops on a rewritten site's output (``o.mul_``) were open bugs (the op saved its
+# output for the backward, SDPA's output was a view, the whole-graph check applied the
+# write twice); fixed in passes/rewrite.py and passes/graph_check.py.  False would make
+# out_mul programs check no gradients again.
+OUT_MUL_FIXED = True
 
 SIMPLER = {
     "near_miss": ("none",),
@@ -171,11 +169,6 @@ KNOWN_GAPS: tuple = (
         "one key: the softmax gradients of q and k are exactly 0 in eager and gold, the op's "
         "are rounding noise (~1e-15), and the rule's rounding floor is 0 there: the verifier "
         "keeps the site (a missed rewrite, not a wrong result)",
-    ),
-    (
-        lambda c: c["inplace"] == "out_mul" and c["near_miss"] == "none",
-        "o.mul_ on the site's output, then a view of it: the whole-graph check sees the "
-        "in-place op applied twice (relative difference 0.5) and keeps the site",
     ),
 )
 

@@ -42,6 +42,17 @@ def _stride_order(t: torch.Tensor) -> list[int]:
     return sorted(dims, key=lambda d: -t.stride(d))
 
 
+def _kind_differs(cand: torch.Tensor, base: torch.Tensor) -> str:
+    """Why ``cand`` is not the same kind of tensor as ``base`` (shape, dtype, device)."""
+    if cand.shape != base.shape:
+        return f"shape {tuple(cand.shape)} != {tuple(base.shape)}"
+    if cand.dtype != base.dtype:
+        return f"dtype {cand.dtype} != {base.dtype}"
+    if cand.device != base.device:
+        return f"device {cand.device} != {base.device}"
+    return ""
+
+
 def rounding_floor(gold: torch.Tensor, dtype: torch.dtype) -> float:
     """``a = 2·max|((gold + 0.3) − 0.3) − gold|`` evaluated in ``dtype``."""
     g = gold[torch.isfinite(gold)]
@@ -66,12 +77,9 @@ def compare(
     def fail(msg, **kw):
         return CloseResult(False, message=f"{context}{': ' if context else ''}{msg}", **kw)
 
-    if cand.shape != base.shape:
-        return fail(f"shape {tuple(cand.shape)} != {tuple(base.shape)}")
-    if cand.dtype != base.dtype:
-        return fail(f"dtype {cand.dtype} != {base.dtype}")
-    if cand.device != base.device:
-        return fail(f"device {cand.device} != {base.device}")
+    why = _kind_differs(cand, base)
+    if why:
+        return fail(why)
     if check_strides and _stride_order(cand) != _stride_order(base):
         return fail(f"stride order {cand.stride()} != {base.stride()}")
 
@@ -151,12 +159,9 @@ def graph_outputs_close(cand, base) -> CloseResult:
             same = cand == base or (cand != cand and base != base)
             return CloseResult(True) if same else fail(f"{cand} != {base}")
         return CloseResult(True) if cand == base else fail(f"{cand!r} != {base!r}")
-    if cand.shape != base.shape:
-        return fail(f"shape {tuple(cand.shape)} != {tuple(base.shape)}")
-    if cand.dtype != base.dtype:
-        return fail(f"dtype {cand.dtype} != {base.dtype}")
-    if cand.device != base.device:
-        return fail(f"device {cand.device} != {base.device}")
+    why = _kind_differs(cand, base)
+    if why:
+        return fail(why)
     if base.is_complex():
         cand, base = torch.view_as_real(cand), torch.view_as_real(base)
     if not base.is_floating_point():

@@ -149,7 +149,9 @@ def test_inner_compiler_failure_falls_back_and_is_counted(monkeypatch):
     real = backend._inner
 
     def picky(gm, example_inputs, opts):
-        if any(n.op == "call_function" and "site_attention" in str(n.target) for n in gm.graph.nodes):
+        if any(
+            n.op == "call_function" and "site_attention" in str(n.target) for n in gm.graph.nodes
+        ):
             raise RuntimeError("planted inner-compiler failure")
         return real(gm, example_inputs, opts)
 

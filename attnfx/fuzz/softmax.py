@@ -115,11 +115,6 @@ GQAS_EAGER = ("none", "expand", "interleave")
 GQAS_SDPA = GQAS_EAGER + ("enable_gqa",)
 MERGES = ("none", "transpose_reshape", "contiguous_view", "permute_reshape")
 INPLACES = ("none", "out_mul", "acc_add", "copy_pre", "clone_mul_pre", "index_add", "buffer")
-# In-place ops on a rewritten site's output (``o.mul_``) were open bugs (the op saved its
-# output for the backward, SDPA's output was a view, the whole-graph check applied the
-# write twice); fixed in passes/rewrite.py and passes/graph_check.py.  False would make
-# out_mul programs check no gradients again.
-OUT_MUL_FIXED = True
 
 SIMPLER = {
     "near_miss": ("none",),
@@ -346,10 +341,6 @@ def normalize_lanes(c: dict, mask_inputs: dict, additive: str | None) -> dict:
         c["inplace"] = "acc_add"
     if c["inplace"] == "out_mul" and c["form"] == "sdpa":
         c["grads"] = False  # SDPA's backward reads its output: eager itself would raise
-    if c["inplace"] == "out_mul" and not OUT_MUL_FIXED:
-        c["grads"] = False
-        if c["form"] == "sdpa":
-            c["inplace"] = "acc_add"
     return c
 
 

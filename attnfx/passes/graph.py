@@ -172,6 +172,73 @@ INPLACE_OPERATORS = {
 }
 
 
+# Ops whose result may share storage with their first argument: an in-place op on the
+# result mutates the argument too.
+VIEW_METHODS = {
+    "view",
+    "view_as",
+    "reshape",
+    "reshape_as",
+    "transpose",
+    "permute",
+    "expand",
+    "expand_as",
+    "unsqueeze",
+    "squeeze",
+    "flatten",
+    "unflatten",
+    "narrow",
+    "select",
+    "as_strided",
+    "t",
+    "T",
+    "mT",
+    "contiguous",
+    "detach",
+    "unfold",
+    "split",
+    "chunk",
+    "diagonal",
+    "movedim",
+    "swapaxes",
+    "to",
+    "type_as",
+}
+VIEW_FUNCTIONS = {
+    operator.getitem,
+    torch.reshape,
+    torch.transpose,
+    torch.permute,
+    torch.unsqueeze,
+    torch.squeeze,
+    torch.flatten,
+    torch.narrow,
+    torch.select,
+    torch.as_strided,
+    torch.t,
+    torch.split,
+    torch.chunk,
+    torch.diagonal,
+    torch.movedim,
+    torch.swapaxes,
+    torch.detach,
+}
+
+
+def view_base(x) -> fx.Node | None:
+    """The node whose storage ``x`` may view (through view-like ops)."""
+    while isinstance(x, fx.Node):
+        if x.op == "call_method" and x.target in VIEW_METHODS and x.args:
+            x = x.args[0]
+        elif (
+            x.op == "call_function" and hashable(x.target) and x.target in VIEW_FUNCTIONS and x.args
+        ):
+            x = x.args[0]
+        else:
+            return x
+    return None
+
+
 def has_side_effects(node: fx.Node) -> bool:
     """Whether removing ``node`` could change what the program does even when nothing
     reads its value: in-place tensor ops (``x.add_(y)``, ``buf.copy_(v)``, ``index_add_``,

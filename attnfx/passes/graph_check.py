@@ -25,7 +25,6 @@ by atomics' ordering), non-finite values class for class.
 from __future__ import annotations
 
 import dataclasses
-import operator
 
 import torch
 import torch.fx as fx
@@ -34,80 +33,11 @@ import torch.utils._pytree as pytree
 from attnfx.passes import graph as G
 from attnfx.testing import graph_outputs_close
 
-# Ops whose result may share storage with their first argument: an in-place op on the
-# result mutates the argument too.
-_VIEW_METHODS = {
-    "view",
-    "view_as",
-    "reshape",
-    "reshape_as",
-    "transpose",
-    "permute",
-    "expand",
-    "expand_as",
-    "unsqueeze",
-    "squeeze",
-    "flatten",
-    "unflatten",
-    "narrow",
-    "select",
-    "as_strided",
-    "t",
-    "T",
-    "mT",
-    "contiguous",
-    "detach",
-    "unfold",
-    "split",
-    "chunk",
-    "diagonal",
-    "movedim",
-    "swapaxes",
-    "to",
-    "type_as",
-}
-_VIEW_FUNCTIONS = {
-    operator.getitem,
-    torch.reshape,
-    torch.transpose,
-    torch.permute,
-    torch.unsqueeze,
-    torch.squeeze,
-    torch.flatten,
-    torch.narrow,
-    torch.select,
-    torch.as_strided,
-    torch.t,
-    torch.split,
-    torch.chunk,
-    torch.diagonal,
-    torch.movedim,
-    torch.swapaxes,
-    torch.detach,
-}
-
 
 @dataclasses.dataclass
 class GraphVerdict:
     ok: bool
     message: str = ""
-
-
-def _base_of(x) -> fx.Node | None:
-    """The node whose storage ``x`` may view (through view-like ops)."""
-    while isinstance(x, fx.Node):
-        if x.op == "call_method" and x.target in _VIEW_METHODS and x.args:
-            x = x.args[0]
-        elif (
-            x.op == "call_function"
-            and G.hashable(x.target)
-            and x.target in _VIEW_FUNCTIONS
-            and x.args
-        ):
-            x = x.args[0]
-        else:
-            return x
-    return None
 
 
 def mutated_inputs(gm: fx.GraphModule) -> list[int]:
@@ -119,11 +49,11 @@ def mutated_inputs(gm: fx.GraphModule) -> list[int]:
             continue
         targets = list(n.args[:1]) + [v for k, v in n.kwargs.items() if k == "out"]
         for t in targets:
-            b = _base_of(t)
+            b = G.view_base(t)
             if b is not None and b.op == "placeholder":
                 hit.add(b)
         if n.op == "call_module":  # a module call may write any input it is given
-            hit |= {b for a in n.all_input_nodes if (b := _base_of(a)) is not None}
+            hit |= {b for a in n.all_input_nodes if (b := G.view_base(a)) is not None}
     return [i for i, p in enumerate(placeholders) if p in hit]
 
 

@@ -130,11 +130,9 @@ def apply(gm: fx.GraphModule, site: Site) -> fx.Node:
 
 def written_in_place(node: fx.Node) -> bool:
     """Whether a node with side effects may write into ``node``'s value (through views)."""
-    from attnfx.passes.graph_check import _base_of
-
     for n in node.graph.nodes:
         if n.op in ("call_method", "call_function") and G.has_side_effects(n) and n.args:
-            if _base_of(n.args[0]) is node:
+            if G.view_base(n.args[0]) is node:
                 return True
     return False
 

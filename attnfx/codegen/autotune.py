@@ -167,25 +167,24 @@ class Autotuner:
             self._mem.clear()
 
     def _load(self, key: TuneKey, candidates: Sequence[Config]) -> Config | None:
-        p = self.path(key)
+        """The stored choice for ``key``; None (re-tune) for any entry that cannot be
+        read as one: absent, unreadable, not UTF-8 or JSON, not an object, another key,
+        a config of the wrong shape or no longer a candidate."""
         try:
-            data = json.loads(p.read_text())
-        except (OSError, ValueError):
-            return None
-        if data.get("key") != key.as_dict():
-            return None  # a digest collision or a foreign file: re-tune
-        try:
+            data = json.loads(self.path(key).read_bytes().decode("utf-8"))
+            if not isinstance(data, dict) or data.get("key") != key.as_dict():
+                return None  # a foreign or damaged file, or a digest collision
             cfg = Config(**data["config"])
-        except (KeyError, TypeError):
+            return cfg if cfg in candidates else None
+        except Exception:  # noqa: BLE001 - whatever is on disk, a bad entry is a miss
             return None
-        return cfg if cfg in candidates else None
 
     def _store(self, key: TuneKey, cfg: Config, timings: list[dict]) -> None:
         doc = {"key": key.as_dict(), "config": dataclasses.asdict(cfg), "timings": timings}
         try:
             cache.atomic_write(self.path(key), json.dumps(doc, indent=1, sort_keys=True) + "\n")
-        except OSError:
-            pass  # a read-only cache dir: the in-process choice still holds
+        except (OSError, ValueError):
+            pass  # an unwritable cache dir: the in-process choice still holds
 
     def cached(self, key: TuneKey, candidates: Sequence[Config]) -> Config | None:
         """A choice already made for ``key`` (in process or on disk), else None."""

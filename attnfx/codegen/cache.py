@@ -7,17 +7,25 @@ Each spec yields two modules, ``<hash>_fwd.py`` and ``<hash>_bwd.py``, written t
 decorated (Triton reads the flag in ``@triton.jit``), so the kernels run under Triton's
 interpreter on CPU tensors; ``interpret=False`` gives real ``JITFunction`` objects (GPU
 launches and ahead-of-time compiles).
+
+The module is always executed from the source generated in this process (``linecache``
+is seeded with it, so ``inspect.getsource`` in ``@triton.jit`` reads exactly that text):
+the files on disk are a copy for people and are never trusted.  A damaged entry (a
+half-written file, foreign bytes) is rewritten; a cache directory that cannot be written
+(read-only, a file, under a file) costs one warning and the modules are kept in memory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
+import linecache
+import logging
 import os
 import sys
 import tempfile
 import threading
+import types
 from pathlib import Path
 
 from attnfx.codegen import emit
@@ -29,6 +37,14 @@ VERSION = "2"
 _lock = threading.RLock()
 _sources: dict[tuple[str, str], str] = {}
 _modules: dict[tuple[str, str, bool], object] = {}
+_warned: set[str] = set()  # cache directories already warned about (one warning each)
+
+log = logging.getLogger("attnfx")
+
+
+class CacheError(RuntimeError):
+    """The kernel cache could not provide a generated module (messages start with
+    "kernel cache unusable: ")."""
 
 
 def short_hash(spec: AttentionSpec) -> str:
@@ -43,22 +59,41 @@ def cache_dir() -> Path:
 
 
 def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` (UTF-8) unless it already holds exactly that: a temporary
+    file in the same directory, then ``os.replace``, so that no reader ever sees a
+    half-written file.  An existing file that cannot be read or decoded is rewritten."""
+    data = text.encode("utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        try:
-            if path.read_text() == text:
-                return
-        except OSError:
-            pass
+    try:
+        if path.read_bytes() == data:
+            return
+    except OSError:
+        pass  # absent, unreadable or not a file: (re)write it
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _save(path: Path, text: str, problem: str) -> bool:
+    """Write a copy of a generated module for people to read; never raises.  The first
+    failure per directory is logged (one warning), as ``problem``."""
+    try:
+        atomic_write(path, text)
+        return True
+    except (OSError, ValueError) as e:  # ValueError: a path with a NUL byte
+        where = str(path.parent)
+        with _lock:
+            first = where not in _warned
+            _warned.add(where)
+        if first:
+            log.warning("attnfx: %s (%s: %s)", problem.format(where=where), type(e).__name__, e)
+        return False
 
 
 def get_source(spec: AttentionSpec, part: str) -> str:
@@ -97,24 +132,42 @@ def load_module(spec: AttentionSpec, part: str, interpret: bool):
         text = get_source(spec, part)
         h = short_hash(spec)
         path = cache_dir() / f"{h}_{part}.py"
-        atomic_write(path, text)
+        problem = (
+            "kernel cache unusable: cannot write to {where}; generated kernels are kept in memory"
+        )
+        if _save(path, text, problem):
+            filename = str(path)
+        else:
+            filename = f"<attnfx-generated {h}_{part}>"
         dump = os.environ.get("ATTNFX_DUMP_DIR")
         if dump:
-            atomic_write(Path(dump) / f"{h}_{part}.py", text)
+            _save(Path(dump) / f"{h}_{part}.py", text, "ATTNFX_DUMP_DIR: cannot write to {where}")
         name = f"attnfx_generated.{h}_{part}_{'interp' if interpret else 'jit'}"
-        mspec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(mspec)
-        # inspect.getsource (used by triton.jit) reads the file through linecache
-        sys.modules[name] = mod
         try:
-            with _interpret_mode(interpret):
-                mspec.loader.exec_module(mod)
-        except BaseException:
-            sys.modules.pop(name, None)
-            raise
+            mod = _exec(name, filename, text, interpret)
+        except OSError as e:
+            raise CacheError(f"kernel cache unusable: {type(e).__name__}: {e}") from e
         _check_mode(mod, interpret)
         _modules[key] = mod
         return mod
+
+
+def _exec(name: str, filename: str, text: str, interpret: bool):
+    """Execute ``text`` as module ``name`` whose functions report ``filename``."""
+    # inspect.getsource (used by triton.jit) reads the source through linecache: seeded
+    # with this very text (mtime None: never re-read from disk), whatever the file holds.
+    linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
+    mod = types.ModuleType(name)
+    mod.__file__ = filename
+    sys.modules[name] = mod
+    try:
+        code = compile(text, filename, "exec")
+        with _interpret_mode(interpret):
+            exec(code, mod.__dict__)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return mod
 
 
 def _check_mode(mod, interpret: bool) -> None:

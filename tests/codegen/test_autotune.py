@@ -176,6 +176,42 @@ def test_corrupt_or_foreign_cache_file_retunes(tmp_path):
     assert Autotuner(tmp_path).choose(key, CANDS, **g.kw()) == CANDS[0]
 
 
+@pytest.mark.parametrize(
+    "content",
+    [b"[]", b"null", b'"text"', b"3", b"\xff\xfe\x80", b'{"key": [], "config": {}}', None],
+)
+def test_unreadable_cache_entry_is_absent(tmp_path, content):
+    """Valid JSON that is not an object, bytes that are not UTF-8, a key that is not the
+    key, a config that is not a mapping, a directory in the file's place: re-tuned."""
+    key = _key()
+    t = Autotuner(tmp_path)
+    p = t.path(key)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if content is None:
+        p.mkdir()
+    else:
+        p.write_bytes(content)
+    f = Fake({CANDS[0]: 2.0, CANDS[1]: 1.0, CANDS[2]: 3.0})
+    assert t.cached(key, CANDS) is None
+    assert t.choose(key, CANDS, **f.kw()) == CANDS[1]
+    assert f.timed
+    # a doc with the right key but a config of the wrong shape
+    for bad in ([64, 32], "64x32", None, {"BLOCK_M": [1]}):
+        doc = {"key": key.as_dict(), "config": bad}
+        q = Autotuner(tmp_path / "other")
+        q.path(key).parent.mkdir(parents=True, exist_ok=True)
+        q.path(key).write_text(json.dumps(doc))
+        assert q.cached(key, CANDS) is None, bad
+
+
+def test_unwritable_cache_dir_keeps_the_choice_in_process(tmp_path):
+    (tmp_path / "file").write_text("x")
+    t = Autotuner(tmp_path / "file" / "autotune")
+    f = Fake({CANDS[0]: 2.0, CANDS[1]: 1.0, CANDS[2]: 3.0})
+    assert t.choose(_key(), CANDS, **f.kw()) == CANDS[1]
+    assert t.cached(_key(), CANDS) == CANDS[1]
+
+
 def test_launch_failure_drops_candidate(tmp_path):
     f = Fake({CANDS[0]: 1.0, CANDS[1]: 2.0, CANDS[2]: 3.0})
     timer = f.timer

@@ -5,12 +5,33 @@ computes, and runs it on a Triton kernel generated for exactly that computation.
     print(attnfx.explain(model, *example_inputs))
 """
 
+import importlib
+
+# The documented subpackages are reachable after a plain ``import attnfx``: ``nn`` and
+# ``testing`` are small (torch only) and imported here; ``codegen`` (Triton) and ``fuzz``
+# (hypothesis) load on first use.
+from attnfx import nn as nn
+from attnfx import ops as ops
+from attnfx import testing as testing
 from attnfx.backend import Options, VerificationError, attnfx_backend, explain
 from attnfx.ops import attention
 from attnfx.report import Report, SiteRecord, counters, reset_counters
 from attnfx.spec import AttentionSpec, ScoreOp
 
 __version__ = "0.1.0"
+
+_LAZY = ("codegen", "fuzz", "cli")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return importlib.import_module(f"attnfx.{name}")
+    raise AttributeError(f"module 'attnfx' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "AttentionSpec",

@@ -9,10 +9,13 @@ Options:
     on_mismatch   "fallback" (default: keep the site) | "raise"
     inner         "inductor" (default) | "eager"
     random_trials random input sets per verified site besides its real inputs (default 1)
+    mode          inductor's mode for the rewritten graph (also ``torch.compile(mode=...)``)
 
-Nothing raises out of the backend except a verifier rejection with
-``on_mismatch="raise"`` and invalid options: any other failure inside attnfx keeps the
-graph as Dynamo gave it, counted under ``kept.internal error``.
+Nothing raises out of the backend except invalid options; a verifier rejection with
+``on_mismatch="raise"`` raises ``VerificationError`` when the compiled graph is called
+(an exception raised inside the backend reaches the caller wrapped in Dynamo's
+``BackendCompilerFailed``).  Any other failure inside attnfx keeps the graph as Dynamo
+gave it, counted under ``kept.internal error``.
 """
 
 from __future__ import annotations
@@ -48,14 +51,21 @@ class Options:
     on_mismatch: str = "fallback"
     inner: str = "inductor"
     random_trials: int = 1
+    mode: str | None = None
 
     @staticmethod
-    def from_dict(d: dict | None) -> Options:
+    def from_dict(d: dict | None, mode: str | None = None) -> Options:
         d = dict(d or {})
         names = {f.name for f in dataclasses.fields(Options)}
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown attnfx option(s) {sorted(unknown)}; known: {sorted(names)}")
+        if mode is not None and d.get("mode") not in (None, mode):
+            raise ValueError(
+                f"attnfx: mode={mode!r} and options['mode']={d['mode']!r} disagree; give one"
+            )
+        if mode is not None:
+            d["mode"] = mode
         o = Options(**d)
         for name, allowed in (
             ("verify", ("first", "always", "off")),
@@ -66,7 +76,29 @@ class Options:
                 raise ValueError(
                     f"attnfx option {name}={getattr(o, name)!r}; expected one of {allowed}"
                 )
+        t = o.random_trials
+        # bool is an int to Python, but random_trials=True is a mistake, not 1 trial
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise ValueError(
+                f"attnfx option random_trials={t!r}; expected an int >= 0 "
+                "(random input sets per verified site, besides its real inputs)"
+            )
+        if o.mode is not None:
+            modes = _inductor_modes()
+            if o.mode not in modes:
+                raise ValueError(f"attnfx: mode={o.mode!r}; expected one of {modes}")
+            if o.inner != "inductor" and o.mode != "default":
+                raise ValueError(
+                    f"attnfx: mode={o.mode!r} is an inductor mode, but inner={o.inner!r}; "
+                    "use inner='inductor' or drop the mode"
+                )
         return o
+
+
+def _inductor_modes() -> tuple[str, ...]:
+    from torch._inductor import list_mode_options
+
+    return tuple(list_mode_options())
 
 
 def rewrite_graph(
@@ -115,14 +147,13 @@ def rewrite_graph(
     for i, s in enumerate(matched):
         v = verdicts[i]
         if not v.ok:
-            msg = f"verifier rejected the rewrite: {v.message}"
-            if options.on_mismatch == "raise":
-                raise VerificationError(f"attnfx site {s.where or s.anchor}: {msg}")
-            records.append(
-                report.SiteRecord(
-                    s.kind, "kept", "verifier rejected the rewrite", s.where, s.spec, graph=gid
-                )
-            )
+            cache_problem = _cache_problem(v.message)
+            if cache_problem is None:
+                msg = f"verifier rejected the rewrite: {v.message}"
+                if options.on_mismatch == "raise":
+                    raise VerificationError(f"attnfx site {s.where or s.anchor}: {msg}")
+            reason = cache_problem or "verifier rejected the rewrite"
+            records.append(report.SiteRecord(s.kind, "kept", reason, s.where, s.spec, graph=gid))
             log.warning("attnfx: kept %s at %s: %s", s.kind, s.where, v.message)
             continue
         with _lock:
@@ -140,6 +171,15 @@ def rewrite_graph(
         return gm, records
     rewrite.finish(new, replaced)
     return _check_whole_graph(gm, new, example_inputs, sites_out, records, options)
+
+
+def _cache_problem(message: str | None) -> str | None:
+    """The reason for a site the op could not run on because the kernel cache failed
+    (``codegen.cache.CacheError``): not a verifier rejection, whatever ``on_mismatch``."""
+    tag = "kernel cache unusable:"
+    if message and tag in message:
+        return message[message.index(tag) :]
+    return None
 
 
 def _check_whole_graph(gm, new, example_inputs, sites_out, records, options: Options):
@@ -178,22 +218,36 @@ def _check_whole_graph(gm, new, example_inputs, sites_out, records, options: Opt
 def _inner(gm: fx.GraphModule, example_inputs, options: Options):
     if options.inner == "eager":
         return gm.forward
+    from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
     from attnfx.passes.inner_guard import guard_for_inductor
 
-    return compile_fx(guard_for_inductor(gm), example_inputs)
+    # the inductor config of torch.compile(mode=...), as inductor's own backend applies it
+    patches = dict(list_mode_options(options.mode)) if options.mode else None
+    return compile_fx(guard_for_inductor(gm), example_inputs, config_patches=patches)
+
+
+def _raising(error: Exception):
+    """A compiled graph that raises ``error`` when called: Dynamo wraps an exception raised
+    by a backend in ``BackendCompilerFailed``, one raised by the compiled code reaches the
+    caller as it is, so that ``except attnfx.VerificationError`` catches it."""
+
+    def compiled(*args, **kwargs):
+        raise error
+
+    return compiled
 
 
 def attnfx_backend(
     gm: fx.GraphModule, example_inputs, *, options: dict | None = None, mode: str | None = None
 ):
     """The ``torch.compile`` backend."""
-    opts = Options.from_dict(options)
+    opts = Options.from_dict(options, mode=mode)
     try:
         new, records = rewrite_graph(gm, example_inputs, opts)
-    except VerificationError:
-        raise
+    except VerificationError as e:
+        return _raising(e)
     except Exception as e:  # noqa: BLE001 - never crash inside torch.compile
         log.warning(
             "attnfx: internal error, graph kept as Dynamo gave it: %s: %s", type(e).__name__, e
@@ -233,19 +287,63 @@ def explain(model, *args, options: dict | None = None, **kwargs) -> report.Repor
     """Compile ``model`` with attnfx, run it once on ``args``/``kwargs`` and report every
     attention site: found, verified, rewritten or kept (and why).
 
-    Resets Dynamo's caches before and after, so that every graph is compiled afresh.
+    The compile is explain's own (a backend no other compile shares, so nothing compiled
+    before is reused), isolated from the recompile limits of other compiles of the same
+    code, and its cache entries are dropped afterwards: other compiled models, this one's
+    included, keep their compiled code.  Its sites are not added to ``attnfx.counters``.
+    On a torch whose ``torch.compile`` has no ``isolate_recompiles``, Dynamo's caches are
+    reset instead, before and after.
     """
     import functools
 
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         model = model._orig_mod
-    torch._dynamo.reset()
     opts = dict(options or {})
     opts.setdefault("verify", "always")
+    # a fresh callable: Dynamo's backend guard then never matches another compile's code
     backend = functools.partial(attnfx_backend, options=opts)
-    try:
-        with report.collecting() as records:
-            torch.compile(model, backend=backend)(*args, **kwargs)
-    finally:
+    isolate = _has_isolate_recompiles()
+    if not isolate:
         torch._dynamo.reset()
+    try:
+        compiled = torch.compile(
+            model, backend=backend, **({"isolate_recompiles": True} if isolate else {})
+        )
+        with report.collecting(count=False) as records:
+            compiled(*args, **kwargs)
+    finally:
+        if isolate:
+            _drop_cache_entries(backend)
+        else:
+            torch._dynamo.reset()
     return report.Report(list(records))
+
+
+def _has_isolate_recompiles() -> bool:
+    import inspect
+
+    return "isolate_recompiles" in inspect.signature(torch.compile).parameters
+
+
+def _drop_cache_entries(backend) -> None:
+    """Invalidate the Dynamo cache entries compiled with ``backend`` (best effort: the
+    entries are in an isolated region and never match another compile anyway; dropping
+    them frees their compiled code)."""
+    try:
+        from torch._dynamo import convert_frame
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+        from torch._dynamo.guards import DeletedGuardManagerWrapper
+
+        for ref in list(convert_frame.input_codes.seen):
+            code = ref()
+            if code is None:
+                continue
+            for entry in _debug_get_cache_entry_list(code):
+                if getattr(entry.backend, "compiler_fn", None) is not backend:
+                    continue
+                gm = entry.guard_manager
+                if isinstance(gm, DeletedGuardManagerWrapper) or gm.extra_state is None:
+                    continue
+                gm.extra_state.invalidate(gm.cache_entry, DeletedGuardManagerWrapper("explain"))
+    except Exception as e:  # noqa: BLE001 - private Dynamo API: never fail explain over it
+        log.debug("attnfx: explain's cache entries left in place: %s: %s", type(e).__name__, e)

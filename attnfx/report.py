@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import dataclasses
 import json
+import threading
 
 from attnfx.spec import AttentionSpec
 
-# "rewritten.<kind>" and "kept.<reason>" -> count, over the whole process.
+# "rewritten.<kind>" and "kept.<reason>" -> count of the sites of the graphs that run,
+# over the whole process (``explain``'s own compiles are not counted: its compiled model
+# is thrown away).
 counters: collections.Counter = collections.Counter()
+_counters_lock = threading.Lock()
 
-_collectors: list[list] = []
+# The open ``collecting`` blocks of this thread / task, innermost last: (records, count).
+# Context-local, so that two threads compiling at once never see each other's sites; a
+# tuple, replaced rather than mutated.
+_collectors: contextvars.ContextVar[tuple[tuple[list, bool], ...]] = contextvars.ContextVar(
+    "attnfx_collectors", default=()
+)
 
 
 @dataclasses.dataclass
@@ -38,27 +48,30 @@ class SiteRecord:
 
 
 def record(rec: SiteRecord) -> None:
-    if rec.status == "rewritten":
-        counters[f"rewritten.{rec.kind}"] += 1
-    else:
-        counters[f"kept.{rec.reason}"] += 1
-    for c in _collectors:
-        c.append(rec)
+    open_blocks = _collectors.get()
+    if all(count for _, count in open_blocks):
+        key = f"rewritten.{rec.kind}" if rec.status == "rewritten" else f"kept.{rec.reason}"
+        with _counters_lock:
+            counters[key] += 1
+    for out, _ in open_blocks:
+        out.append(rec)
 
 
 def reset_counters() -> None:
-    counters.clear()
+    with _counters_lock:
+        counters.clear()
 
 
 @contextlib.contextmanager
-def collecting():
-    """Collect the SiteRecords of every compile inside the block."""
+def collecting(count: bool = True):
+    """Collect the SiteRecords of every compile this thread runs inside the block; with
+    ``count=False`` they are not added to ``counters`` (``explain``)."""
     out: list[SiteRecord] = []
-    _collectors.append(out)
+    token = _collectors.set(_collectors.get() + ((out, count),))
     try:
         yield out
     finally:
-        _collectors.remove(out)
+        _collectors.reset(token)
 
 
 @dataclasses.dataclass

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import re
+import threading
 
 import torch
 import triton
@@ -44,6 +46,22 @@ _TORCH_TO_TRITON = {
 
 def _interpret(t: torch.Tensor) -> bool:
     return t.device.type != "cuda"
+
+
+# Triton's interpreter keeps global state (its builder, patched tl functions): launches
+# from two threads at once corrupt each other, so interpreted runs take turns.
+_INTERPRETER_LOCK = threading.RLock()
+
+
+def _serialized_under_interpreter(fn):
+    @functools.wraps(fn)
+    def run(spec, *tensors):
+        if _interpret(tensors[0]):
+            with _INTERPRETER_LOCK:
+                return fn(spec, *tensors)
+        return fn(spec, *tensors)
+
+    return run
 
 
 def tanh_impl(spec: AttentionSpec, interpret: bool) -> int:
@@ -159,6 +177,7 @@ def _pick(spec, kernel, fn, cands, interpret, nq, nk, device, grid_of, make_args
     )
 
 
+@_serialized_under_interpreter
 def run_forward(spec: AttentionSpec, q, k, v, aux) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse): out (B, Hq, NQ, Dv) in ``spec.out_dtype``, laid out in memory as
     ``spec.out_layout`` says (``attnfx.ops.empty_output``); lse (B, Hq, NQ) float32."""
@@ -213,6 +232,7 @@ def run_forward(spec: AttentionSpec, q, k, v, aux) -> tuple[torch.Tensor, torch.
     return out, lse
 
 
+@_serialized_under_interpreter
 def run_backward(spec: AttentionSpec, dout, q, k, v, aux, out, lse):
     """(dq, dk, dv), contiguous, in the dtypes of q, k, v."""
     _check(spec, q, k, v)

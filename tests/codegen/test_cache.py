@@ -35,7 +35,7 @@ def fresh(monkeypatch, tmp_path):
     monkeypatch.setenv("ATTNFX_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("ATTNFX_DUMP_DIR", raising=False)
     monkeypatch.setattr(cache, "_modules", {})
-    monkeypatch.setattr(cache, "_warned", set(), raising=False)
+    monkeypatch.setattr(cache, "_warned", set())
     return tmp_path
 
 

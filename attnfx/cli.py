@@ -1,20 +1,41 @@
-"""``attnfx explain FILE.py`` (and, as they land, ``convert``, ``fuzz``, ``bench``)."""
+"""``attnfx explain FILE.py``, ``attnfx fuzz``, ``attnfx --version``.
+
+A usage error (a missing file, a bad option value, no CUDA for ``--device cuda``) is one
+line on stderr and exit status 2, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import runpy
 import sys
 
 
+class UsageError(Exception):
+    """A command-line mistake: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # argparse prints the usage block first; one line says the same and fits a log
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _explain(args) -> int:
+    path = args.file
+    if not os.path.exists(path):
+        raise UsageError(f"no such file: {path}")
+    if os.path.isdir(path):
+        raise UsageError(f"{path} is a directory; expected a Python file")
+
     from attnfx._compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
     import attnfx
 
-    ns = runpy.run_path(args.file, run_name="__attnfx_explain__")
+    ns = runpy.run_path(path, run_name="__attnfx_explain__")
     if "model" not in ns or "example_inputs" not in ns:
         print(f"{args.file} must define `model` and `example_inputs`", file=sys.stderr)
         return 2
@@ -30,10 +51,18 @@ def _explain(args) -> int:
 def _fuzz(args) -> int:
     import time
 
+    import torch
+
     from attnfx._compat import ensure_torchvision_importable
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available (torch.cuda)")
     ensure_torchvision_importable()
-    from attnfx.fuzz.runner import fuzz, progress_bar
+    try:
+        from attnfx.fuzz import grammar
+        from attnfx.fuzz.runner import fuzz, progress_bar
+    except ModuleNotFoundError as e:
+        raise UsageError(f"attnfx fuzz needs {e.name} (pip install {e.name})") from e
 
     options = {"inner": args.inner}
     if args.verify:
@@ -41,6 +70,12 @@ def _fuzz(args) -> int:
     if args.plant and not args.verify:
         options["verify"] = "off"  # the runtime verifier would hide the planted bug
     kinds = [k.strip() for k in args.kind.split(",") if k.strip()] if args.kind else None
+    if args.kind is not None and not kinds:
+        raise UsageError(f"--kind {args.kind!r}: no kind given")
+    try:
+        grammar.grammars(kinds)
+    except ValueError as e:
+        raise UsageError(f"--kind {args.kind}: {e}") from e
     t0 = time.perf_counter()
     summary = fuzz(
         args.examples,
@@ -58,9 +93,22 @@ def _fuzz(args) -> int:
     return 0 if summary.ok else 1
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="attnfx", description="attention compiler for torch.compile")
-    sub = p.add_subparsers(dest="command", required=True)
+    from attnfx import __version__
+
+    p = _Parser(prog="attnfx", description="attention compiler for torch.compile")
+    p.add_argument("--version", action="version", version=f"attnfx {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     e = sub.add_parser(
         "explain", help="report every attention site of a script's `model` on its `example_inputs`"
     )
@@ -73,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser(
         "fuzz", help="fuzz the rewrites with random attention programs (exit 1 on any failure)"
     )
-    f.add_argument("--examples", type=int, default=100, help="programs to generate")
+    f.add_argument("--examples", type=_positive_int, default=100, help="programs to generate")
     f.add_argument("--seed", type=int, default=0, help="the same seed draws the same programs")
     f.add_argument("--kind", default=None, help="comma-separated site kinds (default: all)")
     f.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -93,8 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"attnfx {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from attnfx.cli import main
 
 SCRIPT = textwrap.dedent(
@@ -52,3 +54,64 @@ def test_console_script_entry_point(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "rewritten" in r.stdout
+
+
+def _one_line_error(capsys, argv, *words):
+    """``argv`` exits with status 2 and one line on stderr naming ``words``."""
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert all(w in lines[0] for w in words), lines[0]
+    return lines[0]
+
+
+def test_explain_missing_file(tmp_path, capsys):
+    _one_line_error(capsys, ["explain", str(tmp_path / "nope.py")], "nope.py", "no such file")
+
+
+def test_explain_directory(tmp_path, capsys):
+    _one_line_error(capsys, ["explain", str(tmp_path)], str(tmp_path), "directory")
+
+
+@pytest.mark.parametrize("n", ["-3", "0", "abc"])
+def test_fuzz_bad_example_count(capsys, n):
+    _one_line_error(capsys, ["fuzz", "--examples", n, "--quiet"], "--examples", n)
+
+
+def test_fuzz_unknown_kind(capsys):
+    line = _one_line_error(capsys, ["fuzz", "--kind", "softmax,nosuch", "--quiet"], "nosuch")
+    assert "softmax" in line and "sigmoid" in line  # the known kinds
+
+
+def test_fuzz_cuda_without_cuda(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _one_line_error(capsys, ["fuzz", "--device", "cuda", "--examples", "1", "--quiet"], "CUDA")
+
+
+def test_version(capsys):
+    import attnfx
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"attnfx {attnfx.__version__}"
+
+
+@pytest.mark.parametrize(
+    "argv", [["explain", "/nonexistent/m.py"], ["fuzz", "--examples", "-3"], ["--version"]]
+)
+def test_console_errors_without_traceback(argv):
+    r = subprocess.run(
+        [sys.executable, "-m", "attnfx.cli", *argv], capture_output=True, text=True, timeout=300
+    )
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == (0 if argv == ["--version"] else 2), r.stderr
+    assert len(r.stderr.strip().splitlines()) == (0 if argv == ["--version"] else 1), r.stderr

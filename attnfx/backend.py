@@ -263,6 +263,10 @@ def attnfx_backend(
     else:
         try:
             compiled = _inner(new, example_inputs, opts)
+        except torch._dynamo.exc.RestartAnalysis:
+            # Dynamo's own retrace (dynamic=True: a float it cannot keep symbolic, such as
+            # a scale attribute, is specialized), not a failure on the rewritten graph.
+            raise
         except Exception as e:  # noqa: BLE001 - fall back to the graph as Dynamo gave it
             log.warning(
                 "attnfx: inner compiler failed on the rewritten graph (%s); compiling the original",
@@ -283,16 +287,20 @@ def attnfx_backend(
     return compiled
 
 
+_explain_lock = threading.RLock()
+
+
 def explain(model, *args, options: dict | None = None, **kwargs) -> report.Report:
     """Compile ``model`` with attnfx, run it once on ``args``/``kwargs`` and report every
     attention site: found, verified, rewritten or kept (and why).
 
-    The compile is explain's own (a backend no other compile shares, so nothing compiled
-    before is reused), isolated from the recompile limits of other compiles of the same
-    code, and its cache entries are dropped afterwards: other compiled models, this one's
-    included, keep their compiled code.  Its sites are not added to ``attnfx.counters``.
-    On a torch whose ``torch.compile`` has no ``isolate_recompiles``, Dynamo's caches are
-    reset instead, before and after.
+    The compile is explain's own and afresh: a backend no other compile shares (nothing
+    compiled before is reused), its recompiles isolated from other compiles of the same
+    code, no shape history (automatic dynamic shapes) read or left behind, and its cache
+    entries dropped afterwards.  Other compiled models, this one's included, keep their
+    compiled code.  Its sites are in the report, not in ``attnfx.counters``.  On a torch
+    whose ``torch.compile`` has no ``isolate_recompiles``, Dynamo's caches are reset
+    instead, before and after.
     """
     import functools
 
@@ -303,20 +311,42 @@ def explain(model, *args, options: dict | None = None, **kwargs) -> report.Repor
     # a fresh callable: Dynamo's backend guard then never matches another compile's code
     backend = functools.partial(attnfx_backend, options=opts)
     isolate = _has_isolate_recompiles()
-    if not isolate:
-        torch._dynamo.reset()
-    try:
-        compiled = torch.compile(
-            model, backend=backend, **({"isolate_recompiles": True} if isolate else {})
-        )
-        with report.collecting(count=False) as records:
-            compiled(*args, **kwargs)
-    finally:
-        if isolate:
-            _drop_cache_entries(backend)
-        else:
+    # One explain at a time: each swaps the process-wide shape history (below).
+    with _explain_lock:
+        if not isolate:
             torch._dynamo.reset()
+        shapes = _swap_shape_history(None) if isolate else None
+        try:
+            compile_kw = {"isolate_recompiles": True} if isolate else {}
+            compiled = torch.compile(model, backend=backend, **compile_kw)
+            with report.collecting(count=False) as records:
+                compiled(*args, **kwargs)
+        finally:
+            if isolate:
+                _drop_cache_entries(backend)
+                if shapes is not None:
+                    _swap_shape_history(shapes)
+            else:
+                torch._dynamo.reset()
     return report.Report(list(records))
+
+
+def _swap_shape_history(saved: dict | None) -> dict | None:
+    """Dynamo's per-code shape history (``torch._dynamo.pgo``: what automatic dynamic
+    shapes reads) emptied, returning what it held; or, given that, put back.  Without
+    it, explain on one shape would make the next compile of the same code dynamic."""
+    try:
+        from torch._dynamo import pgo
+
+        state = pgo.get_code_state()
+        held = dict(state)
+        state.clear()
+        if saved is not None:
+            state.update(saved)
+        return held
+    except Exception as e:  # noqa: BLE001 - private Dynamo API: never fail explain over it
+        log.debug("attnfx: explain kept Dynamo's shape history: %s: %s", type(e).__name__, e)
+        return None
 
 
 def _has_isolate_recompiles() -> bool:

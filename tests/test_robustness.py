@@ -290,3 +290,56 @@ def test_hypothesis_is_a_runtime_dependency():
     tomllib = pytest.importorskip("tomllib")
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert any(d.replace(" ", "").startswith("hypothesis") for d in meta["dependencies"])
+
+
+def test_explain_leaves_no_shape_history(monkeypatch):
+    """An explain on one shape does not make the next compile of the same code dynamic
+    (automatic dynamic shapes), nor does an earlier compile make explain's dynamic."""
+    import attnfx.backend as B
+
+    m = Softmax()
+    dims = []
+
+    def shapes(example_inputs):
+        """ "static" when every input is a tensor of concrete sizes (no SymInt)."""
+        for t in example_inputs:
+            if not isinstance(t, torch.Tensor) or any(isinstance(d, torch.SymInt) for d in t.shape):
+                return "dynamic"
+        return "static"
+
+    def backend(gm, example_inputs):
+        dims.append(shapes(example_inputs))
+        return gm.forward
+
+    attnfx.explain(m, *_qkv(n=8))
+    torch.compile(m, backend=backend)(*_qkv(n=12))
+    assert dims == ["static"], dims
+
+    real = B.attnfx_backend
+
+    def recording(gm, example_inputs, **kw):
+        dims.append(shapes(example_inputs))
+        return real(gm, example_inputs, **kw)
+
+    monkeypatch.setattr(B, "attnfx_backend", recording)
+    rep = attnfx.explain(m, *_qkv(n=12))
+    assert rep.count("softmax") == 1, str(rep)
+    assert dims[1:] == ["static"], dims
+
+
+def test_collecting_is_per_thread():
+    """Records of compiles in two threads at once go to each thread's own block."""
+    from attnfx import report
+
+    def run(cls):
+        def go():
+            with report.collecting() as records:
+                torch.compile(cls(), backend="attnfx")(*_qkv())
+            return [r.kind for r in records]
+
+        return go
+
+    for _ in range(3):
+        torch._dynamo.reset()
+        soft, sig = _in_threads([run(Softmax), run(Sigmoid)])
+        assert soft == ["softmax"] and sig == ["sigmoid"], (soft, sig)

@@ -1,31 +1,44 @@
-"""The op's CPU implementation: the fastest path that computes the spec exactly.
+"""The op's CPU implementation: the fastest path that computes the spec, all in float32
+(float64 is only the gold, ``ops.reference_attention``, for tests and verification).
 
 * **SDPA path** — PyTorch's fused CPU ``scaled_dot_product_attention`` (flash-style, O(N)
   memory, causal block skipping) wherever the spec is one SDPA expresses with the same
-  values and gradients:
+  values:
 
-  - softmax; the score program is constant multipliers (the scale) followed by additive
-    float masks and fills;
+  - softmax; the score program is multipliers — constants, length-dependent scalars
+    (``mul_sym``) and per-query tensors (``mul_aux`` constant along keys, moved onto q:
+    ``(q·kᵀ)·τ = (q·τ)·kᵀ``) — followed by additive float masks and fills;
   - a fill is a -inf fill, or a fill so negative (≤ -1e30, float32/bfloat16 working
     dtype) that ``s + v == v`` exactly, in a call where every query row keeps a key —
     then ``exp(v − max)`` is exactly 0 as ``exp(−inf)`` is, and the filled scores'
     gradient is exactly 0 as ``masked_fill``'s is;
   - only ``K <= Q`` alone becomes ``is_causal``; other fills and additive masks are
     combined into one additive mask of their broadcast shape (never B·H·N² unless an
-    input already is);
+    input already is: the kernel reads size-1 dims of the mask as broadcast);
   - run-time conditions, checked per call: q, k, v all finite (SDPA adds a -inf mask to a
     NaN score, which stays NaN; the spec never reads masked-out keys), and for
     ``fully_masked="preserve"`` no row entirely -inf (eager gives NaN there, SDPA 0).
     ``fully_masked="zero"`` *is* SDPA's semantics.
 
-  Its backward is SDPA's fused backward, from the saved output and log-sum-exp.
+  Backward: for ``fully_masked="zero"`` specs (sites written as SDPA, whose eager run is
+  this same fused kernel) the fused backward. Otherwise the blocked float32 backward
+  below: the fused backward recomputes probabilities with a reduced-precision ``exp``
+  (about 20 bits), which puts its float32 gradients at 4–15× eager's error for head dims
+  other than 16 and 64 — outside the DESIGN §5 rule (R = 3) — while the forward, which
+  normalizes by the row sum, stays at eager's error.
 
-* **Reference path** — everything else runs ``ops.reference_attention`` in blocks of
-  query rows, so that memory stays bounded by ``BLOCK_BYTES`` whatever the length.
+* **Blocked path** — everything else (sigmoid, tanh soft-capping, non -inf fills,
+  multipliers after a mask, ...) runs the spec's own formulas in float32, in blocks of
+  query rows (memory bounded by ``BLOCK_BYTES`` whatever the length; a block that fits
+  in cache is also faster than one pass over N² scores). Under a -inf ``fill_pred``
+  (causal, sliding window) a block reads only keys up to the last one its rows keep.
+  The backward is eager's autograd formulas (``ops.reference_gradients``), so its
+  rounding is eager's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -34,13 +47,16 @@ from torch import Tensor
 from attnfx.predicate import K, Q
 from attnfx.spec import AttentionSpec
 
-# Upper bound of one block's float64 score tensor in the reference path.
-BLOCK_BYTES = 64 << 20
+# Upper bound of one block's float32 score tensor in the blocked path (measured on 2
+# cores: 1–8 MiB blocks are within a few % of each other; larger ones leave the cache).
+BLOCK_BYTES = 4 << 20
+_MIN_ROWS = 16  # below this the matrix products lose more than the cache gains
 _HUGE_NEGATIVE = -1e30
 # PyTorch's fused CPU attention (what F.scaled_dot_product_attention runs on CPU), called
 # directly: its backward takes the saved output and log-sum-exp, as the op's does.
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+_ACC = torch.float32
 
 
 # ---------------------------------------------------------------------------------------
@@ -49,14 +65,15 @@ _FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_bac
 
 
 def _sdpa_plan(spec: AttentionSpec):
-    """(scale, mask ops, causal) when the spec's form is one SDPA can run, else None."""
-    if spec.activation != "softmax":
-        return None
+    """(leading multipliers, mask ops, causal op) when the spec's form is one SDPA can
+    run, else None."""
+    if spec.activation != "softmax" or getattr(spec, "sink", None) is not None:
+        return None  # (a sink is an extra logit in the normalizer: not SDPA's form)
     ops = list(spec.score_ops)
+    muls = []
+    while ops and ops[0].op in ("mul", "mul_sym", "mul_aux"):
+        muls.append(ops.pop(0))
     causal_op = None
-    scale = 1.0
-    while ops and ops[0].op == "mul":
-        scale *= ops.pop(0).value
     masks = []
     for op in ops:
         if op.op in ("add_aux", "add_pos_aux") and spec.aux_dtypes[op.aux] in (
@@ -79,7 +96,25 @@ def _sdpa_plan(spec: AttentionSpec):
             masks.append(op)
         else:
             return None
-    return scale, masks, causal_op
+    return muls, masks, causal_op
+
+
+def _multipliers(muls, aux, nq, nk):
+    """(scalar scale, per-query tensor or None) of the leading multipliers, or None when
+    one is not constant along keys (a full-size ``mul_aux``)."""
+    scale, rows = 1.0, None
+    for op in muls:
+        if op.op == "mul":
+            scale *= op.value
+        elif op.op == "mul_sym":
+            scale *= op.value_at(nq, nk)
+        else:
+            t = _compact(aux[op.aux])
+            if t.shape[-1] != 1:
+                return None
+            t = t.to(_ACC)
+            rows = t if rows is None else rows * t
+    return scale, rows
 
 
 def _combined_mask(spec, ops, aux, nq, nk, dtype, device):
@@ -119,6 +154,13 @@ def _compact(t: Tensor) -> Tensor:
     return t[idx]
 
 
+def _finite(t: Tensor) -> bool:
+    # A finite sum proves every element finite (NaN and ±inf do not cancel away); one
+    # pass, no N-sized temporary. A float32 overflow of a finite tensor only sends the
+    # call to the blocked path, which computes the same spec.
+    return bool(torch.isfinite(t.sum(dtype=_ACC)))
+
+
 def _prepare(q, k, v, aux, spec):
     """SDPA arguments for this call, or None when the SDPA path does not apply to it."""
     plan = _sdpa_plan(spec)
@@ -126,15 +168,19 @@ def _prepare(q, k, v, aux, spec):
         return None
     if q.shape[-1] != v.shape[-1] or q.device.type != "cpu":
         return None  # the fused kernel takes one head dim
-    scale, ops, causal_op = plan
-    for t in (q, k, v):
-        # A finite sum proves every element finite (NaN and ±inf do not cancel away);
-        # one pass, no N-sized temporary.
-        if not torch.isfinite(t.sum(dtype=torch.float64)):
-            return None
+    muls, ops, causal_op = plan
     nq, nk = q.shape[-2], k.shape[-2]
+    mult = _multipliers(muls, aux, nq, nk)
+    if mult is None or not math.isfinite(mult[0]):
+        return None
+    scale, rows = mult
+    if rows is not None and not _finite(rows):
+        return None
+    for t in (q, k, v):
+        if not _finite(t):
+            return None
     aux = [_compact(a) for a in aux]
-    mask, finite_fill = _combined_mask(spec, ops, aux, nq, nk, q.dtype, q.device)
+    mask, finite_fill = _combined_mask(spec, ops, aux, nq, nk, _ACC, q.device)
     if causal_op is not None and causal_op.value != -math.inf:
         finite_fill = True
     if mask is not None:
@@ -144,8 +190,10 @@ def _prepare(q, k, v, aux, spec):
             dead = dead | _causal_dead(mask)
         if dead.any() and (finite_fill or spec.fully_masked == "preserve"):
             return None
+        # The fused kernel reads size-1 dims as broadcast; other dims must be dense.
+        mask = mask.contiguous()
     # (is_causal alone keeps key 0 in every row: no row is dead.)
-    return dict(attn_mask=mask, is_causal=causal_op is not None, scale=scale)
+    return dict(attn_mask=mask, is_causal=causal_op is not None, scale=scale, rows=rows)
 
 
 def _causal_dead(mask: Tensor) -> Tensor:
@@ -168,79 +216,81 @@ def _fold_group(g: Tensor, spec: AttentionSpec) -> Tensor:
     return g.view(b, h // spec.gqa_group, spec.gqa_group, n, d).sum(2)
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    """The fused kernel's working dtype: float64 for float32 sites (in float32 its
-    backward misses the DESIGN §5 gradient bound at the margin: measured 1.6e-6 against
-    a bound of 1.5e-6; float64 costs it ~1.5x), float32 for half-precision sites."""
-    return torch.float64 if dtype == torch.float32 else torch.float32
-
-
-def _dense(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t`` in ``dtype``, contiguous: the fused kernel, called directly, reads a
+def _dense(t: Tensor) -> Tensor:
+    """``t`` in float32, contiguous: the fused kernel, called directly, reads a
     (B, H, N, D) operand whose head dim is not the innermost one wrongly (measured: a
     transposed k, strides (…, 1, N), gives errors of order 1; ``F.sdpa`` copies first)."""
-    return t.to(dtype=dtype, memory_format=torch.contiguous_format)
+    # (``.to(dtype, memory_format=...)`` returns a strided ``t`` as is when the dtype
+    # already matches: measured, torch 2.13.)
+    return t.to(_ACC).contiguous()
 
 
 def _flash_args(q, k, v, spec, args):
-    acc = _acc(q.dtype)
     kk, vv = _kv(k, v, spec)
-    mask = args["attn_mask"]
-    if mask is not None:
-        nq, nk = q.shape[-2], k.shape[-2]
-        mask = _dense(mask.expand(*mask.shape[:-2], nq, nk), acc)
-    return acc, _dense(q, acc), _dense(kk, acc), _dense(vv, acc), mask
+    qq = _dense(q)
+    if args["rows"] is not None:
+        qq = qq * args["rows"]
+    return qq, _dense(kk), _dense(vv)
 
 
-def _run_forward(q, k, v, spec, args):
-    _, qq, kk, vv, mask = _flash_args(q, k, v, spec, args)
-    return _FLASH(qq, kk, vv, 0.0, args["is_causal"], attn_mask=mask, scale=args["scale"])
+def _flash(qq, kk, vv, args):
+    return _FLASH(
+        qq, kk, vv, 0.0, args["is_causal"], attn_mask=args["attn_mask"], scale=args["scale"]
+    )
 
 
 def forward(q, k, v, aux, spec) -> tuple[Tensor, Tensor] | None:
     """The SDPA path's output and float32 log-sum-exp, or None when it does not apply
-    to this call (then the caller runs the reference path)."""
+    to this call (then the caller runs the blocked path)."""
     args = _prepare(q, k, v, aux, spec)
     if args is None:
         return None
-    out, lse = _run_forward(q, k, v, spec, args)
-    return out.to(q.dtype), lse.float()
+    out, lse = _flash(*_flash_args(q, k, v, spec, args), args)[:2]
+    return out.to(q.dtype), lse
 
 
-def backward(dout, q, k, v, aux, spec) -> tuple[Tensor, Tensor, Tensor] | None:
-    """SDPA's fused backward (the same run-time conditions as the forward's decide).
-    The forward is recomputed in the accumulation dtype: the saved float32 lse and
-    rounded output would cost the gradients their accuracy."""
+def backward(dout, q, k, v, aux, spec, out=None, lse=None) -> tuple[Tensor, Tensor, Tensor] | None:
+    """SDPA's fused backward for ``fully_masked="zero"`` specs (the same run-time
+    conditions as the forward's decide), else None (the caller runs the blocked
+    backward). The saved ``out`` and ``lse`` are used when they are the fused kernel's
+    own (a float32 site); otherwise the forward is recomputed in float32."""
+    if spec.fully_masked != "zero":
+        return None
     args = _prepare(q, k, v, aux, spec)
     if args is None:
         return None
-    acc, qq, kk, vv, mask = _flash_args(q, k, v, spec, args)
-    out, lse = _FLASH(qq, kk, vv, 0.0, args["is_causal"], attn_mask=mask, scale=args["scale"])
+    qq, kk, vv = _flash_args(q, k, v, spec, args)
+    if out is None or lse is None or out.dtype != _ACC or args["rows"] is not None:
+        out, lse = _flash(qq, kk, vv, args)[:2]
+    else:
+        out = _dense(out)
     dq, dk, dv = _FLASH_BACKWARD(
-        _dense(dout, acc), qq, kk, vv, out, lse, 0.0, args["is_causal"],
-        attn_mask=mask, scale=args["scale"],
+        _dense(dout), qq, kk, vv, out, lse, 0.0, args["is_causal"],
+        attn_mask=args["attn_mask"], scale=args["scale"],
     )  # fmt: skip
+    if args["rows"] is not None:
+        dq = dq * args["rows"]
     return dq.to(q.dtype), _fold_group(dk, spec).to(k.dtype), _fold_group(dv, spec).to(v.dtype)
 
 
 # ---------------------------------------------------------------------------------------
-# Reference path, in blocks of query rows
+# Blocked float32 path, in blocks of query rows
 # ---------------------------------------------------------------------------------------
 
 
 def _row_block(q: Tensor, nk: int) -> int:
     b, h, nq, _ = q.shape
-    return max(1, min(nq, BLOCK_BYTES // max(1, b * h * nk * 8)))
+    rows = BLOCK_BYTES // max(1, b * h * nk * 4)
+    return max(1, min(nq, max(rows, _MIN_ROWS)))
 
 
-def _rows_spec(spec: AttentionSpec, r0: int, nq: int) -> AttentionSpec:
-    """The spec of query rows ``r0..`` of an ``nq``-row call: predicates and
-    length-dependent scalars still see global indices and lengths."""
-    import dataclasses
-
+def _rows_spec(spec: AttentionSpec, r0: int, nq: int, nk: int) -> AttentionSpec:
+    """The spec of query rows ``r0..`` of an ``nq`` × ``nk`` call: predicates and
+    length-dependent scalars still see global indices and lengths (a block may also read
+    fewer keys)."""
     import sympy
 
-    from attnfx.predicate import NQ, MaskPredicate
+    from attnfx.predicate import NK, NQ, MaskPredicate
 
     if r0 == 0 and not any(
         op.op in ("fill_pred", "add_pos_aux") or op.op.endswith("_sym") for op in spec.score_ops
@@ -250,58 +300,206 @@ def _rows_spec(spec: AttentionSpec, r0: int, nq: int) -> AttentionSpec:
     ops = []
     for op in spec.score_ops:
         if op.op == "fill_pred":
-            e = op.predicate.expr.subs({Q: Q + r0, NQ: nq}, simultaneous=True)
+            e = op.predicate.expr.subs({Q: Q + r0, NQ: nq, NK: nk}, simultaneous=True)
             op = dataclasses.replace(op, pred=MaskPredicate(e).to_key())
         elif op.op.endswith("_sym"):
-            op = dataclasses.replace(op, expr=sympy.srepr(op.sym.subs({NQ: nq})))
+            op = dataclasses.replace(op, expr=sympy.srepr(op.sym.subs({NQ: nq, NK: nk})))
         elif op.op == "add_pos_aux":
-            e = op.sym.subs({Q: Q + r0, NQ: nq}, simultaneous=True)
+            e = op.sym.subs({Q: Q + r0, NQ: nq, NK: nk}, simultaneous=True)
             op = dataclasses.replace(op, expr=sympy.srepr(e))
         ops.append(op)
     return dataclasses.replace(spec, score_ops=tuple(ops))
 
 
+def _key_limit_ops(spec: AttentionSpec):
+    """The -inf ``fill_pred`` ops whose dropped keys stay -inf to the end of the score
+    program (only -inf fills, finite constant additions and positive constant
+    multipliers follow), so that a block may skip keys none of its rows keeps; ``()``
+    when there are none."""
+    found = []
+    for op in spec.score_ops:
+        if op.op == "fill_pred" and op.value == -math.inf:
+            found.append(op)
+        elif found and not (
+            (op.op in ("fill_pred", "fill_aux") and op.value == -math.inf)
+            or (op.op == "add" and math.isfinite(op.value))
+            or (op.op == "mul" and op.value > 0 and math.isfinite(op.value))
+        ):
+            return ()
+    return tuple(found)
+
+
+def _key_limit(sp: AttentionSpec, rows: int, nk: int) -> int:
+    """How many leading keys a block's rows can keep (``sp``: the block's spec)."""
+    keep = None
+    for op in sp.score_ops:
+        if op.op != "fill_pred" or op.value != -math.inf:
+            continue
+        m = op.predicate.materialize(rows, nk)
+        keep = m if keep is None else keep & m
+    if keep is None:
+        return nk
+    cols = keep.any(0).nonzero()
+    return int(cols.max()) + 1 if cols.numel() else 1
+
+
 def _blocks(q: Tensor, k: Tensor, aux: list[Tensor], spec: AttentionSpec):
-    """(row slice, aux rows, spec of those rows) per block of query rows."""
-    nq = q.shape[-2]
-    rb = _row_block(q, k.shape[-2])
+    """(row slice, key count, aux block, spec of those rows) per block of query rows."""
+    nq, nk = q.shape[-2], k.shape[-2]
+    rb = _row_block(q, nk)
+    limit_ops = _key_limit_ops(spec)
     for r0 in range(0, nq, rb):
         rows = slice(r0, min(nq, r0 + rb))
-        yield rows, [a[..., rows, :] for a in aux], _rows_spec(spec, r0, nq)
+        sp = _rows_spec(spec, r0, nq, nk)
+        keys = _key_limit(sp, rows.stop - r0, nk) if limit_ops else nk
+        yield rows, keys, sp
+
+
+def _aux_block(aux, rows, keys, nk):
+    return [a[..., rows, :keys] if keys < nk else a[..., rows, :] for a in aux]
+
+
+_FAST_OPS = ("mul", "add", "mul_sym", "add_sym", "tanh", "fill_pred", "fill_aux")
+
+
+def _score_program(s, sp, a, *, with_grad):
+    """``ops.apply_score_ops`` in place on the block's scores (same ops, same order, so
+    the same values), for the common ops; returns (scores, kept or None, derivative),
+    where kept is a broadcastable bool (None: every pair kept) and the derivative omits
+    the fills (the backward zeroes filled pairs through ``kept``)."""
+    nq, nk = s.shape[-2], s.shape[-1]
+    kept, d = None, 1.0
+    for op in sp.score_ops:
+        if op.op in ("mul", "mul_sym"):
+            m = op.value if op.op == "mul" else op.value_at(nq, nk)
+            s.mul_(m)
+            d = d * m if with_grad else d
+        elif op.op in ("add", "add_sym"):
+            s.add_(op.value if op.op == "add" else op.value_at(nq, nk))
+        elif op.op == "tanh":
+            s.tanh_()
+            d = (1 - s * s).mul_(d) if with_grad else d
+        else:
+            if op.op == "fill_pred":
+                hit = ~op.predicate.materialize(nq, nk, device=s.device)
+            else:
+                hit = a[op.aux].to(torch.bool)
+                hit = hit if op.fill_where else ~hit
+            s.masked_fill_(hit, op.value)
+            kept = ~hit if kept is None else kept & ~hit
+    return s, kept, d
+
+
+def _probs(qb, kb, a, sp, *, with_grad):
+    """(probabilities, log-sum-exp, kept, d scores/d raw) of one block, in float32;
+    ``kept`` None when every pair is kept."""
+    from attnfx import ops
+
+    s = torch.matmul(qb, kb.transpose(-2, -1))
+    if all(op.op in _FAST_OPS for op in sp.score_ops):
+        s, kept, d = _score_program(s, sp, a, with_grad=with_grad)
+    else:
+        s, kept, d = ops.apply_score_ops(s, sp, a, with_grad=with_grad)
+        kept = None if _all_kept(kept) else kept
+    if hasattr(ops, "probabilities"):  # (with an attention sink in the normalizer)
+        p, lse = ops.probabilities(s, sp, a)
+    elif sp.activation == "softmax":
+        p = ops._zero_empty_rows(torch.softmax(s, dim=-1), s, sp)
+        lse = torch.logsumexp(s, dim=-1)
+    else:
+        p = ops._zero_empty_rows(torch.sigmoid(s), s, sp)
+        lse = torch.zeros(s.shape[:-1], dtype=s.dtype)
+    return p, lse, kept, d
+
+
+def _work_dtype(q: Tensor) -> torch.dtype:
+    """float32 for float16/bfloat16/float32 sites; a float64 site stays float64."""
+    return torch.float64 if q.dtype == torch.float64 else _ACC
+
+
+def _operands(q, k, v, spec):
+    kk, vv = _kv(k, v, spec)
+    acc = _work_dtype(q)
+    return q.to(acc), kk.to(acc), vv.to(acc)
 
 
 def reference_forward(q, k, v, aux, spec) -> tuple[Tensor, Tensor]:
-    """``ops.reference_attention`` in blocks of query rows (bounded memory)."""
-    from attnfx.ops import reference_attention
+    """The blocked float32 forward: output (``out_dtype``) and float32 log-sum-exp."""
+    from attnfx.ops import torch_dtype
 
-    outs, lses = [], []
-    for rows, a, sp in _blocks(q, k, aux, spec):
-        o, lse = reference_attention(q[..., rows, :], k, v, a, sp)
-        outs.append(o)
-        lses.append(lse)
-    return torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)
+    qq, kk, vv = _operands(q, k, v, spec)
+    b, h, nq, _ = q.shape
+    nk = k.shape[-2]
+    out = torch.empty((b, h, nq, vv.shape[-1]), dtype=torch_dtype(spec.out_dtype))
+    lse = torch.empty((b, h, nq), dtype=torch.float32)
+    for rows, keys, sp in _blocks(q, k, aux, spec):
+        for attempt in (keys, nk) if keys < nk else (nk,):
+            a = _aux_block(aux, rows, attempt, nk)
+            p, ls, _, _ = _probs(qq[..., rows, :], kk[..., :attempt, :], a, sp, with_grad=False)
+            o = torch.matmul(p, vv[..., :attempt, :])
+            if attempt == nk or not torch.isnan(o).any():
+                break  # a NaN row reads every key in eager (and in the gold)
+        out[..., rows, :] = o
+        lse[..., rows] = ls
+    return out, lse
+
+
+def _all_kept(kept: Tensor) -> bool:
+    # apply_score_ops returns an expanded 0-d True when the program has no fill
+    return all(st == 0 for st in kept.stride()) and bool(kept.reshape(-1)[0])
 
 
 def reference_backward(dout, q, k, v, aux, spec) -> tuple[Tensor, Tensor, Tensor]:
-    """``ops.reference_attention_backward`` in blocks of query rows: dQ by rows, dK and
-    dV summed over the blocks in float64 before the one rounding to the working dtype."""
-    from attnfx.ops import reference_gradients
-
-    dqs, dk, dv = [], None, None
-    for rows, a, sp in _blocks(q, k, aux, spec):
-        gq, gk, gv = reference_gradients(dout[..., rows, :], q[..., rows, :], k, v, a, sp)
-        dqs.append(gq.to(q.dtype))
-        dk = gk if dk is None else dk + gk
-        dv = gv if dv is None else dv + gv
-    return torch.cat(dqs, dim=-2), dk.to(k.dtype), dv.to(v.dtype)
+    """The blocked float32 backward: eager's formulas (``ops.reference_gradients``) per
+    block of query rows; dQ by rows, dK and dV accumulated over the blocks in float32."""
+    qq, kk, vv = _operands(q, k, v, spec)
+    acc = qq.dtype
+    do = dout.to(acc)
+    nk = kk.shape[-2]
+    dq = torch.empty(qq.shape, dtype=acc)
+    dk = torch.zeros(kk.shape, dtype=acc)
+    dv = torch.zeros(vv.shape, dtype=acc)
+    for rows, keys, sp in _blocks(q, k, aux, spec):
+        for attempt in (keys, nk) if keys < nk else (nk,):
+            a = _aux_block(aux, rows, attempt, nk)
+            kb, vb, qb, dob = (
+                kk[..., :attempt, :],
+                vv[..., :attempt, :],
+                qq[..., rows, :],
+                do[..., rows, :],
+            )
+            p, _, kept, factor = _probs(qb, kb, a, sp, with_grad=True)
+            if attempt == nk or not torch.isnan(p).any():
+                break
+        dv[..., :attempt, :] += torch.matmul(p.transpose(-2, -1), dob)
+        ds = torch.matmul(dob, vb.transpose(-2, -1))  # dp, made ds in place below
+        if sp.activation == "softmax":  # p ⊙ (dp − rowsum(p ⊙ dp))
+            ds.sub_((p * ds).sum(-1, keepdim=True)).mul_(p)
+        else:  # p ⊙ (1 − p) ⊙ dp
+            ds.mul_(p).mul_(p.neg_().add_(1))
+        if isinstance(factor, Tensor) or factor != 1.0:
+            ds.mul_(factor)
+        if kept is not None:
+            # Filled scores get exactly zero gradient (as masked_fill's backward gives),
+            # even where the row's probabilities are NaN.
+            ds.masked_fill_(~kept, 0.0)
+        dq[..., rows, :] = torch.matmul(ds, kb)
+        dk[..., :attempt, :] += torch.matmul(ds.transpose(-2, -1), qb)
+    return dq.to(q.dtype), _fold_group(dk, spec).to(k.dtype), _fold_group(dv, spec).to(v.dtype)
 
 
 def reference_aux_backward(dout, q, k, v, aux, spec, which) -> list[Tensor]:
     """``ops.reference_aux_gradients`` in blocks of query rows."""
     from attnfx.ops import reference_aux_gradients
 
-    parts = [
-        reference_aux_gradients(dout[..., rows, :], q[..., rows, :], k, v, a, sp, which)
-        for rows, a, sp in _blocks(q, k, aux, spec)
-    ]
+    nq = q.shape[-2]
+    rb = max(1, min(nq, BLOCK_BYTES * 2 // max(1, q.shape[0] * q.shape[1] * k.shape[-2] * 8)))
+    parts = []
+    for r0 in range(0, nq, rb):
+        rows = slice(r0, min(nq, r0 + rb))
+        a = [x[..., rows, :] for x in aux]
+        sp = _rows_spec(spec, r0, nq, k.shape[-2])
+        parts.append(
+            reference_aux_gradients(dout[..., rows, :], q[..., rows, :], k, v, a, sp, which)
+        )
     return [torch.cat([p[j] for p in parts], dim=-2) for j in range(len(which))]

@@ -363,7 +363,7 @@ def attention_backward_op(
         return run_backward(ks, dout, q, k, v, kaux, out, lse)
     from attnfx import cpu
 
-    res = cpu.backward(dout, q, k, v, aux, s)
+    res = cpu.backward(dout, q, k, v, aux, s, out, lse)
     dq, dk, dv = res if res is not None else cpu.reference_backward(dout, q, k, v, aux, s)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 

@@ -334,7 +334,9 @@ def explain(model, *args, options: dict | None = None, **kwargs) -> report.Repor
 def _swap_shape_history(saved: dict | None) -> dict | None:
     """Dynamo's per-code shape history (``torch._dynamo.pgo``: what automatic dynamic
     shapes reads) emptied, returning what it held; or, given that, put back.  Without
-    it, explain on one shape would make the next compile of the same code dynamic."""
+    it, explain on one shape would make the next compile of the same code dynamic.  (A
+    compile in another thread meanwhile loses the history it adds: at worst, one more
+    recompile later.)"""
     try:
         from torch._dynamo import pgo
 

@@ -29,6 +29,11 @@ def _explain(args) -> int:
         raise UsageError(f"no such file: {path}")
     if os.path.isdir(path):
         raise UsageError(f"{path} is a directory; expected a Python file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from e
 
     from attnfx._compat import ensure_torchvision_importable
 

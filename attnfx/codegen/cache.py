@@ -138,7 +138,7 @@ def load_module(spec: AttentionSpec, part: str, interpret: bool):
         if _save(path, text, problem):
             filename = str(path)
         else:
-            filename = f"<attnfx-generated {h}_{part}>"
+            filename = f"attnfx-generated-in-memory/{h}_{part}.py"
         dump = os.environ.get("ATTNFX_DUMP_DIR")
         if dump:
             _save(Path(dump) / f"{h}_{part}.py", text, "ATTNFX_DUMP_DIR: cannot write to {where}")
@@ -152,6 +152,17 @@ def load_module(spec: AttentionSpec, part: str, interpret: bool):
         return mod
 
 
+class _SourceLoader:
+    """Gives linecache the generated text again should its entry be cleared (Triton's
+    interpreter reads a kernel's source at its first call, not when it is decorated)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def get_source(self, name: str) -> str:
+        return self.text
+
+
 def _exec(name: str, filename: str, text: str, interpret: bool):
     """Execute ``text`` as module ``name`` whose functions report ``filename``."""
     # inspect.getsource (used by triton.jit) reads the source through linecache: seeded
@@ -159,6 +170,7 @@ def _exec(name: str, filename: str, text: str, interpret: bool):
     linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
     mod = types.ModuleType(name)
     mod.__file__ = filename
+    mod.__loader__ = _SourceLoader(text)
     sys.modules[name] = mod
     try:
         code = compile(text, filename, "exec")

@@ -93,6 +93,20 @@ def test_unusable_cache_dir_falls_back_with_one_warning(fresh, monkeypatch, capl
     assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
 
 
+def test_in_memory_module_survives_a_cleared_linecache(fresh, monkeypatch):
+    """Triton's interpreter reads a kernel's source at its first call: a module kept in
+    memory must still give it after ``linecache.clearcache()``."""
+    import linecache
+
+    bad = fresh / "not-a-dir"
+    bad.write_text("x")
+    monkeypatch.setenv("ATTNFX_CACHE_DIR", str(bad))
+    spec = _spec(24)
+    cache.load_module(spec, "fwd", interpret=True)
+    linecache.clearcache()
+    _check_forward(spec)
+
+
 def test_unwritable_dump_dir_does_not_stop_the_kernel(fresh, monkeypatch):
     (fresh / "dump").write_text("a file, not a directory")
     monkeypatch.setenv("ATTNFX_DUMP_DIR", str(fresh / "dump"))

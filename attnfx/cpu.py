@@ -39,8 +39,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
+import sympy
 import torch
 from torch import Tensor
 
@@ -90,13 +92,34 @@ def _sdpa_plan(spec: AttentionSpec):
                 pass
             else:
                 return None
-            if op.op == "fill_pred" and op.predicate.expr == (K <= Q) and causal_op is None:
+            if op.op == "fill_pred" and _top_left_causal(op.pred) and causal_op is None:
                 causal_op = op  # SDPA's is_causal is exactly K <= Q (top-left)
                 continue
             masks.append(op)
         else:
             return None
     return muls, masks, causal_op
+
+
+@functools.lru_cache(maxsize=256)
+def _top_left_causal(pred_key: str) -> bool:
+    """Whether the predicate is ``K <= Q`` in any spelling (``Q >= K``, ``K - Q <= 0``)."""
+    from attnfx.predicate import MaskPredicate
+
+    pred = MaskPredicate.from_key(pred_key)
+    if pred.expr == (K <= Q):
+        return True
+    mc = pred.mask_class
+    return mc.kind == "causal" and mc.right is not None and sympy.sympify(mc.right) == 0
+
+
+@functools.lru_cache(maxsize=64)
+def _keep(pred_key: str, nq: int, nk: int) -> Tensor:
+    """The (nq, nk) bool keep-mask of a predicate, cached: evaluating the sympy
+    expression costs more than the attention at small sizes, and shapes repeat."""
+    from attnfx.predicate import MaskPredicate
+
+    return MaskPredicate.from_key(pred_key).materialize(nq, nk).contiguous()
 
 
 def _multipliers(muls, aux, nq, nk):
@@ -132,7 +155,7 @@ def _combined_mask(spec, ops, aux, nq, nk, dtype, device):
             term = aux[op.aux].to(dtype) * pos
         else:
             if op.op == "fill_pred":
-                hit = ~op.predicate.materialize(nq, nk, device=device)
+                hit = ~_keep(op.pred, nq, nk)
             else:
                 a = aux[op.aux]
                 hit = a.to(torch.bool)
@@ -179,8 +202,28 @@ def _prepare(q, k, v, aux, spec):
     for t in (q, k, v):
         if not _finite(t):
             return None
-    aux = [_compact(a) for a in aux]
-    mask, finite_fill = _combined_mask(spec, ops, aux, nq, nk, _ACC, q.device)
+    if all(op.op == "fill_pred" for op in ops):  # the mask depends on the lengths only
+        mask = _static_mask(spec.key, nq, nk)
+        if mask is False:
+            return None
+    else:
+        mask = _mask(spec, ops, causal_op, [_compact(a) for a in aux], nq, nk)
+        if mask is False:
+            return None
+    return dict(attn_mask=mask, is_causal=causal_op is not None, scale=scale, rows=rows)
+
+
+@functools.lru_cache(maxsize=32)
+def _static_mask(spec_key: str, nq: int, nk: int):
+    spec = AttentionSpec.from_key(spec_key)
+    _, ops, causal_op = _sdpa_plan(spec)
+    return _mask(spec, ops, causal_op, [], nq, nk)
+
+
+def _mask(spec, ops, causal_op, aux, nq, nk):
+    """The additive mask (None: none), or False when a row with no key makes the
+    fused kernel's result differ from the spec's."""
+    mask, finite_fill = _combined_mask(spec, ops, aux, nq, nk, _ACC, None)
     if causal_op is not None and causal_op.value != -math.inf:
         finite_fill = True
     if mask is not None:
@@ -189,11 +232,11 @@ def _prepare(q, k, v, aux, spec):
             # with is_causal, row r also loses keys > r: dead if keys 0..r are all -inf
             dead = dead | _causal_dead(mask)
         if dead.any() and (finite_fill or spec.fully_masked == "preserve"):
-            return None
+            return False
         # The fused kernel reads size-1 dims as broadcast; other dims must be dense.
         mask = mask.contiguous()
     # (is_causal alone keeps key 0 in every row: no row is dead.)
-    return dict(attn_mask=mask, is_causal=causal_op is not None, scale=scale, rows=rows)
+    return mask
 
 
 def _causal_dead(mask: Tensor) -> Tensor:
@@ -335,7 +378,7 @@ def _key_limit(sp: AttentionSpec, rows: int, nk: int) -> int:
     for op in sp.score_ops:
         if op.op != "fill_pred" or op.value != -math.inf:
             continue
-        m = op.predicate.materialize(rows, nk)
+        m = _keep(op.pred, rows, nk)
         keep = m if keep is None else keep & m
     if keep is None:
         return nk
@@ -381,7 +424,7 @@ def _score_program(s, sp, a, *, with_grad):
             d = (1 - s * s).mul_(d) if with_grad else d
         else:
             if op.op == "fill_pred":
-                hit = ~op.predicate.materialize(nq, nk, device=s.device)
+                hit = ~_keep(op.pred, nq, nk)
             else:
                 hit = a[op.aux].to(torch.bool)
                 hit = hit if op.fill_where else ~hit

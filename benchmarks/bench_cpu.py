@@ -186,6 +186,8 @@ def _worker(spec: dict) -> dict:
     from attnfx._compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()  # transformers and timm import it
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
 
     torch.manual_seed(0)
     provider, work, n = spec["provider"], spec["work"], spec["n"]
@@ -369,6 +371,9 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--timeout", type=float, default=600, help="per subprocess, seconds")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch threads per run (default: torch's)"
+    )
     args = p.parse_args(argv)
 
     if args.worker:
@@ -392,7 +397,8 @@ def main(argv=None):
 
     meta = {
         "device": f"CPU: {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores",
+        f"{args.threads or torch.get_num_threads()} torch threads, {os.cpu_count()} cores",
+        "load_average": os.getloadavg(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "args": {k: v for k, v in vars(args).items() if k != "worker"},
@@ -415,7 +421,7 @@ def main(argv=None):
                 continue
             spec = dict(
                 provider=prov, work=work, n=n, bh=bh, d=args.d, modes=modes,
-                warmup=args.warmup, repeat=repeat,
+                warmup=args.warmup, repeat=repeat, threads=args.threads,
             )  # fmt: skip
             r["providers"][prov] = _run_one(spec, args.timeout)
             print(f"[{time.time() - t_start:6.0f}s] {work} N={n} {prov}: "

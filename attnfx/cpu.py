@@ -113,7 +113,7 @@ def _top_left_causal(pred_key: str) -> bool:
     return mc.kind == "causal" and mc.right is not None and sympy.sympify(mc.right) == 0
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=128)  # (per block shape: blocks are rows × keys)
 def _keep(pred_key: str, nq: int, nk: int) -> Tensor:
     """The (nq, nk) bool keep-mask of a predicate, cached: evaluating the sympy
     expression costs more than the attention at small sizes, and shapes repeat."""
@@ -213,7 +213,7 @@ def _prepare(q, k, v, aux, spec):
     return dict(attn_mask=mask, is_causal=causal_op is not None, scale=scale, rows=rows)
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=8)  # (an N×N float mask each, for windows)
 def _static_mask(spec_key: str, nq: int, nk: int):
     spec = AttentionSpec.from_key(spec_key)
     _, ops, causal_op = _sdpa_plan(spec)
@@ -354,33 +354,58 @@ def _rows_spec(spec: AttentionSpec, r0: int, nq: int, nk: int) -> AttentionSpec:
     return dataclasses.replace(spec, score_ops=tuple(ops))
 
 
-def _key_limit_ops(spec: AttentionSpec):
-    """The -inf ``fill_pred`` ops whose dropped keys stay -inf to the end of the score
-    program (only -inf fills, finite constant additions and positive constant
-    multipliers follow), so that a block may skip keys none of its rows keeps; ``()``
-    when there are none."""
-    found = []
+def _drops(value: float) -> bool:
+    """A fill value whose probability is exactly 0 beside any kept score: -inf, or a
+    finite value so negative (``finfo.min``, -1e30...) that ``exp`` of it is 0."""
+    return value == -math.inf or value <= _HUGE_NEGATIVE
+
+
+def _key_limit_ops(spec: AttentionSpec) -> bool:
+    """Whether the score program lets a block skip keys none of its rows keeps: its
+    dropping ``fill_pred`` ops are followed only by dropping fills, small finite constant
+    additions and positive multipliers that keep a finite fill below -1e20."""
+    found, factor, tensors = False, 1.0, False
     for op in spec.score_ops:
-        if op.op == "fill_pred" and op.value == -math.inf:
-            found.append(op)
-        elif found and not (
-            (op.op in ("fill_pred", "fill_aux") and op.value == -math.inf)
-            or (op.op == "add" and math.isfinite(op.value))
-            or (op.op == "mul" and op.value > 0 and math.isfinite(op.value))
+        if op.op == "fill_pred" and _drops(op.value):
+            if op.value != -math.inf and tensors:
+                # a tensor before a finite fill may push kept scores as low as the fill
+                return False
+            found = True
+        elif found and op.op == "fill_aux" and op.value == -math.inf:
+            pass  # (-inf stays -inf; a kept pair it fills is dropped as eager drops it)
+        elif op.aux is not None:
+            tensors = True
+            if found:
+                return False
+        elif not found:
+            continue
+        elif op.op == "add" and abs(op.value) < 1e10:
+            pass
+        elif (
+            op.op == "mul"
+            and 0 < op.value < math.inf
+            and _HUGE_NEGATIVE * factor * op.value < -1e20
         ):
-            return ()
-    return tuple(found)
+            factor *= op.value
+        else:
+            return False
+    return found
 
 
 def _key_limit(sp: AttentionSpec, rows: int, nk: int) -> int:
-    """How many leading keys a block's rows can keep (``sp``: the block's spec)."""
-    keep = None
+    """How many leading keys a block's rows can keep (``sp``: the block's spec); every
+    key when a finite fill leaves a softmax row with no kept key (eager averages over
+    all keys there)."""
+    keep, finite = None, False
     for op in sp.score_ops:
-        if op.op != "fill_pred" or op.value != -math.inf:
+        if op.op != "fill_pred" or not _drops(op.value):
             continue
         m = _keep(op.pred, rows, nk)
         keep = m if keep is None else keep & m
+        finite |= op.value != -math.inf
     if keep is None:
+        return nk
+    if finite and sp.activation == "softmax" and not bool(keep.any(-1).all()):
         return nk
     cols = keep.any(0).nonzero()
     return int(cols.max()) + 1 if cols.numel() else 1

@@ -323,7 +323,8 @@ def reference_aux_gradients(
 def attention_op(
     q: Tensor, k: Tensor, v: Tensor, aux: list[Tensor], spec: str
 ) -> tuple[Tensor, Tensor]:
-    s = AttentionSpec.from_key(spec)
+    # A symbolic head dim (dynamic=True) and a scale over it are read from q and v here.
+    s = AttentionSpec.from_key(spec).resolved(q.shape[-1], v.shape[-1])
     _check_inputs(q, k, v, aux, s)
     if use_triton(q.device):
         from attnfx.codegen import run_forward
@@ -355,7 +356,7 @@ def attention_backward_op(
     lse: Tensor,
     spec: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    s = AttentionSpec.from_key(spec)
+    s = AttentionSpec.from_key(spec).resolved(q.shape[-1], v.shape[-1])
     if use_triton(q.device):
         from attnfx.codegen import run_backward
 
@@ -383,7 +384,7 @@ def attention_aux_backward_op(
     the kernels do not produce dS."""
     from attnfx import cpu
 
-    s = AttentionSpec.from_key(spec)
+    s = AttentionSpec.from_key(spec).resolved(q.shape[-1], v.shape[-1])
     return [g.contiguous() for g in cpu.reference_aux_backward(dout, q, k, v, aux, s, which)]
 
 

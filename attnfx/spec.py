@@ -24,6 +24,8 @@ import functools
 import json
 import math
 
+import sympy
+
 from attnfx.predicate import MaskClass, MaskPredicate
 
 SCORE_OPS = (
@@ -40,6 +42,13 @@ SCORE_OPS = (
 )
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 AUX_DTYPES = DTYPES + ("bool", "int32", "int64", "uint8")
+
+
+# The head dim as a symbol.  Under ``torch.compile(dynamic=True)`` the head dim is a
+# symbol like the lengths: the spec says ``head_dim=None`` and writes a scale computed from
+# it (``D ** -0.5``, SDPA's default) as a ``mul_sym`` over ``HEAD_DIM``; the op resolves
+# both from q and v when it runs (``AttentionSpec.resolved``), so kernels stay per head dim.
+HEAD_DIM = sympy.Symbol("D", integer=True, positive=True)
 
 
 @functools.cache
@@ -131,8 +140,8 @@ class AttentionSpec:
     activation: str = "softmax"  # softmax | sigmoid
     score_ops: tuple[ScoreOp, ...] = ()
     aux_dtypes: tuple[str, ...] = ()  # dtype of each aux tensor, by index
-    head_dim: int = 64  # D of q and k
-    head_dim_v: int = 64  # D of v and of the output
+    head_dim: int | None = 64  # D of q and k; None: symbolic, read from q when the op runs
+    head_dim_v: int | None = 64  # D of v and of the output; None: symbolic
     gqa_group: int = 1  # Hq // Hk: query heads per key/value head
     dtype: str = "float16"  # dtype of q, k and v
     out_dtype: str = "float16"
@@ -182,6 +191,25 @@ class AttentionSpec:
         d["aux_dtypes"] = tuple(d["aux_dtypes"])
         return AttentionSpec(**d)
 
+    # -- a symbolic head dim ------------------------------------------------------------
+    @functools.cached_property
+    def symbolic_head_dim(self) -> bool:
+        """Whether the head dims or a score scalar are left to be read from the operands."""
+        return (
+            self.head_dim is None
+            or self.head_dim_v is None
+            or any(op.expr is not None and HEAD_DIM in op.sym.free_symbols for op in self.score_ops)
+        )
+
+    def resolved(self, head_dim: int, head_dim_v: int) -> AttentionSpec:
+        """This spec at q's and v's head dims: the dims filled in and ``HEAD_DIM``
+        substituted in the score program; a scalar left free of symbols becomes a constant
+        ``mul`` / ``add``, so kernels and the CPU fast path see a plain scale.  A concrete
+        spec is returned as it is."""
+        if not self.symbolic_head_dim:
+            return self
+        return _resolve(self.key, int(head_dim), int(head_dim_v))
+
     # -- summaries for the report and for codegen --------------------------------------
     @property
     def scale(self) -> float:
@@ -209,7 +237,7 @@ class AttentionSpec:
         ops = " ".join(op.describe() for op in self.score_ops) or "-"
         gqa = f" gqa={self.gqa_group}" if self.gqa_group > 1 else ""
         return (
-            f"{self.activation} D={self.head_dim}"
+            f"{self.activation} D={self.head_dim if self.head_dim is not None else 'sym'}"
             + (f"/{self.head_dim_v}" if self.head_dim_v != self.head_dim else "")
             + f" {self.dtype}{gqa} mask={self.mask_class.describe()} scores: {ops}"
         )
@@ -219,3 +247,23 @@ class AttentionSpec:
         d["scale"] = self.scale
         d["mask"] = self.mask_class.describe()
         return d
+
+
+@functools.lru_cache(maxsize=1024)
+def _resolve(key: str, d: int, dv: int) -> AttentionSpec:
+    spec = AttentionSpec.from_key(key)
+    ops = []
+    for op in spec.score_ops:
+        if op.expr is not None and HEAD_DIM in op.sym.free_symbols:
+            e = op.sym.xreplace({HEAD_DIM: sympy.Integer(d)})
+            if op.op.endswith("_sym") and not e.free_symbols:
+                op = ScoreOp(op.op.removesuffix("_sym"), value=float(e))
+            else:
+                op = dataclasses.replace(op, expr=sympy.srepr(e))
+        ops.append(op)
+    return dataclasses.replace(
+        spec,
+        score_ops=tuple(ops),
+        head_dim=d if spec.head_dim is None else spec.head_dim,
+        head_dim_v=dv if spec.head_dim_v is None else spec.head_dim_v,
+    )

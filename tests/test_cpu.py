@@ -351,3 +351,27 @@ def test_no_float64_on_the_op_path(name):
     assert torch.float64 not in mode.seen, mode.seen
     ref, _ = ops.reference_attention(q.detach(), k.detach(), v.detach(), aux, spec)
     torch.testing.assert_close(out.detach(), ref, **TOL)
+
+
+@pytest.mark.parametrize("nq,nk", [(29, 31), (31, 29)])
+def test_blocked_key_skipping_under_a_finite_fill(nq, nk, monkeypatch):
+    """``finfo.min`` fills (GPT-2, LLaMA eager) skip keys like -inf ones, except in a
+    block with a row that keeps no key: eager averages that row over every key."""
+    monkeypatch.setattr(cpu, "_MIN_ROWS", 4)
+    monkeypatch.setattr(cpu, "BLOCK_BYTES", 2 * 2 * 31 * 4 * 4)
+    q, k, v = _inputs(nq, nk)
+    lo = torch.finfo(torch.float32).min
+    spec = _spec([ScoreOp("fill_pred", value=lo, pred=CAUSAL_BR), ScoreOp("mul", value=0.5)])
+    assert cpu._key_limit_ops(spec)
+    out, _ = cpu.reference_forward(q, k, v, [], spec)
+    ref, _ = ops.reference_attention(q, k, v, [], spec)
+    torch.testing.assert_close(out, ref, **TOL)
+    dout = torch.randn_like(ref)
+    got = cpu.reference_backward(dout, q, k, v, [], spec)
+    for g, r in zip(got, ops.reference_attention_backward(dout, q, k, v, [], spec)):
+        torch.testing.assert_close(g, r, **TOL)
+    # a tensor before a finite fill: no skipping
+    bias = _spec(
+        [ScoreOp("add_aux", aux=0), ScoreOp("fill_pred", value=lo, pred=CAUSAL)], ["float32"]
+    )
+    assert not cpu._key_limit_ops(bias)

@@ -183,6 +183,7 @@ def run_forward(spec: AttentionSpec, q, k, v, aux) -> tuple[torch.Tensor, torch.
     ``spec.out_layout`` says (``attnfx.ops.empty_output``); lse (B, Hq, NQ) float32."""
     from attnfx.ops import empty_output
 
+    spec = spec.resolved(q.shape[-1], v.shape[-1])  # one kernel per concrete head dim
     _check(spec, q, k, v)
     interpret = _interpret(q)
     plan = make_plan(spec)
@@ -235,6 +236,7 @@ def run_forward(spec: AttentionSpec, q, k, v, aux) -> tuple[torch.Tensor, torch.
 @_serialized_under_interpreter
 def run_backward(spec: AttentionSpec, dout, q, k, v, aux, out, lse):
     """(dq, dk, dv), contiguous, in the dtypes of q, k, v."""
+    spec = spec.resolved(q.shape[-1], v.shape[-1])
     _check(spec, q, k, v)
     interpret = _interpret(q)
     plan = make_plan(spec)

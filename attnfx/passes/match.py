@@ -115,24 +115,38 @@ def _is_tanh(x: fx.Node) -> bool:
 
 def _reaches_matmul(x, depth: int = 0) -> bool:
     """Whether ``x`` comes, through score-chain ops only, from a matmul."""
+    return _score_matmul(x, depth) is not None
+
+
+def _score_matmul(x, depth: int = 0) -> fx.Node | None:
+    """The matmul ``x`` comes from through score-chain ops only, or None."""
     if not isinstance(x, fx.Node) or depth > 32:
-        return False
+        return None
     if x.op == "call_function" and x.target is torch.matmul:
-        return True
+        return x
     if G.is_cast(x) or _is_tanh(x):
-        return _reaches_matmul(x.args[0], depth + 1)
+        return _score_matmul(x.args[0], depth + 1)
     if x.op == "call_function" and x.target in (
         operator.mul,
         operator.truediv,
         operator.add,
         operator.sub,
     ):
-        return any(_reaches_matmul(a, depth + 1) for a in x.args[:2])
+        found = (_score_matmul(a, depth + 1) for a in x.args[:2])
+        return next((m for m in found if m is not None), None)
     if x.op == "call_function" and x.target is torch.masked_fill:
-        return _reaches_matmul(x.args[0], depth + 1)
+        return _score_matmul(x.args[0], depth + 1)
     if x.op == "call_function" and x.target is torch.where and len(x.args) == 3:
-        return _reaches_matmul(x.args[1], depth + 1) or _reaches_matmul(x.args[2], depth + 1)
-    return False
+        return _score_matmul(x.args[1], depth + 1) or _score_matmul(x.args[2], depth + 1)
+    return None
+
+
+def _head_dim(chain) -> object:
+    """q's head dim (an int or a SymInt) of the matmul the scores come from: a scale
+    computed from it (``q.size(-1) ** -0.5``) is read over ``spec.HEAD_DIM``."""
+    mm = _score_matmul(chain)
+    shp = G.shape(mm.args[0]) if mm is not None and isinstance(mm.args[0], fx.Node) else None
+    return shp[-1] if shp else None
 
 
 def walk_scores(start: fx.Node, score_shape: tuple) -> ScoreChain:
@@ -172,7 +186,7 @@ def walk_scores(start: fx.Node, score_shape: tuple) -> ScoreChain:
                 raise NoMatch("arithmetic not on the scores")
             if t in (operator.truediv, operator.sub) and not chain_first:
                 raise NoMatch(f"{t.__name__} with the scores on the right")
-            op = _arith_op(t, other, aux, score_shape, cur)
+            op = _arith_op(t, other, aux, score_shape, cur, _head_dim(chain))
             ops.extend(op if isinstance(op, list) else [op])
             cur = chain
             continue
@@ -220,9 +234,9 @@ def _check_broadcast(other: fx.Node, score_shape: tuple, node: fx.Node) -> tuple
     return shp
 
 
-def _arith_op(t, other, aux, score_shape, node) -> ScoreOp | list[ScoreOp]:
+def _arith_op(t, other, aux, score_shape, node, d=None) -> ScoreOp | list[ScoreOp]:
     nq, nk = score_shape[-2], score_shape[-1]
-    expr = scalar_expr(other, nq, nk)
+    expr = scalar_expr(other, nq, nk, d=d)
     if expr is not None:
         if t is operator.truediv:
             expr = 1 / expr
@@ -584,6 +598,13 @@ def depends_on(x: fx.Node, target: fx.Node, limit: int = 2000) -> bool:
 
 def check_head_dims(d, dv, node):
     for name, x in (("qk", d), ("v", dv)):
+        if isinstance(x, torch.SymInt):
+            # dynamic=True: the op reads the head dim from q and v when it runs.  The
+            # comparisons guard the graph on the kernels' range, so a head dim outside it
+            # recompiles (and is kept there) instead of reaching the op.
+            if MIN_HEAD_DIM <= x and x <= MAX_HEAD_DIM:
+                continue
+            x = x.node.hint if isinstance(x.node.hint, int) else x
         if not isinstance(x, int):
             raise Refusal(f"symbolic head dim ({name})", node)
         if not MIN_HEAD_DIM <= x <= MAX_HEAD_DIM:
@@ -609,6 +630,11 @@ def dtype_name(dt: torch.dtype) -> str:
 
 def default_scale(d: int) -> float:
     return 1.0 / math.sqrt(d)
+
+
+def static_dim(x) -> int | None:
+    """A head dim for the spec: the int, or None for a symbolic one (read at run time)."""
+    return x if isinstance(x, int) else None
 
 
 # ---------------------------------------------------------------------------------------

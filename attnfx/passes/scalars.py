@@ -3,8 +3,9 @@
 Sigmoid attention's bias ``-log(n)``, a scale ``1 / sqrt(d)`` computed from a size, a
 scalar tensor ``torch.full([], d ** 0.5)``: each is a number at one shape and a function
 of the sequence length in general.  ``scalar_expr`` returns it as an expression in
-``NQ`` / ``NK`` (the spec keeps it symbolic, so one kernel serves every length), or None
-when the value depends on anything else (a tensor's contents, another size).
+``NQ`` / ``NK`` (the spec keeps it symbolic, so one kernel serves every length) and, under
+``dynamic=True``, the head dim ``D`` (``spec.HEAD_DIM``, resolved when the op runs), or
+None when the value depends on anything else (a tensor's contents, another size).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.fx as fx
 
 from attnfx.passes import graph as G
 from attnfx.predicate import NK, NQ
+from attnfx.spec import HEAD_DIM
 
 _UNARY = {
     math.log: sympy.log,
@@ -88,25 +90,30 @@ def _size_sym(x):
     )
 
 
-def scalar_expr(x, nq, nk, depth: int = 0):
+def scalar_expr(x, nq, nk, depth: int = 0, d=None):
     """``x`` (a constant, a size node or a small scalar subgraph) as a sympy expression
-    in NQ and NK; None if it is not one."""
+    in NQ and NK (and D, when ``d``, q's head dim, is given); None if it is not one."""
     if depth > 24:
         return None
     if not isinstance(x, fx.Node):
         e = _sym(x)
-        return _to_lengths(e, nq, nk) if e is not None else None
+        return _to_lengths(e, nq, nk, d) if e is not None else None
     ev = G.example_value(x)
     if isinstance(ev, torch.Tensor) and ev.numel() != 1:
         return None
+    if isinstance(ev, torch.SymFloat) and _float_inputs_only(ev.node.expr):
+        # dynamic=True makes a float attribute (a module's ``scaling``) a graph input.
+        # Reading it guards the graph on its value, as SDPA's scale argument already is;
+        # Dynamo then retraces with the float a constant (``RestartAnalysis``).
+        return sympy.Float(float(ev))
     if isinstance(ev, (torch.SymInt, torch.SymFloat)) and x.op != "placeholder":
-        return _to_lengths(ev.node.expr, nq, nk)
+        return _to_lengths(ev.node.expr, nq, nk, d)
     if isinstance(ev, (torch.SymInt, torch.SymFloat)):
-        return _to_lengths(ev.node.expr, nq, nk)
+        return _to_lengths(ev.node.expr, nq, nk, d)
     if x.op not in ("call_function", "call_method"):
         return None
     t, args = x.target, x.args
-    rec = lambda a: scalar_expr(a, nq, nk, depth + 1)  # noqa: E731
+    rec = lambda a: scalar_expr(a, nq, nk, depth + 1, d)  # noqa: E731
     if (t in (torch.tensor, torch.scalar_tensor, torch.as_tensor) or _named(t, "tensor")) and args:
         return _round(rec(args[0]), x)
     if t is torch.full and len(args) >= 2 and tuple(args[0]) in ((), (1,)):
@@ -126,8 +133,16 @@ def scalar_expr(x, nq, nk, depth: int = 0):
     if t == "size" and len(args) == 2:
         sh = G.shape(args[0])
         if sh is not None and isinstance(args[1], int):
-            return _to_lengths(_size_sym(sh[args[1]]), nq, nk)
+            return _to_lengths(_size_sym(sh[args[1]]), nq, nk, d)
     return None
+
+
+def _float_inputs_only(e) -> bool:
+    """Whether ``e`` has symbols and all are floats Dynamo made inputs (not sizes)."""
+    from torch.utils._sympy.symbol import SymT, symbol_is_type
+
+    syms = getattr(e, "free_symbols", set())
+    return bool(syms) and all(symbol_is_type(s, SymT.FLOAT) for s in syms)
 
 
 def _named(t, name: str) -> bool:
@@ -149,20 +164,52 @@ def _round(e, node):
     return e
 
 
-def _to_lengths(e, nq, nk):
-    """Rename size symbols to NQ / NK; None if any other symbol remains."""
+_TORCH_SYMPY = {
+    "ToFloat": lambda x: x,
+    "Identity": lambda x: x,
+    "FloatPow": operator.pow,
+    "PowByNatural": operator.pow,
+    "FloatTrueDiv": operator.truediv,
+    "IntTrueDiv": operator.truediv,
+    "OpaqueUnaryFn_log2": lambda x: sympy.log(x, 2),
+}
+
+
+def _plain(e):
+    """``e`` with torch's own sympy functions (Dynamo writes ``d ** -0.5`` as
+    ``FloatPow(ToFloat(s0), -0.5)``, ``math.sqrt(d)`` as ``OpaqueUnaryFn_sqrt``) replaced
+    by plain sympy, which a spec key round-trips; None if one has no plain counterpart."""
+    if not e.args:
+        return e
+    args = [_plain(a) for a in e.args]
+    if any(a is None for a in args):
+        return None
+    name = type(e).__name__
+    if name in _TORCH_SYMPY:
+        return _TORCH_SYMPY[name](*args)
+    if name.startswith("OpaqueUnaryFn_") and hasattr(sympy, name.removeprefix("OpaqueUnaryFn_")):
+        return getattr(sympy, name.removeprefix("OpaqueUnaryFn_"))(*args)
+    if (type(e).__module__ or "").startswith("torch"):
+        return None
+    return e.func(*args)
+
+
+def _to_lengths(e, nq, nk, d=None):
+    """Rename size symbols to NQ / NK (and q's head dim to D); None if any other symbol
+    remains.  A symbol shared by a length and the head dim (Dynamo gives equal sizes one
+    symbol) stays a length: the graph is guarded on their equality either way."""
     if e is None:
         return None
-    e = sympy.sympify(e)
-    if not e.free_symbols:
+    e = _plain(sympy.sympify(e))
+    if e is None or not e.free_symbols:
         return e
     mapping = {}
-    for n, name in ((nk, NK), (nq, NQ)):
+    for n, name in ((nk, NK), (nq, NQ), (d, HEAD_DIM)):
         s = _size_sym(n) if not isinstance(n, sympy.Basic) else n
         if isinstance(s, sympy.Symbol) and s not in mapping:
             mapping[s] = name
     out = e.xreplace(mapping)
-    if out.free_symbols - {NQ, NK}:
+    if out.free_symbols - {NQ, NK, HEAD_DIM}:
         return None
     return out
 

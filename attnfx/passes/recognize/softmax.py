@@ -11,6 +11,7 @@ values; the scale, biases and masks apply in the order the model wrote them.
 
 from __future__ import annotations
 
+import sympy
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from attnfx.passes.match import (
     depends_on,
     dtype_name,
     key_operand,
+    static_dim,
     strip_repeat_kv,
     strip_scalar_scale,
     walk_probs,
@@ -34,7 +36,7 @@ from attnfx.passes.match import (
 )
 from attnfx.passes.recognize import temperature
 from attnfx.predicate import K, MaskPredicate, Q
-from attnfx.spec import AttentionSpec, ScoreOp
+from attnfx.spec import HEAD_DIM, AttentionSpec, ScoreOp
 
 KIND = "softmax"
 
@@ -93,8 +95,8 @@ def build_site(anchor, pv, chain, *, kind, activation, extra_ops=()) -> Site:
         activation=activation,
         score_ops=tuple(ops),
         aux_dtypes=tuple(dtype_name(G.dtype(a.node)) for a in aux),
-        head_dim=d,
-        head_dim_v=dv,
+        head_dim=static_dim(d),
+        head_dim_v=static_dim(dv),
         gqa_group=group,
         dtype=dtype_name(dt),
         out_dtype=dtype_name(G.dtype(pv)),
@@ -161,11 +163,7 @@ def match_sdpa(node: fx.Node) -> Site:
         if not gqa or not isinstance(qs[1], int) or not isinstance(ks[1], int) or qs[1] % ks[1]:
             raise Refusal("sdpa with different q and kv head counts", node)
         group = qs[1] // ks[1]
-    if scale is None:
-        scale = default_scale(d)
-    if not isinstance(scale, (int, float)):
-        raise Refusal("sdpa scale is not a constant", node)
-    ops = [ScoreOp("mul", float(scale))]
+    ops = [_sdpa_scale(scale, d, qs, ks, node)]
     aux, mask_nodes = [], set()
     if causal:
         ops.append(ScoreOp("fill_pred", value=float("-inf"), pred=MaskPredicate(K <= Q).to_key()))
@@ -196,8 +194,8 @@ def match_sdpa(node: fx.Node) -> Site:
         kind=KIND,
         score_ops=tuple(ops),
         aux_dtypes=tuple(dtype_name(G.dtype(x.node)) for x in aux),
-        head_dim=d,
-        head_dim_v=dv,
+        head_dim=static_dim(d),
+        head_dim_v=static_dim(dv),
         gqa_group=group,
         dtype=dtype_name(dt),
         out_dtype=dtype_name(G.dtype(node)),
@@ -217,6 +215,25 @@ def match_sdpa(node: fx.Node) -> Site:
         where=G.module_path(node),
         mask_nodes=mask_nodes,
     )
+
+
+def _sdpa_scale(scale, d, qs, ks, node) -> ScoreOp:
+    """SDPA's scale: a constant, or (dynamic=True) an expression in the head dim D and the
+    lengths, resolved when the op runs; the default is 1/sqrt(D)."""
+    from attnfx.passes.scalars import as_float, scalar_expr
+
+    if scale is None:
+        if isinstance(d, int):
+            return ScoreOp("mul", default_scale(d))
+        expr = 1 / sympy.sqrt(HEAD_DIM)
+    else:
+        expr = scalar_expr(scale, qs[2], ks[2], d=d)
+        if expr is None:
+            raise Refusal("sdpa scale is not a constant", node)
+    val = as_float(expr)
+    if val is not None:
+        return ScoreOp("mul", val)
+    return ScoreOp("mul_sym", expr=sympy.srepr(expr))
 
 
 def _layout(node: fx.Node) -> str:

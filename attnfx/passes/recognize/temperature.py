@@ -97,6 +97,14 @@ def query_temperature(q: fx.Node, depth: int = 4) -> bool:
 def has_temperature(ops: list[ScoreOp], q_mul: list[AuxOperand], q: fx.Node) -> bool:
     return (
         bool(q_mul)
-        or any(op.op in ("tanh", "mul_sym", "mul_aux") for op in ops)
+        or any(op.op in ("tanh", "mul_sym", "mul_aux") and not _head_dim_scale(op) for op in ops)
         or query_temperature(q)
     )
+
+
+def _head_dim_scale(op: ScoreOp) -> bool:
+    """A ``mul_sym`` over the head dim only (``D ** -0.5`` under dynamic=True) is the
+    ordinary scale, not a temperature."""
+    from attnfx.spec import HEAD_DIM
+
+    return op.op == "mul_sym" and op.sym.free_symbols == {HEAD_DIM}

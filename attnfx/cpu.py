@@ -130,7 +130,7 @@ def _multipliers(muls, aux, nq, nk):
         if op.op == "mul":
             scale *= op.value
         elif op.op == "mul_sym":
-            scale *= op.value_at(nq, nk)
+            scale *= _value_at(op, nq, nk)
         else:
             t = _compact(aux[op.aux])
             if t.shape[-1] != 1:
@@ -327,6 +327,7 @@ def _row_block(q: Tensor, nk: int) -> int:
     return max(1, min(nq, max(rows, _MIN_ROWS)))
 
 
+@functools.lru_cache(maxsize=1024)  # (sympy substitutions cost more than a small block)
 def _rows_spec(spec: AttentionSpec, r0: int, nq: int, nk: int) -> AttentionSpec:
     """The spec of query rows ``r0..`` of an ``nq`` × ``nk`` call: predicates and
     length-dependent scalars still see global indices and lengths (a block may also read
@@ -430,6 +431,11 @@ def _aux_block(aux, rows, keys, nk):
 _FAST_OPS = ("mul", "add", "mul_sym", "add_sym", "tanh", "fill_pred", "fill_aux")
 
 
+@functools.lru_cache(maxsize=1024)
+def _value_at(op, nq: int, nk: int) -> float:
+    return op.value_at(nq, nk)
+
+
 def _score_program(s, sp, a, *, with_grad):
     """``ops.apply_score_ops`` in place on the block's scores (same ops, same order, so
     the same values), for the common ops; returns (scores, kept or None, derivative),
@@ -439,11 +445,11 @@ def _score_program(s, sp, a, *, with_grad):
     kept, d = None, 1.0
     for op in sp.score_ops:
         if op.op in ("mul", "mul_sym"):
-            m = op.value if op.op == "mul" else op.value_at(nq, nk)
+            m = op.value if op.op == "mul" else _value_at(op, nq, nk)
             s.mul_(m)
             d = d * m if with_grad else d
         elif op.op in ("add", "add_sym"):
-            s.add_(op.value if op.op == "add" else op.value_at(nq, nk))
+            s.add_(op.value if op.op == "add" else _value_at(op, nq, nk))
         elif op.op == "tanh":
             s.tanh_()
             d = (1 - s * s).mul_(d) if with_grad else d

@@ -50,8 +50,9 @@ from attnfx.predicate import K, Q
 from attnfx.spec import AttentionSpec
 
 # Upper bound of one block's float32 score tensor in the blocked path (measured on 2
-# cores: 1–8 MiB blocks are within a few % of each other; larger ones leave the cache).
-BLOCK_BYTES = 4 << 20
+# cores: 1–8 MiB blocks are within the noise of each other; larger ones leave the cache,
+# and each block's few temporaries are the path's peak memory beyond q, k, v).
+BLOCK_BYTES = 1 << 20
 _MIN_ROWS = 16  # below this the matrix products lose more than the cache gains
 _HUGE_NEGATIVE = -1e30
 # PyTorch's fused CPU attention (what F.scaled_dot_product_attention runs on CPU), called

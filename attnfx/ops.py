@@ -175,6 +175,25 @@ def _zero_empty_rows(p: Tensor, s: Tensor, spec: AttentionSpec) -> Tensor:
     return torch.where(alive, p, torch.zeros_like(p))
 
 
+def _with_sink(s: Tensor, spec: AttentionSpec, aux: list[Tensor]) -> Tensor:
+    """The logits the softmax normalizes: the scores, and the sink's column if any."""
+    if spec.sink is None:
+        return s
+    col = aux[spec.sink][..., :1].to(s.dtype).expand(*s.shape[:-1], 1)
+    return torch.cat([s, col], dim=-1)
+
+
+def probabilities(s: Tensor, spec: AttentionSpec, aux: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """(p, lse) of final scores ``s``: softmax over the keys (with the sink in the
+    normalizer, then dropped) or sigmoid (lse 0), empty rows per ``fully_masked``."""
+    if spec.activation == "softmax":
+        full = _with_sink(s, spec, aux)
+        p = _zero_empty_rows(torch.softmax(full, dim=-1), full, spec)
+        return p[..., : s.shape[-1]], torch.logsumexp(full, dim=-1)
+    p = _zero_empty_rows(torch.sigmoid(s), s, spec)
+    return p, torch.zeros(s.shape[:-1], dtype=s.dtype, device=s.device)
+
+
 def reference_attention(
     q: Tensor, k: Tensor, v: Tensor, aux: list[Tensor], spec: AttentionSpec
 ) -> tuple[Tensor, Tensor]:
@@ -186,13 +205,7 @@ def reference_attention(
     acc = _accumulation_dtype(q.dtype)
     s = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1))
     s, _, _ = apply_score_ops(s, spec, aux)
-    if spec.activation == "softmax":
-        lse = torch.logsumexp(s, dim=-1)
-        p = torch.softmax(s, dim=-1)
-    else:
-        lse = torch.zeros(s.shape[:-1], dtype=acc, device=s.device)
-        p = torch.sigmoid(s)
-    p = _zero_empty_rows(p, s, spec)
+    p, lse = probabilities(s, spec, aux)
     out = torch.matmul(p, v.to(acc))
     return out.to(torch_dtype(spec.out_dtype)), lse.to(torch.float32)
 
@@ -226,11 +239,9 @@ def reference_gradients(
     s, kept, factor = apply_score_ops(
         torch.matmul(qq, kk.transpose(-2, -1)), spec, aux, with_grad=True
     )
-    if spec.activation == "softmax":
-        p = torch.softmax(s, dim=-1)
-    else:
-        p = torch.sigmoid(s)
-    p = _zero_empty_rows(p, s, spec)
+    # With a sink, p sums to less than 1 over the keys; the softmax formula below still
+    # holds (the sink's column has dp = 0: it never reaches the output).
+    p, _ = probabilities(s, spec, aux)
     dv = torch.matmul(p.transpose(-2, -1), do)
     dp = torch.matmul(do, vv.transpose(-2, -1))
     if spec.activation == "softmax":
@@ -259,8 +270,7 @@ def _score_grad(
     vv = v.repeat_interleave(g, dim=1).to(acc) if g > 1 else v.to(acc)
     raw = torch.matmul(q.to(acc), kk.transpose(-2, -1))
     s, _, _ = apply_score_ops(raw, spec, aux)
-    p = torch.softmax(s, dim=-1) if spec.activation == "softmax" else torch.sigmoid(s)
-    p = _zero_empty_rows(p, s, spec)
+    p, _ = probabilities(s, spec, aux)
     dp = torch.matmul(dout.to(acc), vv.transpose(-2, -1))
     if spec.activation == "softmax":
         return raw, p * (dp - (p * dp).sum(-1, keepdim=True))
@@ -311,7 +321,31 @@ def reference_aux_gradients(
             _, kept, _ = apply_score_ops(before, dataclasses.replace(spec, score_ops=(op,)), aux)
             g = torch.where(kept, g, torch.zeros_like(g))
     shape = raw.shape
-    return [torch.as_tensor(grads.get(i, 0.0)).to(aux[i].dtype).expand(shape) for i in which]
+    if spec.sink is not None and spec.sink in which:
+        grads[spec.sink] = sink_gradient(dout, *reference_attention(q, k, v, aux, spec), aux, spec)
+    return [
+        grads[i]
+        if i == spec.sink
+        else torch.as_tensor(grads.get(i, 0.0)).to(aux[i].dtype).expand(shape)
+        for i in which
+    ]
+
+
+def sink_gradient(
+    dout: Tensor, out: Tensor, lse: Tensor, aux: list[Tensor], spec: AttentionSpec
+) -> Tensor:
+    """Gradient of the sink logits, (B, Hq, NQ, 1) in the sink's dtype.
+
+    The sink's probability is ``exp(sink − lse)`` and its column never reaches the
+    output, so ``d sink = −exp(sink − lse) · rowsum(dO ⊙ O)`` — O(N·D) from the saved
+    output and log-sum-exp, no scores needed.  A row with lse = -inf (every logit
+    -inf, ``fully_masked="zero"``) gets 0."""
+    sink = aux[spec.sink][..., :1]
+    acc = torch.float64 if out.dtype == torch.float64 else torch.float32
+    delta = (dout.to(acc) * out.to(acc)).sum(-1, keepdim=True)
+    lse = lse.to(acc).unsqueeze(-1)
+    p_sink = torch.where(lse == float("-inf"), 0.0, torch.exp(sink.to(acc) - lse))
+    return (-p_sink * delta).to(sink.dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -400,6 +434,7 @@ def _setup_context(ctx, inputs, output):
     ctx.spec = spec
     ctx.n_aux = len(aux)
     ctx.aux_grad = [i for i, a in enumerate(aux) if a.requires_grad]
+    ctx.sink = AttentionSpec.from_key(spec).sink
     ctx.save_for_backward(q, k, v, out, lse, *aux)
 
 
@@ -408,14 +443,52 @@ def _backward(ctx, dout, dlse):
     dout = dout.contiguous()
     dq, dk, dv = attention_backward_op(dout, q, k, v, list(aux), out, lse, ctx.spec)
     daux = [None] * ctx.n_aux
-    if ctx.aux_grad:
-        grads = attention_aux_backward_op(dout, q, k, v, list(aux), ctx.spec, ctx.aux_grad)
-        for i, g in zip(ctx.aux_grad, grads):
+    which = [i for i in ctx.aux_grad if i != ctx.sink]
+    if which:
+        grads = attention_aux_backward_op(dout, q, k, v, list(aux), ctx.spec, which)
+        for i, g in zip(which, grads):
             daux[i] = g
+    if ctx.sink in ctx.aux_grad:
+        daux[ctx.sink] = sink_gradient(dout, out, lse, list(aux), AttentionSpec.from_key(ctx.spec))
     return dq, dk, dv, daux, None
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _setup_backward_context(ctx, inputs, output):
+    dout, q, k, v, aux, out, lse, spec = inputs
+    ctx.spec = spec
+    ctx.save_for_backward(dout, q, k, v, *aux)
+
+
+def _double_backward(ctx, gdq, gdk, gdv):
+    """Backward of the backward (a gradient of a gradient: gradient penalties, Hessian-
+    vector products), through the reference math: (dq, dk, dv) are recomputed as
+    differentiable functions of (dout, q, k, v, aux) in float64 PyTorch and
+    differentiated once more.  Bounded by the N×N scores, like eager; out and lse get
+    no gradient of their own (the recomputation goes through q, k, v)."""
+    dout, q, k, v, *aux = ctx.saved_tensors
+    spec = AttentionSpec.from_key(ctx.spec).resolved(q.shape[-1], v.shape[-1])
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (dout, q, k, v)]
+        aux_l = [a.detach().requires_grad_() if a.is_floating_point() else a.detach() for a in aux]
+        do, qq, kk, vv = leaves
+        out, _ = reference_attention(qq, kk, vv, aux_l, spec)
+        first = torch.autograd.grad(out, (qq, kk, vv), do.to(out.dtype), create_graph=True)
+        cot = [
+            torch.zeros_like(f) if g is None else g.to(f.dtype)
+            for f, g in zip(first, (gdq, gdk, gdv))
+        ]
+        wrt = leaves + [a for a in aux_l if a.requires_grad]
+        grads = torch.autograd.grad(first, wrt, cot, allow_unused=True)
+    grads = [None if g is None else g.to(w.dtype) for g, w in zip(grads, wrt)]
+    g_aux = iter(grads[4:])
+    daux = [next(g_aux) if a.requires_grad else None for a in aux_l]
+    return grads[0], grads[1], grads[2], grads[3], daux, None, None, None
+
+
+attention_backward_op.register_autograd(_double_backward, setup_context=_setup_backward_context)
 
 
 def _check_inputs(q, k, v, aux, spec: AttentionSpec):
@@ -430,6 +503,8 @@ def _check_inputs(q, k, v, aux, spec: AttentionSpec):
     for i, a in enumerate(aux):
         if a.dim() != 4:
             raise ValueError(f"aux tensor {i} must be broadcast to 4-D, got shape {tuple(a.shape)}")
+    if spec.sink is not None and aux[spec.sink].shape[-1] != 1:
+        raise ValueError(f"the sink (aux tensor {spec.sink}) must be broadcast to (B, H, NQ, 1)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -441,18 +516,21 @@ def attention(
     q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, aux: list[Tensor] | None = None
 ) -> Tensor:
     """Run ``spec`` on (B, H, N, D) tensors through the attnfx custom op."""
+    out, _ = attention_op(q, k, v, broadcast_aux(q, k, aux or [], spec), spec.key)
+    return out
+
+
+def broadcast_aux(q: Tensor, k: Tensor, aux: list[Tensor], spec: AttentionSpec) -> list[Tensor]:
+    """Each aux tensor as a stride-0 view of the scores' shape (B, Hq, NQ, NK); the
+    sink's of (B, Hq, NQ, 1)."""
     b, h, nq, _ = q.shape
     nk = k.shape[-2]
-    aux = [a.expand(b, h, nq, nk) for a in (aux or [])]
-    out, _ = attention_op(q, k, v, aux, spec.key)
-    return out
+    return [a.expand(b, h, nq, 1 if i == spec.sink else nk) for i, a in enumerate(aux)]
 
 
 def site_attention(q: Tensor, k: Tensor, v: Tensor, aux: list[Tensor], spec: str) -> Tensor:
     """What a rewritten site calls: broadcast the aux tensors (stride-0 views) to the
     scores' shape and run the op; returns only the output."""
-    b, h, nq, _ = q.shape
-    nk = k.shape[-2]
-    aux = [a.expand(b, h, nq, nk) for a in aux]
+    aux = broadcast_aux(q, k, aux, AttentionSpec.from_key(spec))
     out, _ = attention_op(q, k, v, aux, spec)
     return out

@@ -28,18 +28,23 @@ class MaskClass:
     (``Q - left <= K <= Q + right``; either side may be unbounded, i.e. ``None``) or
     ``"predicate"`` (anything else; evaluated per element, no block skipping).
     ``left``/``right`` are sympy expressions in ``NQ``/``NK`` (e.g. ``NK - NQ`` for a
-    bottom-right aligned causal mask).
+    bottom-right aligned causal mask).  ``prefix`` (a window only): the first ``prefix``
+    keys are kept besides the band, up to the right bound — StreamingLLM's sink tokens
+    (Xiao et al. 2023): ``K - Q <= right and (K - Q >= -left or K < prefix)``; block
+    skipping then visits two key ranges.
     """
 
     kind: str
     left: sympy.Expr | None = None
     right: sympy.Expr | None = None
+    prefix: sympy.Expr | None = None
 
     def describe(self) -> str:
         if self.kind == "causal":
             return "causal" if self.right == 0 else f"causal(offset={self.right})"
         if self.kind == "window":
-            return f"window(left={self.left}, right={self.right})"
+            tail = f"+prefix({self.prefix})" if self.prefix is not None else ""
+            return f"window(left={self.left}, right={self.right}){tail}"
         return self.kind
 
 
@@ -255,12 +260,56 @@ def _linear_bound(rel) -> tuple[str, sympy.Expr] | None:
     return "lower", bound
 
 
+def _prefix_bound(rel) -> sympy.Expr | None:
+    """Read ``K < c`` (or ``K <= c - 1``, ``c > K``), c free of Q and K, as a prefix of c
+    keys."""
+    if type(rel) not in _FLIP:
+        return None
+    diff = sympy.expand(rel.lhs - rel.rhs)
+    ck = diff.coeff(K)
+    if ck not in (1, -1) or diff.has(Q):
+        return None
+    rest = sympy.expand(diff - ck * K)
+    if rest.has(K):
+        return None
+    op = type(rel) if ck == 1 else _FLIP[type(rel)]
+    bound = sympy.expand(-rest / ck)  # K (op) bound
+    if op is sympy.StrictLessThan:
+        return bound
+    if op is sympy.LessThan:
+        return bound + 1
+    return None
+
+
+def _band_or_prefix(term) -> tuple[sympy.Expr, sympy.Expr] | None:
+    """``K - Q >= lower or K < prefix``: (lower, prefix)."""
+    if not isinstance(term, sympy.Or) or len(term.args) != 2:
+        return None
+    for a, b in (term.args, term.args[::-1]):
+        lb, pre = _linear_bound(a), _prefix_bound(b)
+        if lb is not None and lb[0] == "lower" and pre is not None:
+            return lb[1], pre
+    return None
+
+
 def classify(expr) -> MaskClass:
     if expr is sympy.true or expr == True:  # noqa: E712 - sympy booleans
         return MaskClass("none")
+    if expr.has(sympy.Or) or isinstance(expr, sympy.Not):
+        # a band or a prefix (StreamingLLM) reads as a conjunction once in CNF
+        try:
+            expr = sympy.logic.boolalg.to_cnf(expr, simplify=False)
+        except Exception:  # noqa: BLE001 - a form sympy cannot normalize: no skipping
+            return MaskClass("predicate")
     rels = list(expr.args) if isinstance(expr, sympy.And) else [expr]
-    upper = lower = None
+    upper = lower = prefix = None
     for r in rels:
+        bp = _band_or_prefix(r)
+        if bp is not None:
+            if lower is not None or prefix is not None:
+                return MaskClass("predicate")
+            lower, prefix = bp
+            continue
         b = _linear_bound(r)
         if b is None:
             return MaskClass("predicate")
@@ -273,7 +322,10 @@ def classify(expr) -> MaskClass:
             if lower is not None:
                 return MaskClass("predicate")
             lower = val
+    if prefix is not None and upper is None:
+        return MaskClass("predicate")  # a prefix without a right bound: nothing to skip
     if lower is None and upper is not None:
         return MaskClass("causal", None, upper)
     # window: lower <= K - Q <= upper  ->  left = -lower, right = upper
-    return MaskClass("window", None if lower is None else sympy.expand(-lower), upper)
+    left = None if lower is None else sympy.expand(-lower)
+    return MaskClass("window", left, upper, prefix)

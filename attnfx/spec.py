@@ -6,11 +6,13 @@ describes, for query ``q`` (B, Hq, NQ, D), key ``k`` (B, Hk, NK, D) and value ``
 
     s   = q @ kᵀ                         (float32)
     s   = op_n(... op_1(s))              the score program, ``score_ops`` in order
-    p   = activation(s)                  softmax over keys (or sigmoid, later)
+    p   = activation(s)                  softmax over keys, or sigmoid
+                                         (with a sink: softmax(cat(s, sink))[..., :NK])
     out = (p @ v).to(out_dtype)
 
 Each score op reads, at most, one *aux* tensor: an extra operand of the custom op,
-already broadcast (by stride-0 views, never copies) to (B, Hq, NQ, NK).  Sizes are not
+already broadcast (by stride-0 views, never copies) to (B, Hq, NQ, NK) — a sink's to
+(B, Hq, NQ, 1).  Sizes are not
 part of the spec: one spec, and one compiled kernel, serves every sequence length.
 
 The spec is frozen and hashable, and serializes to a plain string (``key``) that is
@@ -155,6 +157,12 @@ class AttentionSpec:
     # (heads inside tokens, as SDPA returns it on most backends, so that the usual
     # ``.transpose(1, 2).reshape(B, N, H·Dv)`` stays a view).
     out_layout: str = "bhnd"
+    # A learned attention sink (gpt-oss; Xiao et al. 2023, "Efficient Streaming Language
+    # Models with Attention Sinks"): the index of an aux tensor, broadcast to
+    # (B, Hq, NQ, 1), holding one extra logit per query row (in the final scores' units)
+    # that joins the softmax normalizer and is then dropped:
+    # ``p = softmax(cat(s, sink))[..., :NK]``.  None: no sink.
+    sink: int | None = None
 
     def __post_init__(self):
         if self.activation not in ("softmax", "sigmoid"):
@@ -176,6 +184,13 @@ class AttentionSpec:
             raise ValueError(f"out_layout must be 'bhnd' or 'bnhd', not {self.out_layout!r}")
         if self.gqa_group < 1:
             raise ValueError("gqa_group must be >= 1")
+        if self.sink is not None:
+            if self.activation != "softmax":
+                raise ValueError("an attention sink joins a softmax normalizer: softmax only")
+            if not 0 <= self.sink < len(self.aux_dtypes):
+                raise ValueError(f"sink reads a missing aux tensor {self.sink}")
+            if any(op.aux == self.sink for op in self.score_ops):
+                raise ValueError("the sink's aux tensor is not a score operand")
 
     # -- serialization -----------------------------------------------------------------
     @functools.cached_property
@@ -236,6 +251,7 @@ class AttentionSpec:
     def describe(self) -> str:
         ops = " ".join(op.describe() for op in self.score_ops) or "-"
         gqa = f" gqa={self.gqa_group}" if self.gqa_group > 1 else ""
+        gqa += f" sink=aux{self.sink}" if self.sink is not None else ""
         return (
             f"{self.activation} D={self.head_dim if self.head_dim is not None else 'sym'}"
             + (f"/{self.head_dim_v}" if self.head_dim_v != self.head_dim else "")

@@ -68,6 +68,10 @@ from pathlib import Path
 
 SOFTCAP = 30.0
 VARIANTS = ("softmax", "sigmoid", "temp", "softcap")
+# score programs of real code (issue 9) measured against attnfx's own softmax kernel:
+# a learned sink per head, ALiBi (slope x (k - q), no N×N tensor), a learnable (H, N, N)
+# float32 bias whose gradient the backward returns
+SCORE_VARIANTS = ("sink", "alibi", "bias")
 
 # provider -> (family, variant)
 PROVIDERS: dict[str, tuple[str, str]] = {
@@ -76,6 +80,7 @@ PROVIDERS: dict[str, tuple[str, str]] = {
     "attnfx-temp-aux": ("attnfx", "temp"),
     "attnfx-temp-q": ("attnfx", "temp"),
     "attnfx-softcap": ("attnfx", "softcap"),
+    **{f"attnfx-{v}": ("attnfx", v) for v in SCORE_VARIANTS},
     "sdpa-fa2": ("sdpa", "softmax"),
     "sdpa-cudnn": ("sdpa", "softmax"),
     "sdpa-efficient": ("sdpa", "softmax"),
@@ -84,11 +89,11 @@ PROVIDERS: dict[str, tuple[str, str]] = {
     "flex-temp": ("flex", "temp"),
     "flex-softcap": ("flex", "softcap"),
     **{f"eager-{v}": ("eager", v) for v in VARIANTS},
-    **{f"inductor-{v}": ("inductor", v) for v in VARIANTS},
+    **{f"inductor-{v}": ("inductor", v) for v in VARIANTS + SCORE_VARIANTS},
 }
 # the peers the ratio columns divide by
 REF_FA2, REF_CUDNN = "sdpa-fa2", "sdpa-cudnn"
-FLEX_OF_VARIANT = {v: f"flex-{v}" for v in VARIANTS}
+FLEX_OF_VARIANT = {v: f"flex-{v}" for v in VARIANTS}  # no Flex row for SCORE_VARIANTS
 OWN_SOFTMAX = "attnfx-softmax"
 
 PRESETS = {
@@ -106,6 +111,7 @@ PRESETS = {
         "flex-sigmoid",
         "flex-temp",
         "flex-softcap",
+        *(f"attnfx-{v}" for v in SCORE_VARIANTS),
     ],
 }
 # compiled providers whose first call compiles: what --prewarm warms up in subprocesses
@@ -282,6 +288,11 @@ class Case:
         self.tau_w = tau.to(device=device, dtype=self.dtype)
         self.tau32 = self.tau_w.float()
         self.scale = D**-0.5
+        # SCORE_VARIANTS' operands, float32 as models keep them (broadcast over batch)
+        self.sinks = torch.randn(1, H, 1, 1, generator=g).to(device)
+        self.slopes = torch.tensor([2 ** (-8 * (i + 1) / H) for i in range(H)]).view(1, H, 1, 1)
+        self.slopes = self.slopes.to(device)
+        self._bias = None
         self._block_mask = None
         self._tril = None
         self.refs: dict[tuple, tuple] = {}
@@ -297,6 +308,26 @@ class Case:
             n = self.shape.N
             self._block_mask = create_block_mask(causal, None, None, n, n, device=self.device)
         return self._block_mask
+
+    @property
+    def bias(self):
+        """A learnable (1, H, N, N) float32 bias (T5 / Swin style), built on first use."""
+        if self._bias is None:
+            import torch
+
+            g = torch.Generator(device="cpu").manual_seed(7)
+            n, h = self.shape.N, self.shape.H
+            self._bias = (torch.randn(1, h, n, n, generator=g) * 0.5).to(self.device)
+            self._bias.requires_grad_(True)
+        return self._bias
+
+    def extra(self, variant: str):
+        """The aux operand of a SCORE_VARIANT (None for the others)."""
+        return (
+            {"sink": self.sinks, "alibi": self.slopes}.get(variant)
+            if variant != "bias"
+            else self.bias
+        )
 
     @property
     def tril(self):
@@ -346,6 +377,18 @@ def attnfx_spec(variant: str, shape: Shape):
     elif variant == "softcap":
         kind = "temperature"
         ops = [ScoreOp("mul", d**-0.5 / SOFTCAP), ScoreOp("tanh"), ScoreOp("mul", SOFTCAP)]
+    elif variant == "alibi":
+        import sympy
+
+        from attnfx.predicate import K, Q
+
+        aux = ("float32",)
+        ops.append(ScoreOp("add_pos_aux", aux=0, expr=sympy.srepr(K - Q)))
+    elif variant == "bias":
+        aux = ("float32",)
+        ops.append(ScoreOp("add_aux", aux=0))
+    elif variant == "sink":
+        aux = ("float32",)
     if shape.causal:  # last, so that block skipping applies
         ops.append(ScoreOp("fill_pred", value=-math.inf, pred=_causal_key()))
     return AttentionSpec(
@@ -357,6 +400,7 @@ def attnfx_spec(variant: str, shape: Shape):
         head_dim_v=d,
         dtype=shape.dtype,
         out_dtype=shape.dtype,
+        sink=0 if variant == "sink" else None,
     )
 
 
@@ -372,6 +416,9 @@ def build_attnfx(name: str, case: Case):
     if variant == "temp-q":
         tau = case.tau_w
         return lambda q, k, v: attention(q * tau, k, v, spec)
+    if variant in SCORE_VARIANTS:
+        x = case.extra(variant)
+        return lambda q, k, v: attention(q, k, v, spec, [x])
     return lambda q, k, v: attention(q, k, v, spec)
 
 
@@ -393,8 +440,9 @@ def build_sdpa(name: str, case: Case):
     return fn
 
 
-def eager_attention(variant: str, q, k, v, *, scale, causal, tau=None, tril=None):
-    """The plain PyTorch math of each variant, in the dtype of q (float64 for references)."""
+def eager_attention(variant: str, q, k, v, *, scale, causal, tau=None, tril=None, extra=None):
+    """The plain PyTorch math of each variant, in the dtype of q (float64 for references);
+    ``extra``: a SCORE_VARIANT's operand (sinks, slopes or bias)."""
     import torch
 
     s = q @ k.transpose(-2, -1)
@@ -404,6 +452,13 @@ def eager_attention(variant: str, q, k, v, *, scale, causal, tau=None, tril=None
         s = s * scale * tau
     else:
         s = s * scale
+    if variant == "alibi":
+        nq, nk = s.shape[-2:]
+        pos_q = torch.arange(nq, device=s.device)[:, None]
+        pos_k = torch.arange(nk, device=s.device)[None, :]
+        s = s + extra.to(s.dtype) * (pos_k - pos_q)
+    elif variant == "bias":
+        s = s + extra.to(s.dtype)
     if variant == "sigmoid":
         s = s - math.log(k.shape[-2])
     if causal:
@@ -413,6 +468,9 @@ def eager_attention(variant: str, q, k, v, *, scale, causal, tau=None, tril=None
         s = s.masked_fill(~tril, float("-inf"))
     if variant == "sigmoid":
         p = torch.sigmoid(s)
+    elif variant == "sink":  # gpt-oss: the sink's column joins the softmax, then goes
+        col = extra.to(s.dtype).expand(*s.shape[:-1], 1)
+        p = torch.softmax(torch.cat([s, col], -1).float(), dim=-1)[..., :-1].to(q.dtype)
     else:
         p = torch.softmax(s.float(), dim=-1).to(q.dtype)
     return p @ v
@@ -424,9 +482,12 @@ def build_eager(name: str, case: Case, compiled: bool = False):
     variant = name.split("-", 1)[1]
     causal, scale, tau = case.shape.causal, case.scale, case.tau_w
     tril = case.tril if causal else None
+    extra = case.extra(variant) if variant in SCORE_VARIANTS else None
 
     def fn(q, k, v):
-        return eager_attention(variant, q, k, v, scale=scale, causal=causal, tau=tau, tril=tril)
+        return eager_attention(
+            variant, q, k, v, scale=scale, causal=causal, tau=tau, tril=tril, extra=extra
+        )
 
     if compiled:
         return torch.compile(fn, dynamic=False)
@@ -604,7 +665,13 @@ def _reference(variant: str, case: Case, mode: str, b: int, h: int):
         with sdpa_kernel([SDPBackend.MATH]):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=case.scale)
     else:
-        out = eager_attention(variant, q, k, v, scale=case.scale, causal=causal, tau=tau)
+        extra = None
+        if variant in SCORE_VARIANTS:
+            extra = case.extra(variant).detach()
+            extra = extra[:, h : h + 1].double() if extra.shape[1] > 1 else extra.double()
+        out = eager_attention(
+            variant, q, k, v, scale=case.scale, causal=causal, tau=tau, extra=extra
+        )
     grads = None
     if mode == "fwdbwd":
         out.backward(case.dout[sl].double())
@@ -828,7 +895,7 @@ def add_ratios(results):
         for col, ref in (
             ("x_fa2", REF_FA2),
             ("x_cudnn", REF_CUDNN),
-            ("x_flex", FLEX_OF_VARIANT[r["variant"]]),
+            ("x_flex", FLEX_OF_VARIANT.get(r["variant"])),
             ("x_attnfx_softmax", OWN_SOFTMAX),
         ):
             other = idx.get((ref, *key))
@@ -911,7 +978,7 @@ def _ratio(idx, a, b, key):
 
 
 def targets(results) -> list[dict]:
-    """The benchmark targets of issues 3 and 5 (bf16), evaluated on what was measured."""
+    """The benchmark targets of issues 3, 5 and 9 (bf16), evaluated on what was measured."""
     idx = _index(results)
     out = []
 
@@ -949,13 +1016,17 @@ def targets(results) -> list[dict]:
                 add(5, f"{t} >= 1.0x Flex temp score_mod", t, "flex-temp", 1.0, key)
             add(5, "softcap >= 0.90x attnfx softmax", "attnfx-softcap", OWN_SOFTMAX, 0.90, key)
             add(5, "softcap >= 2.5x Flex softcap", "attnfx-softcap", "flex-softcap", 2.5, key)
+        for t in ("attnfx-sink", "attnfx-alibi"):
+            add(9, f"{t} >= 0.97x attnfx softmax", t, OWN_SOFTMAX, 0.97, key)
+        if mode == "fwdbwd":
+            add(9, "learnable bias fwd+bwd >= 0.85x softmax", "attnfx-bias", OWN_SOFTMAX, 0.85, key)
     return out
 
 
 def format_targets(tg) -> str:
     if not tg:
-        return "targets (issues 3, 5; bf16): none of the target shapes/providers were measured"
-    lines = ["targets (issues 3, 5; bf16 only; measured ratio vs wanted):"]
+        return "targets (issues 3, 5, 9; bf16): none of the target shapes/providers were measured"
+    lines = ["targets (issues 3, 5, 9; bf16 only; measured ratio vs wanted):"]
     for t in tg:
         verdict = "n/a " if t["ok"] is None else ("PASS" if t["ok"] else "FAIL")
         x = "  -  " if t["ratio"] is None else f"{t['ratio']:5.2f}"

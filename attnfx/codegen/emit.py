@@ -336,6 +336,67 @@ class _Dims:
 # ---------------------------------------------------------------------------------------
 
 
+# The first masked loop of a kernel with a kept prefix also walks the prefix's key blocks
+# before the band: its index runs over [0, pre_hi) then jumps by ``gap`` to the band.
+_GAP = "        start_n = start_n + tl.where(start_n >= gap_at, gap, 0)  # prefix, then band\n"
+
+
+def _prefix_lines(plan: Plan) -> list[str]:
+    """A query block's visit of the kept prefix keys outside its band (StreamingLLM sink
+    tokens): the key blocks of [0, visit_prefix) before the band's first block, walked by
+    the first masked loop ahead of the band's leading blocks (one loop, not two: a fourth
+    inlined loop costs registers)."""
+    if not plan.skip_prefix:
+        return []
+    return [
+        "# -- the kept prefix (sink tokens): key blocks [0, pre_hi) before the band",
+        "pre_hi = tl.minimum(((visit_prefix + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, lo)",
+    ]
+
+
+def _first_masked(plan: Plan) -> tuple[str, str]:
+    if not plan.skip_prefix:
+        return "lo", "full_lo"
+    return "0", "pre_hi + (full_lo - lo)"
+
+
+def _prefix_gap(plan: Plan) -> tuple[str, str]:
+    return ("pre_hi", "lo - pre_hi") if plan.skip_prefix else ("hi", "0")
+
+
+def _prefix_lines_dkdv(plan: Plan) -> list[str]:
+    """A key block holding prefix keys is seen by every query after its band too: the
+    last masked loop runs on to the end of the queries."""
+    if not plan.skip_prefix:
+        return []
+    return [
+        "# -- prefix keys (sink tokens) are kept by every later query: visit them all",
+        "post_hi = tl.where(pid_n * BLOCK_N < visit_prefix, ((N_Q + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, hi)",
+    ]
+
+
+def _softmax_init(
+    spec: AttentionSpec, plan: Plan, m: str, lsum: str, base: str = "_blk"
+) -> list[str]:
+    """Initial running (max, sum) of an online softmax: (-inf, 0), or with a sink the
+    sink's logit and exp(sink - sink) = 1, so that it is one more term of the normalizer
+    (a sink of -inf is no term: sum 0)."""
+    if spec.sink is None:
+        return [
+            f'{m} = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max',
+            f"{lsum} = tl.full([BLOCK_M], 0, dtype=tl.float32)  # running row sum",
+        ]
+    i = spec.sink
+    unit = " * 1.4426950408889634" if plan.fold_log2e else ""
+    neg_inf = 'float("-inf")'
+    load = _load(f"A{i}{base} + offs_m.to(tl.int64) * stride_a{i}m", "offs_m < N_Q", neg_inf)
+    return [
+        "# -- the sink's logit starts the online softmax (one extra term per row)",
+        f"{m} = {load}.to(tl.float32){unit}",
+        f'{lsum} = tl.where({m} == float("-inf"), 0.0, 1.0)',
+    ]
+
+
 def forward_source(spec: AttentionSpec) -> str:
     plan = make_plan(spec)
     dims = _Dims(spec, plan)
@@ -405,6 +466,7 @@ def forward_source(spec: AttentionSpec) -> str:
         + ["stride_kn", "stride_kd", "stride_vn", "stride_vd"]
         + _aux_strides(plan, full=False)
         + ["offs_m", "offs_d", "offs_dv", "N_Q", "N_K", "lo", "hi"]
+        + (["gap_at", "gap"] if plan.skip_prefix else [])
         + [
             "BLOCK_N: tl.constexpr",
             "HEAD_DIM: tl.constexpr",
@@ -425,7 +487,7 @@ def _attn_fwd_inner(
     # Loop over key blocks [lo, hi); APPLY_MASK: the tile may cross the mask or the end.
     # USE_TMA: K_blk / V_blk are tensor descriptors; WARP_SPEC: warp-specialized loop.
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
+{_GAP if plan.skip_prefix else ""}        start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
 {_indent(body, 8)}
     return {", ".join(state)}
@@ -440,7 +502,7 @@ def _attn_fwd_inner(
         + ["stride_vb", "stride_vh", "stride_vn", "stride_vd"]
         + ["stride_ob", "stride_oh", "stride_om", "stride_od"]
         + _aux_strides(plan, full=True)
-        + ["H_Q", "N_Q", "N_K", "visit_lo", "visit_hi", "diag_lo", "diag_hi"]
+        + ["H_Q", "N_Q", "N_K", "visit_lo", "visit_hi", "diag_lo", "diag_hi", "visit_prefix"]
         + [
             f"{n}: tl.constexpr"
             for n in (
@@ -467,18 +529,22 @@ def _attn_fwd_inner(
     )
     consts = ["BLOCK_N", "HEAD_DIM", "HEAD_DIM_V"]
 
-    def call(lo, hi, mask):
-        args = call_args + [lo, hi] + consts + [mask, "USE_TMA", "WARP_SPEC"] + tanh_arg
+    def call(lo, hi, mask, gap=("hi", "0")):
+        args = (
+            call_args
+            + [lo, hi]
+            + (list(gap) if plan.skip_prefix else [])
+            + consts
+            + [mask, "USE_TMA", "WARP_SPEC"]
+            + tanh_arg
+        )
         return f"{', '.join(state)} = _attn_fwd_inner(\n{_join(args, 8)}\n    )"
 
     init = [
         "acc = tl.full([BLOCK_M, BLOCK_DV], 0, dtype=tl.float32)",
     ]
     if softmax:
-        init = [
-            'm_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max',
-            "l_i = tl.full([BLOCK_M], 0, dtype=tl.float32)  # running row sum",
-        ] + init
+        init = _softmax_init(spec, plan, "m_i", "l_i") + init
 
     if softmax:
         lse = (
@@ -536,7 +602,8 @@ def _attn_fwd(
 {_indent(init, 4)}
     # -- key blocks this query block can touch (block skipping from the mask predicate)
     lo, full_lo, full_hi, hi = _block_range(pid_m * BLOCK_M, BLOCK_M, BLOCK_N, N_K, visit_lo, visit_hi, diag_lo, diag_hi)
-    {call("lo", "full_lo", "True")}
+{_indent(_prefix_lines(plan), 4)}
+    {call(*_first_masked(plan), "True", gap=_prefix_gap(plan))}
     {call("full_lo", "full_hi", "False")}
     {call("full_hi", "hi", "True")}
 {_indent(epi, 4)}
@@ -602,8 +669,7 @@ def _row_norm_lines(spec: AttentionSpec, plan: Plan, dims: _Dims) -> list[str]:
         "    K_blk = K + off_b * stride_kb + off_hk * stride_kh",
         "    offs_d = tl.arange(0, BLOCK_D)",
         f"    q = {_load('Q_blk + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd', _mask('(offs_m[:, None] < N_Q)', dims.d('col')))}",
-        '    m_r = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)',
-        "    l_r = tl.full([BLOCK_M], 0, dtype=tl.float32)",
+        *["    " + x for x in _softmax_init(spec, plan, "m_r", "l_r", base="")],
         "    for start_n in range(0, N_K, BLOCK_N):",
         "        offs_n = start_n + tl.arange(0, BLOCK_N)",
         f"        kT = {_load(kptr, _mask('(offs_n[None, :] < N_K)', dims.d('row')))}",
@@ -791,7 +857,7 @@ def _attn_bwd_dkdv_inner(
         + ["stride_dkb", "stride_dkh", "stride_dkn", "stride_dkd"]
         + ["stride_dvb", "stride_dvh", "stride_dvn", "stride_dvd"]
         + _aux_strides(plan, full=True)
-        + ["H_Q", "N_Q", "N_K", "visit_lo", "visit_hi", "diag_lo", "diag_hi"]
+        + ["H_Q", "N_Q", "N_K", "visit_lo", "visit_hi", "diag_lo", "diag_hi", "visit_prefix"]
         + consts
         + tanh
     )
@@ -837,7 +903,8 @@ def _attn_bwd_dkdv(
 {_indent(_aux_bases(plan, "off_h"), 8)}
         {call_dkdv("lo", "full_lo", "True")}
         {call_dkdv("full_lo", "full_hi", "False")}
-        {call_dkdv("full_hi", "hi", "True")}
+{_indent(_prefix_lines_dkdv(plan), 8)}
+        {call_dkdv("full_hi", "post_hi" if plan.skip_prefix else "hi", "True")}
 {chr(10).join(dead_lines)}
 """
     if dead_fix:
@@ -888,6 +955,7 @@ def _attn_bwd_dkdv(
         + ["stride_kn", "stride_kd", "stride_vn", "stride_vd"]
         + _aux_strides(plan, full=False)
         + ["offs_m", "offs_d", "offs_dv", "N_Q", "N_K", "lo", "hi"]
+        + (["gap_at", "gap"] if plan.skip_prefix else [])
         + [
             "BLOCK_N: tl.constexpr",
             "HEAD_DIM: tl.constexpr",
@@ -903,7 +971,7 @@ def _attn_bwd_dq_inner(
 ):
     # Loop over key blocks [lo, hi); APPLY_MASK: the tile may cross the mask or the end.
     for start_n in range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
+{_GAP if plan.skip_prefix else ""}        start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
 {_indent(dq_body, 8)}
     return dq
@@ -918,8 +986,14 @@ def _attn_bwd_dq_inner(
         + ["offs_m", "offs_d", "offs_dv", "N_Q", "N_K"]
     )
 
-    def call_dq(lo, hi, mask):
-        args = dq_call_args + [lo, hi, "BLOCK_N", "HEAD_DIM", "HEAD_DIM_V", mask] + tanh_arg
+    def call_dq(lo, hi, mask, gap=("hi", "0")):
+        args = (
+            dq_call_args
+            + [lo, hi]
+            + (list(gap) if plan.skip_prefix else [])
+            + ["BLOCK_N", "HEAD_DIM", "HEAD_DIM_V", mask]
+            + tanh_arg
+        )
         return f"dq = _attn_bwd_dq_inner(\n{_join(args, 8)}\n    )"
 
     dq_params = (
@@ -929,7 +1003,7 @@ def _attn_bwd_dq_inner(
         + common_strides
         + ["stride_dqb", "stride_dqh", "stride_dqm", "stride_dqd"]
         + _aux_strides(plan, full=True)
-        + ["H_Q", "N_Q", "N_K", "visit_lo", "visit_hi", "diag_lo", "diag_hi"]
+        + ["H_Q", "N_Q", "N_K", "visit_lo", "visit_hi", "diag_lo", "diag_hi", "visit_prefix"]
         + consts
         + tanh
     )
@@ -964,7 +1038,8 @@ def _attn_bwd_dq(
     delta = tl.load(Delta + row_off + offs_m, mask=offs_m < N_Q, other=0.0)
     dq = tl.full([BLOCK_M, BLOCK_D], 0, dtype=tl.float32)
     lo, full_lo, full_hi, hi = _block_range(pid_m * BLOCK_M, BLOCK_M, BLOCK_N, N_K, visit_lo, visit_hi, diag_lo, diag_hi)
-    {call_dq("lo", "full_lo", "True")}
+{_indent(_prefix_lines(plan), 4)}
+    {call_dq(*_first_masked(plan), "True", gap=_prefix_gap(plan))}
     {call_dq("full_lo", "full_hi", "False")}
     {call_dq("full_hi", "hi", "True")}
 {_indent(dq_dead, 4)}

@@ -38,6 +38,9 @@ class Plan:
     fold_log2e: bool  # softmax scores carried in log2 units (exp2 with log2e folded)
     skip_op: int | None  # index into score_ops of the fill_pred used for block skipping
     skip_needs_rows_kept: bool  # skipping is exact only when every row keeps a key
+    # the skip predicate keeps a prefix of keys besides its band (StreamingLLM): kernels
+    # also visit the key blocks [0, visit_prefix) outside the band
+    skip_prefix: bool
     aux_used: tuple[int, ...]  # aux indices the score program reads
     block_d: int
     block_dv: int
@@ -113,11 +116,13 @@ def make_plan(spec: AttentionSpec) -> Plan:
                     skip_op, needs_rows = preds[0], True
             elif v <= SIGMOID_SKIP_FILL:
                 skip_op = preds[0]
-    aux_used = tuple(sorted({op.aux for op in ops if op.aux is not None}))
+    skip_prefix = skip_op is not None and ops[skip_op].predicate.mask_class.prefix is not None
+    aux_used = tuple(sorted({op.aux for op in ops if op.aux is not None} | {spec.sink} - {None}))
     return Plan(
         fold_log2e=fold,
         skip_op=skip_op,
         skip_needs_rows_kept=needs_rows,
+        skip_prefix=skip_prefix,
         aux_used=aux_used,
         block_d=_padded(spec.head_dim),
         block_dv=_padded(spec.head_dim_v),
@@ -134,22 +139,29 @@ def _eval_bound(expr, nq: int, nk: int) -> int:
     return int(sympy.floor(val))
 
 
-def skip_bounds(spec: AttentionSpec, plan: Plan, nq: int, nk: int) -> tuple[int, int, int, int]:
-    """(visit_lo, visit_hi, diag_lo, diag_hi) at run time.
+def skip_bounds(
+    spec: AttentionSpec, plan: Plan, nq: int, nk: int
+) -> tuple[int, int, int, int, int]:
+    """(visit_lo, visit_hi, diag_lo, diag_hi, visit_prefix) at run time.
 
-    Every pair kept by the skip predicate satisfies diag_lo <= k - q <= diag_hi: tiles
-    inside the band run without the fine mask.  Key blocks outside the visit band are
-    skipped; it equals the diag band when skipping is exact and is unbounded otherwise
+    Every pair kept by the skip predicate's band satisfies diag_lo <= k - q <= diag_hi:
+    tiles inside the band run without the fine mask.  Key blocks outside the visit band
+    are skipped, except the blocks of the first ``visit_prefix`` keys (a predicate that
+    keeps a prefix besides its band; 0 otherwise), visited with the fine mask.  The
+    visit band equals the diag band when skipping is exact and is unbounded otherwise
     (no skip predicate, or a finite fill with a row that keeps no key)."""
     if plan.skip_op is None:
-        return -UNBOUNDED, UNBOUNDED, -UNBOUNDED, UNBOUNDED
+        return -UNBOUNDED, UNBOUNDED, -UNBOUNDED, UNBOUNDED, 0
     mc = spec.score_ops[plan.skip_op].predicate.mask_class
     lo = -UNBOUNDED if mc.left is None else -_eval_bound(mc.left, nq, nk)
     hi = UNBOUNDED if mc.right is None else _eval_bound(mc.right, nq, nk)
     lo, hi = max(lo, -UNBOUNDED), min(hi, UNBOUNDED)
+    prefix = 0
+    if mc.prefix is not None:
+        prefix = min(max(_eval_bound(mc.prefix, nq, nk), 0), nk)
     if plan.skip_needs_rows_kept and not _every_row_kept(lo, hi, nq, nk):
-        return -UNBOUNDED, UNBOUNDED, lo, hi
-    return lo, hi, lo, hi
+        return -UNBOUNDED, UNBOUNDED, lo, hi, 0
+    return lo, hi, lo, hi, prefix
 
 
 def _every_row_kept(lo: int, hi: int, nq: int, nk: int) -> bool:

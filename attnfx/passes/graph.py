@@ -239,6 +239,32 @@ def view_base(x) -> fx.Node | None:
     return None
 
 
+def written_tensor(node: fx.Node):
+    """What a node with side effects writes: the tensor node (``x`` of ``x.add_(y)``,
+    ``x[i] = y``, ``out=x``), False when it writes no tensor (a random op), or None when
+    it cannot be told (a module call, an unknown mutable op)."""
+    if node.op in ("call_module", "placeholder", "output"):
+        return None
+    out = node.kwargs.get("out")
+    if isinstance(out, fx.Node):
+        return out
+    target = node.target
+    name = str(target) if node.op == "call_method" else getattr(target, "__name__", "") or ""
+    inplace = (
+        (hashable(target) and target in INPLACE_OPERATORS)
+        or (name.endswith("_") and not name.endswith("__"))
+        or (node.op == "call_method" and name.startswith("__i"))
+        or name == "__setitem__"
+    )
+    if inplace:
+        first = node.args[0] if node.args else None
+        return first if isinstance(first, fx.Node) else None
+    schema = getattr(target, "_schema", None)
+    if schema is not None and getattr(schema, "is_mutable", False):
+        return None
+    return False
+
+
 def has_side_effects(node: fx.Node) -> bool:
     """Whether removing ``node`` could change what the program does even when nothing
     reads its value: in-place tensor ops (``x.add_(y)``, ``buf.copy_(v)``, ``index_add_``,
@@ -261,6 +287,8 @@ def has_side_effects(node: fx.Node) -> bool:
         return name.endswith("_") or name in ("backward", "record_stream", "register_hook")
     if hashable(target) and target in INPLACE_OPERATORS:
         return True
+    if getattr(target, "__module__", None) in ("_operator", "operator"):
+        return False  # operator.and_ / or_ / not_: pure, despite the trailing underscore
     name = getattr(target, "__name__", "") or ""
     if name.endswith("_") and not name.endswith("__"):
         return True  # torch.relu_, torch.Tensor.add_ called as a function, aten in-place

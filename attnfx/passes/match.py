@@ -149,8 +149,9 @@ def _head_dim(chain) -> object:
     return shp[-1] if shp else None
 
 
-def walk_scores(start: fx.Node, score_shape: tuple) -> ScoreChain:
-    """Walk back from the activation's input to the ``q @ kᵀ`` matmul."""
+def walk_scores(start: fx.Node, score_shape: tuple, site_users: tuple = ()) -> ScoreChain:
+    """Walk back from the activation's input to the ``q @ kᵀ`` matmul; ``site_users``:
+    users of ``start`` that belong to the site (a row max subtracted before the softmax)."""
     ops: list[ScoreOp] = []  # collected anchor-first, reversed at the end
     aux: list[AuxOperand] = []
     nodes: list[fx.Node] = []
@@ -162,7 +163,8 @@ def walk_scores(start: fx.Node, score_shape: tuple) -> ScoreChain:
             raise NoMatch("score chain reaches a constant")
         if cur.op == "call_function" and cur.target is torch.matmul:
             break
-        if len(G.live_users(cur)) != 1:
+        others = [u for u in G.live_users(cur) if not (cur is start and u in site_users)]
+        if len(others) != 1:
             raise Refusal("scores have other users (e.g. returned or logged)", cur)
         nodes.append(cur)
         if G.is_cast(cur):

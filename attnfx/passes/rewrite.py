@@ -74,21 +74,36 @@ def externals(nodes: set[fx.Node]) -> list[fx.Node]:
 
 
 def write_inside(gm_nx: nx.DiGraph, site: Site) -> fx.Node | None:
-    """A node with side effects between the site's first node and its output, if any.
+    """An in-place write between the site's first node and its output that may change
+    what the site reads, if any.
 
     The op call is inserted at the output, so it reads its operands *there*; the eager
     region read them where it started.  An in-place write in between (``q.mul_(2)``
     after the scores) would make the two differ — and neither verification (whose
     captured values share storage with the written tensor) nor the whole-graph check
-    (which takes the op's output as given) would see it.  Such sites are kept."""
+    (which takes the op's output as given) would see it.  Such sites are kept.  A write
+    into storage the site never reads (an MoE layer's ``out.index_add_`` between a mask
+    built early and a later layer's attention) is harmless."""
     nodes = region(gm_nx, site)
     if not nodes:
         return None
     order = {n: i for i, n in enumerate(site.output.graph.nodes)}
     first = min(order[n] for n in nodes)
     last = order[site.output]
+    read = set(nodes) | set(externals(nodes)) | set(site.operand_nodes)
+    bases = {G.view_base(n) for n in read}
+    inputs_read = any(b is not None and b.op in ("placeholder", "get_attr") for b in bases)
     for n in site.output.graph.nodes:
-        if first < order[n] < last and n not in nodes and G.has_side_effects(n):
+        if not (first < order[n] < last) or n in nodes or not G.has_side_effects(n):
+            continue
+        target = G.written_tensor(n)
+        if target is None:
+            return n  # effects we cannot place (a module call): assume the worst
+        if target is False:
+            continue  # no tensor written (a random op)
+        b = G.view_base(target)
+        # graph inputs may alias each other: a write into one may reach another
+        if b in bases or (inputs_read and b is not None and b.op in ("placeholder", "get_attr")):
             return n
     return None
 

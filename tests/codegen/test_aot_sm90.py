@@ -43,7 +43,7 @@ pytestmark = pytest.mark.skipif(
 
 def _spec(d, dtype, kind):
     ops_ = [ScoreOp("mul", d**-0.5)]
-    aux, act, group = (), "softmax", 1
+    aux, act, group, sink = (), "softmax", 1, None
     if kind == "causal":
         ops_.append(ScoreOp("fill_pred", -math.inf, pred=CAUSAL))
     elif kind == "mask":
@@ -67,6 +67,16 @@ def _spec(d, dtype, kind):
         ops_ += [ScoreOp("add_pos_aux", aux=0, expr=sympy.srepr(K - Q))]
         ops_.append(ScoreOp("fill_pred", -math.inf, pred=CAUSAL))
         aux = ("float32",)
+    elif kind == "stream":  # StreamingLLM: 4 sink tokens besides a causal band of 256
+        band = sympy.Or(sympy.Gt(K, Q - 256), sympy.Lt(K, 4))
+        pred = MaskPredicate(sympy.And(sympy.Le(K, Q), band)).to_key()
+        ops_.append(ScoreOp("fill_pred", -math.inf, pred=pred))
+    elif kind in ("sink", "sinkmask"):  # gpt-oss: learned per-head sink, causal (+ hf mask)
+        if kind == "sinkmask":
+            ops_.append(ScoreOp("add_aux", aux=0))
+        ops_.append(ScoreOp("fill_pred", -math.inf, pred=CAUSAL))
+        aux = ("bfloat16",) * (2 if kind == "sinkmask" else 1)
+        sink, group = len(aux) - 1, (8 if kind == "sink" else 1)
     return AttentionSpec(
         activation=act,
         score_ops=tuple(ops_),
@@ -76,6 +86,7 @@ def _spec(d, dtype, kind):
         gqa_group=group,
         dtype=dtype,
         out_dtype=dtype,
+        sink=sink,
     )
 
 
@@ -86,6 +97,7 @@ CASES += [(128, "float16", "hfmask")]
 CASES += [(64, "bfloat16", "sigmoid"), (128, "float16", "sigmoid")]
 CASES += [(64, "float16", "softcap"), (128, "bfloat16", "softcap"), (256, "float16", "softcap")]
 CASES += [(128, "float16", "tanh"), (64, "bfloat16", "alibi")]
+CASES += [(64, "bfloat16", "sink"), (64, "bfloat16", "sinkmask"), (128, "float16", "stream")]
 IDS = [f"{d}-{t}-{k}" for d, t, k in CASES]
 # cases whose every candidate config is compiled (the others: the default configs)
 FULL = {(64, "float16", "causal"), (256, "float16", "causal"), (128, "bfloat16", "softcap")}

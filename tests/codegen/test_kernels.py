@@ -19,6 +19,7 @@ import sympy
 import torch
 
 from attnfx import codegen, ops
+from attnfx.codegen import emit
 from attnfx.predicate import NK, NQ, K, MaskPredicate, Q
 from attnfx.spec import AttentionSpec, ScoreOp
 
@@ -45,6 +46,7 @@ def make_spec(
     group=1,
     fm="preserve",
     out_layout="bhnd",
+    sink=None,
 ):
     if score_ops is None:
         score_ops = [ScoreOp("mul", 1 / math.sqrt(d))]
@@ -59,6 +61,7 @@ def make_spec(
         out_dtype=dtype,
         fully_masked=fm,
         out_layout=out_layout,
+        sink=sink,
     )
 
 
@@ -105,8 +108,7 @@ GTOL = {"float32": (1e-4, 1e-3), "float16": (4e-2, 2e-2)}
 
 def check(spec, b=1, hk=1, nq=17, nk=33, aux=(), layout="bhnd", bwd=True, seed=0):
     q, k, v = _inputs(spec, b, hk, nq, nk, layout, seed)
-    h = hk * spec.gqa_group
-    aux = [a.expand(b, h, nq, nk) for a in aux]
+    aux = ops.broadcast_aux(q, k, list(aux), spec)
     before = dict(codegen.LAUNCHES)
     out, lse = codegen.run_forward(spec, q, k, v, aux)
     assert codegen.LAUNCHES["fwd"] == before.get("fwd", 0) + 1  # the Triton path ran
@@ -247,7 +249,7 @@ def test_finfo_min_uniform_rows_backward_causal_fill(dtype):
 def test_finfo_min_causal_skips_when_rows_kept():
     spec = make_spec(score_ops=[ScoreOp("mul", 0.25), ScoreOp("fill_pred", F32_MIN, pred=CAUSAL)])
     plan = codegen.make_plan(spec)
-    assert codegen.skip_bounds(spec, plan, 33, 33) == (-(2**30), 0, -(2**30), 0)
+    assert codegen.skip_bounds(spec, plan, 33, 33) == (-(2**30), 0, -(2**30), 0, 0)
     check(spec, nq=33, nk=33)
     spec_br = make_spec(
         score_ops=[ScoreOp("mul", 0.25), ScoreOp("fill_pred", F32_MIN, pred=CAUSAL_BR)]
@@ -258,6 +260,7 @@ def test_finfo_min_causal_skips_when_rows_kept():
         2**30,
         -(2**30),
         -23,
+        0,
     )
 
 
@@ -601,3 +604,95 @@ def test_fresh_process_interpreter():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
     )
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+# -- learned sinks (one extra logit per row in the normalizer) -----------------------------
+
+
+def _sinks(h, scale=1.0, seed=5):
+    return torch.randn(1, h, 1, 1, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_sink_plain(dtype):
+    spec = make_spec(dtype=dtype, aux_dtypes=["float32"], sink=0)
+    check(spec, hk=2, nq=17, nk=33, aux=[_sinks(2, 3.0)])
+
+
+def test_sink_causal_gqa_fp16():
+    ops_ = [ScoreOp("mul", 0.25), ScoreOp("fill_pred", NEG_INF, pred=CAUSAL)]
+    spec = make_spec(dtype="float16", score_ops=ops_, aux_dtypes=["float16"], group=2, sink=0)
+    check(spec, hk=2, nq=19, nk=19, aux=[_sinks(4).half()])
+
+
+def test_sink_with_additive_finfo_min_mask():
+    # padded rows: every key at finfo.min, so the row attends to the sink alone (output
+    # 0, lse = sink); the additive mask keeps the natural-log domain (no log2e folding)
+    b, nq, nk = 2, 17, 21
+    pad = torch.zeros(b, 1, nq, nk)
+    pad[0, :, 4] = F32_MIN
+    pad[1, ..., :6] = F32_MIN
+    ops_ = [ScoreOp("mul", 0.25), ScoreOp("add_aux", aux=0)]
+    spec = make_spec(score_ops=ops_, aux_dtypes=["float32", "float32"], sink=1)
+    out = check(spec, b=b, hk=2, nq=nq, nk=nk, aux=[pad, _sinks(2)])
+    assert out[0, :, 4].abs().max() == 0
+
+
+def test_sink_minus_inf_is_no_sink():
+    # a sink of -inf adds exp(-inf) = 0 to the normalizer: plain softmax
+    spec = make_spec(aux_dtypes=["float32"], sink=0)
+    out = check(spec, hk=1, nq=9, nk=13, aux=[torch.full((1, 1, 1, 1), NEG_INF)])
+    plain = ops.reference_attention(*_inputs(spec, 1, 1, 9, 13), [], make_spec())[0]
+    torch.testing.assert_close(out, plain, atol=2e-5, rtol=1e-4)
+
+
+def test_sink_gradient_through_the_op():
+    # the op's autograd returns d sink = -exp(sink - lse) * rowsum(dO * O), summed by
+    # the broadcast back to the per-head parameter; gold: float64 autograd of the
+    # written-out softmax over cat(s, sink)
+    spec = make_spec(aux_dtypes=["float32"], sink=0)
+    q, k, v = (t.requires_grad_() for t in _inputs(spec, 1, 2, 11, 15))
+    sink = _sinks(2, 2.0).requires_grad_()
+    out = ops.attention(q, k, v, spec, [sink])
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
+    out.backward(dout)
+    q64, k64, v64, s64 = (t.detach().double().requires_grad_() for t in (q, k, v, sink))
+    sc = q64 @ k64.transpose(-2, -1) * 0.25
+    full = torch.cat([sc, s64.expand(1, 2, 11, 1)], -1)
+    gold = torch.softmax(full, -1)[..., :-1] @ v64
+    gold.backward(dout.double())
+    torch.testing.assert_close(out.double(), gold, atol=1e-5, rtol=1e-4)
+    for got, want in ((q.grad, q64.grad), (k.grad, k64.grad), (sink.grad, s64.grad)):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-3)
+
+
+# -- StreamingLLM: a prefix of sink tokens kept besides a causal band ---------------------
+
+STREAM = MaskPredicate(
+    sympy.And(sympy.Le(K, Q), sympy.Or(sympy.Gt(K, Q - 6), sympy.Lt(K, 3)))
+).to_key()
+
+
+def test_streaming_prefix_band_plan():
+    spec = make_spec(score_ops=[ScoreOp("mul", 0.25), ScoreOp("fill_pred", NEG_INF, pred=STREAM)])
+    mc = spec.score_ops[1].predicate.mask_class
+    assert (mc.kind, mc.left, mc.right, mc.prefix) == ("window", 5, 0, 3), mc
+    plan = codegen.make_plan(spec)
+    assert plan.can_skip and plan.skip_prefix
+    assert codegen.skip_bounds(spec, plan, 70, 70) == (-5, 0, -5, 0, 3)
+    # the kernels visit two key ranges: the prefix blocks and the band
+    src = emit.forward_source(spec) + emit.backward_source(spec)
+    assert "pre_hi" in src and "visit_prefix" in src
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_streaming_prefix_band(dtype):
+    # several key blocks between the prefix and the band of the last query blocks
+    ops_ = [ScoreOp("mul", 0.25), ScoreOp("fill_pred", NEG_INF, pred=STREAM)]
+    check(make_spec(dtype=dtype, score_ops=ops_, group=2), hk=1, nq=70, nk=70)
+
+
+def test_streaming_prefix_band_with_sink_fp16():
+    ops_ = [ScoreOp("mul", 0.25), ScoreOp("fill_pred", NEG_INF, pred=STREAM)]
+    spec = make_spec(dtype="float16", score_ops=ops_, aux_dtypes=["float32"], sink=0)
+    check(spec, hk=2, nq=45, nk=45, aux=[_sinks(2)])

@@ -99,7 +99,8 @@ def test_side_effect_predicate():
         x.add_(1)
         torch.relu_(y)
         a.clone()
-        return a
+        m = (x > 0) & (y > 0) | ~(x < 1)  # operator.and_ / or_: pure, despite the name
+        return a, m
 
     gm = fx.symbolic_trace(f)
     y = next(n for n in gm.graph.nodes if n.name == "y")
@@ -109,6 +110,7 @@ def test_side_effect_predicate():
     effects = {n.name for n in gm.graph.nodes if G.has_side_effects(n)}
     assert {"add_", "relu_", "setitem", "iadd"} <= effects, effects
     assert "add" not in effects and "clone" not in effects
+    assert not [n for n in effects if n.startswith(("and_", "or_", "invert"))], effects
 
 
 def test_remove_replaced_touches_only_given_nodes():

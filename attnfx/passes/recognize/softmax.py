@@ -3,13 +3,23 @@
 ``softmax(s·q·kᵀ + bias, masked) · v`` in any eager spelling, and
 ``F.scaled_dot_product_attention``.
 
+Learned attention sinks (gpt-oss; Xiao et al. 2023, "Efficient Streaming Language Models
+with Attention Sinks"): ``softmax(cat(s, sink))[..., :-1]`` with one logit per head (or
+per query row) that joins the normalizer and is dropped; a row-max subtraction before the
+softmax (``c - c.max(-1, keepdim=True).values``, which changes nothing but rounding) is
+looked through.
+
 Edge semantics kept exactly: a query row whose keys are all filled with ``-inf`` yields
 NaN, as eager softmax does (SDPA's math path yields 0, and an SDPA site keeps that);
 a row filled with a finite value (``finfo.min``) yields the uniform average of the
-values; the scale, biases and masks apply in the order the model wrote them.
+values; with a finite sink no row is empty (a row with every key masked attends to the
+sink only and yields 0); the scale, biases and masks apply in the order the model wrote
+them.
 """
 
 from __future__ import annotations
+
+import operator
 
 import sympy
 import torch
@@ -18,6 +28,7 @@ import torch.nn.functional as F
 
 from attnfx.passes import graph as G
 from attnfx.passes.match import (
+    AuxOperand,
     NoMatch,
     Operand,
     Refusal,
@@ -51,16 +62,150 @@ def match(node: fx.Node, activation: str = "softmax", kind: str = KIND) -> Site:
     shp = G.shape(x)
     if shp is None or len(shp) not in (3, 4):
         raise NoMatch("scores are not 3-D or 4-D")
-    chain = walk_scores(x, shp)
-    pv, prob_nodes = walk_probs(node)
     if activation == "softmax":
         dim = G.resolve_dim(node.args[1], len(shp))
         if dim != len(shp) - 1:
             raise Refusal("softmax over a non-key axis", node)
-    return build_site(node, pv, chain, kind=kind, activation=activation)
+    x, max_users = strip_row_max(x) if activation == "softmax" else (x, ())
+    sink = None
+    if activation == "softmax" and _is_cat(x):
+        x, sink, max_users = _split_sink(x, max_users, node)
+        shp = G.shape(x)
+    chain = walk_scores(x, shp, site_users=max_users)
+    if sink is not None and depends_on(sink.operand.node, chain.matmul):
+        raise Refusal("the sink logit depends on the scores", node)
+    if sink is not None:
+        pv, prob_nodes = walk_probs(_sink_dropped(node, shp[-1], sink))
+    else:
+        pv, prob_nodes = walk_probs(node)
+    return build_site(node, pv, chain, kind=kind, activation=activation, sink=sink)
 
 
-def build_site(anchor, pv, chain, *, kind, activation, extra_ops=()) -> Site:
+# ---------------------------------------------------------------------------------------
+# Row max and sinks
+# ---------------------------------------------------------------------------------------
+
+
+def _row_max_of(m: fx.Node, x: fx.Node) -> bool:
+    """Whether ``m`` is ``x``'s max over the last axis, kept as a (..., 1) column:
+    ``x.max(-1, keepdim=True).values`` (a getitem of the pair), ``x.amax(-1, True)``,
+    optionally detached."""
+    if m.op == "call_method" and m.target == "detach" and len(m.args) == 1:
+        m = m.args[0]
+    inner = m
+    if m.op == "call_function" and m.target is operator.getitem and m.args[1] == 0:
+        inner = m.args[0]
+        is_max = (inner.op == "call_method" and inner.target == "max") or (
+            inner.op == "call_function" and inner.target is torch.max
+        )
+    else:
+        is_max = (m.op == "call_method" and m.target == "amax") or (
+            m.op == "call_function" and m.target is torch.amax
+        )
+    if not is_max or not inner.args or inner.args[0] is not x:
+        return False
+    shp, mshp = G.shape(x), G.shape(m)
+    if shp is None or mshp is None or len(mshp) != len(shp) or mshp[-1] != 1:
+        return False
+    return tuple(mshp[:-1]) == tuple(shp[:-1])
+
+
+def strip_row_max(x: fx.Node) -> tuple[fx.Node, tuple]:
+    """Look through ``c - rowmax(c)`` before a softmax (softmax does not change under a
+    per-row shift: only rounding moves, and a row of -inf is NaN either way).  Returns
+    (c, the nodes of the max, which are c's users inside the site)."""
+    if x.op == "call_function" and x.target is operator.sub and len(x.args) == 2:
+        c, m = x.args
+        if isinstance(c, fx.Node) and isinstance(m, fx.Node) and _row_max_of(m, c):
+            nodes = [m]
+            while nodes[-1] not in c.users:
+                nodes.append(nodes[-1].args[0])
+            if len(G.live_users(m)) == 1 and all(len(G.live_users(n)) == 1 for n in nodes[1:]):
+                return c, (nodes[-1],)
+    return x, ()
+
+
+def _is_cat(x) -> bool:
+    return isinstance(x, fx.Node) and x.op == "call_function" and x.target is torch.cat
+
+
+def _split_sink(cat: fx.Node, max_users: tuple, anchor: fx.Node):
+    """``cat([s, sink], -1)`` (or ``[sink, s]``): (s, the sink operand, s's users in the
+    site).  The sink is one column, computed without the scores."""
+    tensors = cat.args[0]
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    shp = G.shape(cat)
+    if not isinstance(tensors, (list, tuple)) or len(tensors) != 2 or shp is None:
+        raise NoMatch("softmax over a concatenation that is not scores and one column")
+    if G.resolve_dim(dim, len(shp)) != len(shp) - 1:
+        raise NoMatch("scores concatenated along a non-key axis")
+    from attnfx.passes.match import _reaches_matmul
+
+    first, second = tensors
+    if _reaches_matmul(first) and not _reaches_matmul(second):
+        s, col, sink_first = first, second, False
+    elif _reaches_matmul(second) and not _reaches_matmul(first):
+        s, col, sink_first = second, first, True
+    else:
+        raise NoMatch("softmax over a concatenation without one score tensor")
+    cshp = G.shape(col)
+    if cshp is None or cshp[-1] != 1:
+        raise Refusal("scores concatenated with more than one extra column", anchor)
+    if G.dtype(col) not in (torch.float16, torch.bfloat16, torch.float32):
+        raise Refusal(f"sink logits of dtype {G.dtype(col)}", anchor)
+    if depends_on(col, s):
+        raise Refusal("the sink logit depends on the scores", anchor)
+    others = [u for u in G.live_users(cat) if u not in max_users]
+    if len(others) != 1:
+        raise Refusal("scores have other users (e.g. returned or logged)", cat)
+    return s, _Sink(AuxOperand(col), sink_first), ()
+
+
+class _Sink:
+    def __init__(self, operand, first: bool):
+        self.operand, self.first = operand, first
+
+
+def _drops_sink(idx, ndim: int, nk, first: bool) -> bool:
+    """Whether getitem index ``idx`` keeps every key column and drops the sink's."""
+    if not isinstance(idx, tuple):
+        idx = (idx,)
+    *lead, last = idx
+    if len(lead) == 1 and lead[0] is Ellipsis:
+        pass
+    elif len(lead) != ndim - 1 or any(x != slice(None) for x in lead):
+        return False
+    if not isinstance(last, slice) or last.step not in (None, 1):
+        return False
+    if first:
+        return last.start in (1, -nk) and last.stop in (None, nk + 1)
+    return last.start in (None, 0) and last.stop in (-1, nk)
+
+
+def _sink_dropped(anchor: fx.Node, nk, sink) -> fx.Node:
+    """The node that drops the sink's probability column (through casts)."""
+    cur = anchor
+    while True:
+        live = G.live_users(cur)
+        if len(live) != 1:
+            raise Refusal(
+                "attention probabilities have other users (e.g. output_attentions=True)", cur
+            )
+        (u,) = live
+        if G.is_cast(u):
+            cur = u
+            continue
+        if (
+            u.op == "call_function"
+            and u.target is operator.getitem
+            and u.args[0] is cur
+            and _drops_sink(u.args[1], len(G.shape(cur)), nk, sink.first)
+        ):
+            return u
+        raise Refusal("the sink column's probability is not dropped after the softmax", u)
+
+
+def build_site(anchor, pv, chain, *, kind, activation, extra_ops=(), sink=None) -> Site:
     mm = chain.matmul
     if len(G.live_users(mm)) != 1:
         raise Refusal("scores have other users (e.g. returned or logged)", mm)
@@ -90,6 +235,10 @@ def build_site(anchor, pv, chain, *, kind, activation, extra_ops=()) -> Site:
             raise Refusal("a score multiplier or bias depends on the scores themselves", anchor)
     if activation == "softmax" and temperature.has_temperature(ops, q_mul, qn):
         kind = temperature.KIND
+    sink_index = None
+    if sink is not None:
+        aux = aux + [sink.operand]
+        sink_index = len(aux) - 1
     spec = AttentionSpec(
         kind=kind,
         activation=activation,
@@ -101,6 +250,7 @@ def build_site(anchor, pv, chain, *, kind, activation, extra_ops=()) -> Site:
         dtype=dtype_name(dt),
         out_dtype=dtype_name(G.dtype(pv)),
         out_layout=_layout(pv) if rank == 4 else "bhnd",
+        sink=sink_index,
     )
     return Site(
         kind=kind,

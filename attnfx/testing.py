@@ -1,4 +1,4 @@
-"""The numerical-equivalence rule (DESIGN §5), one implementation for the tests, the
+"""The numerical-equivalence rule, one implementation for the tests, the
 fuzzer and the runtime verify pass.
 
 For the same inputs in the working dtype: **gold** is the original computation in
@@ -212,7 +212,7 @@ def assert_attention_close(
     context: str = "",
 ) -> CloseResult:
     """Raise AssertionError (with both errors, R, a, the worst coordinate, shapes and
-    strides) unless ``cand`` passes the DESIGN §5 rule against ``base`` and ``gold``."""
+    strides) unless ``cand`` passes the equivalence rule against ``base`` and ``gold``."""
     res = compare(
         cand,
         base,

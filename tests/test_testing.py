@@ -1,4 +1,4 @@
-"""The numerical-equivalence rule (DESIGN §5): attnfx.testing.compare and
+"""The numerical-equivalence rule (attnfx/testing.py): attnfx.testing.compare and
 assert_attention_close on hand-built cand / base / gold triples."""
 
 from __future__ import annotations

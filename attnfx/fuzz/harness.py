@@ -3,7 +3,7 @@ source is pasted into every repro script, so a repro runs exactly what the fuzze
 
 A program namespace defines ``make_model()``, ``make_inputs(nq, nkv, seed, later)``,
 ``EXPECTED`` ({kind: sites}), ``NEAR_MISS``, ``RERUN``, ``GRADS``, ``GRAD_INPUTS``,
-``TRANSCENDENTAL`` (σ or tanh in the program: the DESIGN §5 bound gets its +1) and,
+``TRANSCENDENTAL`` (σ or tanh in the program: the equivalence bound gets its +1) and,
 optionally, ``INTERPRET`` (run the rewritten sites through the generated Triton kernels
 under Triton's interpreter, ``ATTNFX_INTERPRET=1``: on CPU the op otherwise runs its
 PyTorch implementation) and ``LATER`` (call the compiled model once more on
@@ -13,7 +13,7 @@ input gradients are checked; the module's buffers (updated in place by forward) 
 compared after the last call.  ``check_program(ns, ...)`` returns ``(failures, stats)``;
 each failure is ``(category, message)`` with category one of
 
-    mismatch              an output or gradient fails the DESIGN §5 rule against gold/base
+    mismatch              an output or gradient fails the equivalence rule against gold/base
     label mismatch        sites rewritten by kind != the labels (a missed or a false rewrite;
                           a missed rewrite in a program marked ``KNOWN_GAP`` is only counted)
     near-miss differs     a near-miss's output is not bitwise the plain compile's

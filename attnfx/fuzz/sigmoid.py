@@ -18,7 +18,7 @@ stacked layers, inputs and lanes: ``softmax.Frame``) with its own score body.  C
     proj, cross, heads, kt, mm, pv, merge, out_proj, layers, dynamic, grads, shapes and
     values as in the softmax grammar.
 
-Every sigmoid program is compared under the transcendental rule (DESIGN §5: +1).
+Every sigmoid program is compared under the transcendental rule (the equivalence rule: +1).
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ class Frame:
     extra_inputs: Callable[[dict], list[tuple[str, str]]] = lambda c: []  # (name, input kind)
     header: Callable[[dict], list[str]] = lambda c: []  # extra module-level constants
     expected: Callable[[dict], dict] | None = None  # labels (default {kind: layers})
-    transcendental: Callable[[dict], bool] = lambda c: False  # DESIGN §5 rule: +1
+    transcendental: Callable[[dict], bool] = lambda c: False  # equivalence rule: +1
     attn_class: Callable[[dict], list[str] | None] = lambda c: None  # replaces class Attn
     known_gaps: tuple = ()
 
@@ -725,7 +725,7 @@ def render(c: dict, f: Frame | None = None) -> Program:
         f"GRADS = {bool(c['grads'])!r}",
         f"KNOWN_GAP = {known!r}  # an open attnfx bug: a missed rewrite here is expected",
         f"GRAD_INPUTS = {grad_inputs!r}",
-        f"TRANSCENDENTAL = {bool(f.transcendental(c))!r}  # DESIGN §5: σ / tanh score transforms",
+        f"TRANSCENDENTAL = {bool(f.transcendental(c))!r}  # equivalence rule +1: σ / tanh score transforms",
         *f.header(c),
         "",
     ]

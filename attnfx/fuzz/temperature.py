@@ -24,7 +24,7 @@ tries them):
     grads, shapes and values as in the softmax grammar.
 
 Programs with a ``tanh`` (soft-capping, ``q_tau`` with tanh, selective) or softplus are
-compared under the transcendental rule (DESIGN §5: +1).
+compared under the transcendental rule (the equivalence rule: +1).
 """
 
 from __future__ import annotations

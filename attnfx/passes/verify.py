@@ -9,10 +9,10 @@ For each site the original subgraph (the region the rewrite replaces) and the ca
   values),
 
 against the float64 gold of the original subgraph, under ``attnfx.testing``'s rule
-(DESIGN §5): the output, and the gradient of every input of the region that requires
+(attnfx/testing.py): the output, and the gradient of every input of the region that requires
 grad (q, k, v, a bias, a temperature, ...; one the candidate drops counts as zero).
 
-Bounded work (DESIGN §10): the original subgraph is not run at full size.
+Bounded work: the original subgraph is not run at full size.
 
 * (batch, head) slices: the first and last batch, the first and last kv head with all
   the query heads of their group;
@@ -74,7 +74,7 @@ class Verdict:
 
 class _Float64(TorchFunctionMode):
     """Runs a subgraph in float64: floating dtype arguments and the ``.half()`` /
-    ``.float()`` / ``.bfloat16()`` casts become float64 (the gold of DESIGN §5)."""
+    ``.float()`` / ``.bfloat16()`` casts become float64 (the gold of the equivalence rule)."""
 
     _CASTS = {torch.Tensor.half, torch.Tensor.float, torch.Tensor.bfloat16}
 

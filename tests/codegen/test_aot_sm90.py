@@ -1,4 +1,4 @@
-"""DESIGN §9: compile every generated kernel ahead of time for sm_90 (no GPU needed).
+"""Compile every generated kernel ahead of time for sm_90 (no GPU needed).
 
 For a representative set of specs and the candidate launch configs of every kernel: the
 default (first) config of every kernel has no register spills (a later candidate that

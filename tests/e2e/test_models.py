@@ -1,6 +1,6 @@
 """End to end on third-party models built from small configs (random init, no download):
 every attention layer is rewritten, and outputs and gradients equal eager under the
-DESIGN §5 rule (gold: the eager model in float64)."""
+equivalence rule (gold: the eager model in float64)."""
 
 from __future__ import annotations
 

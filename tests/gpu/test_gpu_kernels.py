@@ -1,6 +1,6 @@
 """Generated kernels on a CUDA GPU (marker ``gpu``; skipped without CUDA).
 
-bf16 and fp16, forward and backward, softmax and sigmoid, against the DESIGN §5 rule
+bf16 and fp16, forward and backward, softmax and sigmoid, against the equivalence rule
 (``attnfx.testing.assert_attention_close``): cand = ``attnfx.ops.attention``, base = the
 same math in plain PyTorch in the working dtype, gold = that math in float64.  Head dims
 {16, 32, 40, 64, 80, 96, 128, 160, 192, 256}; lengths that are no multiple of any block;
@@ -103,7 +103,7 @@ def math_attention(q, k, v, *, act, group, causal):
 
 
 def check_case(case, device="cuda", dtype=None, b=2, hk=2, seed=0):
-    """Forward and backward of one case under the DESIGN §5 rule (also callable on the
+    """Forward and backward of one case under the equivalence rule (also callable on the
     CPU under ATTNFX_INTERPRET=1 with fp16/fp32, to check this file without a GPU)."""
     from attnfx import ops
     from attnfx.codegen import LAUNCHES

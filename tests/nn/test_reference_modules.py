@@ -1,7 +1,7 @@
 """The plain-PyTorch reference modules of ``attnfx.nn`` (issue 3 item 2, issue 5 item 3):
 compiled with ``backend="attnfx"`` each is recognized as its kind (``"sigmoid"``,
 ``"temperature"``) and computes what eager computes, outputs and every parameter's
-gradient, under the DESIGN §5 rule (cand = compiled, base = eager in float32, gold =
+gradient, under the equivalence rule (cand = compiled, base = eager in float32, gold =
 eager in float64).
 """
 

@@ -1,6 +1,6 @@
 """Sigmoid attention (issue 3, item 1) in its eager spellings: each form is compiled with
 ``backend="attnfx"``, must be rewritten as a ``"sigmoid"`` site (counted under
-``rewritten.sigmoid``), and must compute what eager computes under the DESIGN §5 rule
+``rewritten.sigmoid``), and must compute what eager computes under the equivalence rule
 (``assert_attention_close``: cand = compiled, base = eager in the working dtype, gold =
 eager in float64; ``transcendental=True``: σ is a transcendental score transform).
 """

@@ -1,6 +1,6 @@
 """Softmax attention in its many eager spellings: each form is compiled with
 ``backend="attnfx"``, must be rewritten (counted under ``rewritten.softmax``), and must
-compute what eager computes under the DESIGN §5 rule (``assert_attention_close``:
+compute what eager computes under the equivalence rule (``assert_attention_close``:
 cand = compiled, base = eager in the working dtype, gold = eager in float64).
 """
 

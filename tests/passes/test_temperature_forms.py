@@ -2,7 +2,7 @@
 by position before the softmax, written the ways real models write them.  Each form is
 compiled with ``backend="attnfx"``, must be rewritten as a ``"temperature"`` site
 (counted under ``rewritten.temperature``) and must compute what eager computes under the
-DESIGN §5 rule (cand = compiled, base = eager in the working dtype, gold = eager in
+equivalence rule (cand = compiled, base = eager in the working dtype, gold = eager in
 float64), gradients of learnable temperatures included; the refusals keep the site with
 their reason and still compute what eager computes.
 """

@@ -52,6 +52,10 @@ class Options:
     inner: str = "inductor"
     random_trials: int = 1
     mode: str | None = None
+    # CPU sites: "auto" rewrites only those whose op path beats inductor there
+    # (``cpu.profitable``); "always" rewrites every verified site (the test suite does,
+    # through ATTNFX_CPU_REWRITE=always, to check the rewrites on CPU)
+    cpu: str | None = None
 
     @staticmethod
     def from_dict(d: dict | None, mode: str | None = None) -> Options:
@@ -66,11 +70,13 @@ class Options:
             )
         if mode is not None:
             d["mode"] = mode
+        d.setdefault("cpu", os.environ.get("ATTNFX_CPU_REWRITE") or "auto")
         o = Options(**d)
         for name, allowed in (
             ("verify", ("first", "always", "off")),
             ("on_mismatch", ("fallback", "raise")),
             ("inner", ("inductor", "eager")),
+            ("cpu", ("auto", "always")),
         ):
             if getattr(o, name) not in allowed:
                 raise ValueError(
@@ -119,6 +125,10 @@ def rewrite_graph(
         if w is not None:
             s.spec, s.reason = None, "an in-place write lies inside the site"
             log.debug("attnfx: %s at %s: %s writes in place", s.kind, s.where, w.name)
+    if options.cpu == "auto":
+        for s in matched:
+            if s.spec is not None and _slower_on_cpu(s):
+                s.spec, s.reason = None, "on CPU, inductor is faster for this form"
     matched = [s for s in sites if s.spec is not None]
 
     verdicts: dict[int, verify.Verdict] = {}
@@ -171,6 +181,20 @@ def rewrite_graph(
         return gm, records
     rewrite.finish(new, replaced)
     return _check_whole_graph(gm, new, example_inputs, sites_out, records, options)
+
+
+def _slower_on_cpu(site) -> bool:
+    """A site on CPU tensors (kernels not forced by ATTNFX_INTERPRET) whose op path is
+    slower than what inductor makes of its eager form."""
+    from attnfx import cpu, ops
+
+    ev = G.example_value(site.q.node)
+    if not isinstance(ev, torch.Tensor) or ev.device.type != "cpu" or ops.use_triton(ev.device):
+        return False
+    if any(G.requires_grad(a.node) for a in site.aux):
+        return True  # learnable biases' gradients: the blocked path
+    needs_grad = any(G.requires_grad(n) for n in site.operand_nodes)
+    return not cpu.profitable(site.spec, needs_grad)
 
 
 def _cache_problem(message: str | None) -> str | None:

@@ -24,7 +24,7 @@
   this same fused kernel) the fused backward. Otherwise the blocked float32 backward
   below: the fused backward recomputes probabilities with a reduced-precision ``exp``
   (about 20 bits), which puts its float32 gradients at 4–15× eager's error for head dims
-  other than 16 and 64 — outside the DESIGN §5 rule (R = 3) — while the forward, which
+  other than 16 and 64 — outside the equivalence rule (R = 3) — while the forward, which
   normalizes by the row sum, stays at eager's error.
 
 * **Blocked path** — everything else (sigmoid, tanh soft-capping, non -inf fills,
@@ -60,6 +60,18 @@ _HUGE_NEGATIVE = -1e30
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 _ACC = torch.float32
+
+
+def profitable(spec: AttentionSpec, needs_grad: bool) -> bool:
+    """Whether the op's CPU path beats inductor's code for the site's eager form (by the
+    CPU benchmark, ``benchmarks/bench_cpu.py``): the fused SDPA forward does, and, with
+    gradients, the fused backward of SDPA-semantics sites; the blocked path (sigmoid,
+    soft-capping, other fills, learnable biases, the blocked backward) does not — inductor
+    fuses those eager forms better.  The backend keeps unprofitable CPU sites (option
+    ``cpu="auto"``, the default) so that attnfx never makes a CPU model slower."""
+    if _sdpa_plan(spec) is None:
+        return False
+    return not needs_grad or spec.fully_masked == "zero"
 
 
 # ---------------------------------------------------------------------------------------
@@ -487,14 +499,20 @@ def _probs(qb, kb, a, sp, *, with_grad):
     return p, lse, kept, d
 
 
-def _work_dtype(q: Tensor) -> torch.dtype:
-    """float32 for float16/bfloat16/float32 sites; a float64 site stays float64."""
-    return torch.float64 if q.dtype == torch.float64 else _ACC
+def _work_dtype(q: Tensor, backward: bool = False) -> torch.dtype:
+    """float32 for float16/bfloat16/float32 sites; a float64 site stays float64.  The
+    blocked backward of a float32 site accumulates in float64: in float32 its gradients
+    (recomputed probabilities, a temperature moved onto q) err up to ~1.2x beyond the
+    equivalence rule's 3x of eager's; it runs only where the backend chose it (on CPU,
+    by default, forms whose gradients take it stay with inductor: ``profitable``)."""
+    if q.dtype == torch.float64 or (backward and q.dtype == torch.float32):
+        return torch.float64
+    return _ACC
 
 
-def _operands(q, k, v, spec):
+def _operands(q, k, v, spec, backward: bool = False):
     kk, vv = _kv(k, v, spec)
-    acc = _work_dtype(q)
+    acc = _work_dtype(q, backward)
     return q.to(acc), kk.to(acc), vv.to(acc)
 
 
@@ -525,9 +543,10 @@ def _all_kept(kept: Tensor) -> bool:
 
 
 def reference_backward(dout, q, k, v, aux, spec) -> tuple[Tensor, Tensor, Tensor]:
-    """The blocked float32 backward: eager's formulas (``ops.reference_gradients``) per
-    block of query rows; dQ by rows, dK and dV accumulated over the blocks in float32."""
-    qq, kk, vv = _operands(q, k, v, spec)
+    """The blocked backward: eager's formulas (``ops.reference_gradients``) per block of
+    query rows; dQ by rows, dK and dV accumulated over the blocks (float32; float64 for a
+    float32 site, see ``_work_dtype``)."""
+    qq, kk, vv = _operands(q, k, v, spec, backward=True)
     acc = qq.dtype
     do = dout.to(acc)
     nk = kk.shape[-2]

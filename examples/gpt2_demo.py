@@ -15,7 +15,10 @@ config._attn_implementation = "eager"
 model = transformers.GPT2LMHeadModel(config).eval()
 ids = torch.randint(0, config.vocab_size, (2, 48))
 
-print(attnfx.explain(model, ids))
+# Inference, as the model runs below.  (With gradients on CPU, the backend leaves these
+# sites to inductor, whose code is faster there for training: option cpu="auto".)
+with torch.no_grad():
+    print(attnfx.explain(model, ids))
 
 compiled = torch.compile(model, backend="attnfx")
 with torch.no_grad():

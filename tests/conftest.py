@@ -6,6 +6,11 @@ from attnfx._compat import ensure_torchvision_importable
 
 ensure_torchvision_importable()
 
+# The suite checks every rewrite on CPU, including the forms the backend by default leaves
+# to inductor on CPU because its code is faster there (option cpu="auto"); tests of that
+# policy pass cpu="auto" explicitly.
+os.environ.setdefault("ATTNFX_CPU_REWRITE", "always")
+
 # Small, fast hypothesis profiles: "ci" (default) for the CPU suite, "nightly" for long runs.
 try:
     from hypothesis import HealthCheck, settings

@@ -1,0 +1,63 @@
+"""On CPU the backend rewrites a site only where the op's CPU path beats inductor's code
+for the eager form (option ``cpu="auto"``, the default): attnfx never makes a CPU model
+slower than the backend it wraps.  The rest is kept with a counted reason."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import attnfx
+
+SLOWER = "on CPU, inductor is faster for this form"
+
+
+class Softmax(nn.Module):
+    def forward(self, q, k, v):
+        return (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1) @ v
+
+
+class Sigmoid(nn.Module):
+    def forward(self, q, k, v):
+        s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) - math.log(k.shape[-2])
+        return torch.sigmoid(s) @ v
+
+
+class Sdpa(nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _site(model, grad, cpu="auto"):
+    g = torch.Generator().manual_seed(0)
+    qkv = [torch.randn(1, 2, 32, 16, generator=g).requires_grad_(grad) for _ in range(3)]
+    (site,) = attnfx.explain(model, *qkv, options={"cpu": cpu}).sites
+    return site
+
+
+def test_fused_forms_are_rewritten_on_cpu():
+    assert _site(Softmax(), grad=False).status == "rewritten"  # inference: fused SDPA
+    assert _site(Sdpa(), grad=True).status == "rewritten"  # SDPA's fused backward too
+
+
+def test_slower_forms_are_kept_with_the_reason():
+    for model, grad in ((Sigmoid(), False), (Softmax(), True)):
+        site = _site(model, grad)
+        assert site.status == "kept" and site.reason == SLOWER, site
+
+
+def test_always_rewrites_them():
+    assert _site(Sigmoid(), grad=False, cpu="always").status == "rewritten"
+    assert _site(Softmax(), grad=True, cpu="always").status == "rewritten"
+
+
+def test_the_policy_counts_its_refusals():
+    attnfx.reset_counters()
+    torch._dynamo.reset()
+    qkv = [torch.randn(1, 2, 32, 16) for _ in range(3)]
+    cm = torch.compile(Sigmoid(), backend="attnfx", options={"cpu": "auto"})
+    torch.testing.assert_close(cm(*qkv), Sigmoid()(*qkv))
+    assert attnfx.counters[f"kept.{SLOWER}"] == 1, dict(attnfx.counters)

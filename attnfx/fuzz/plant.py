@@ -4,11 +4,11 @@
 run the fuzzer with ``options={"verify": "off"}`` so that the runtime verifier does not
 hide the bug, and it must report a mismatch (or a label mismatch) and write a repro.
 
-    drop-scale            the CPU kernel (``attnfx.ops.reference_attention``) ignores the
-                          constant scale ops (``mul``) of the spec
+    drop-scale            the op's CPU forward (``attnfx.cpu.forward`` and
+                          ``reference_forward``) ignores the constant scale ops (``mul``)
     accept-query-softmax  the softmax recognizer takes a softmax over the query axis
                           (``dim=-2``) as if it were over the keys
-    sigmoid-bias          the CPU kernel ignores the constant and length-dependent biases
+    sigmoid-bias          the op's CPU forward ignores the constant and length-dependent biases
                           (``add``, ``add_sym``) of sigmoid specs (``σ(s + b)`` becomes ``σ(s)``)
     kernel-drop-scale     the generated Triton kernels (``attnfx.codegen.run_forward`` /
                           ``run_backward``) ignore the constant scale ops (``mul``): only
@@ -41,18 +41,24 @@ def apply(name: str | None) -> None:
         _accept_query_softmax()
 
 
+def _patch_cpu_forward(transform) -> None:
+    """The op's CPU forward (both paths; the op looks them up on ``attnfx.cpu`` at each
+    call) runs ``transform(spec)`` instead of the spec."""
+    import attnfx.cpu as cpu
+
+    fast, blocked = cpu.forward, cpu.reference_forward
+    cpu.forward = lambda q, k, v, aux, spec, *a, **kw: fast(q, k, v, aux, transform(spec), *a, **kw)
+    cpu.reference_forward = lambda q, k, v, aux, spec, *a, **kw: blocked(
+        q, k, v, aux, transform(spec), *a, **kw
+    )
+
+
 def _drop_scale() -> None:
-    import attnfx.ops as ops
-
-    original = ops.reference_attention
-
-    def reference_attention(q, k, v, aux, spec, *args, **kwargs):
-        spec = dataclasses.replace(
+    _patch_cpu_forward(
+        lambda spec: dataclasses.replace(
             spec, score_ops=tuple(o for o in spec.score_ops if o.op != "mul")
         )
-        return original(q, k, v, aux, spec, *args, **kwargs)
-
-    ops.reference_attention = reference_attention
+    )
 
 
 def _kernel_drop_scale() -> None:
@@ -71,18 +77,13 @@ def _kernel_drop_scale() -> None:
 
 
 def _drop_sigmoid_bias() -> None:
-    import attnfx.ops as ops
+    def strip(spec):
+        if spec.activation != "sigmoid":
+            return spec
+        kept = tuple(o for o in spec.score_ops if o.op not in ("add", "add_sym"))
+        return dataclasses.replace(spec, score_ops=kept)
 
-    original = ops.reference_attention
-
-    def reference_attention(q, k, v, aux, spec, *args, **kwargs):
-        if spec.activation == "sigmoid":
-            spec = dataclasses.replace(
-                spec, score_ops=tuple(o for o in spec.score_ops if o.op not in ("add", "add_sym"))
-            )
-        return original(q, k, v, aux, spec, *args, **kwargs)
-
-    ops.reference_attention = reference_attention
+    _patch_cpu_forward(strip)
 
 
 def _accept_query_softmax() -> None:

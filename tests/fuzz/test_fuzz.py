@@ -115,12 +115,15 @@ def test_planted_bug_is_found_and_reproduced(plant, tmp_path, monkeypatch):
     """With the verifier off, a wrong kernel (or a wrong match) is found within 100
     examples, and the minimized repro fails when run with the same plant, and passes
     without it."""
+    import attnfx.cpu as cpu
     import attnfx.ops as ops
     from attnfx.fuzz import plant as plant_mod
     from attnfx.passes.recognize import softmax as rec
 
     # Undo the monkeypatching after the test.
     monkeypatch.setattr(ops, "reference_attention", ops.reference_attention)
+    monkeypatch.setattr(cpu, "forward", cpu.forward)
+    monkeypatch.setattr(cpu, "reference_forward", cpu.reference_forward)
     monkeypatch.setattr(rec, "match", rec.match)
     monkeypatch.setattr(plant_mod, "_applied", set())
     s = fuzz(

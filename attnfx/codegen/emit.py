@@ -566,7 +566,8 @@ def _attn_fwd_inner(
     if zero and softmax:
         # SDPA's semantics: a row whose scores are all -inf (every key filled or biased to
         # -inf) gives 0; its running max is still -inf here.  Sigmoid gives 0 there anyway.
-        epi.append('out = tl.where(m_i[:, None] > float("-inf"), out, 0.0)  # all -inf rows -> 0')
+        # (== -inf, not "not > -inf": a NaN score makes m_i NaN, and the row stays NaN)
+        epi.append('out = tl.where(m_i[:, None] == float("-inf"), 0.0, out)  # all -inf rows -> 0')
     qmask = _mask("(offs_m[:, None] < N_Q)", dims.d("col"))
     omask = _mask("(offs_m[:, None] < N_Q)", dims.dv("col"))
 

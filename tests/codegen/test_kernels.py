@@ -696,3 +696,14 @@ def test_streaming_prefix_band_with_sink_fp16():
     ops_ = [ScoreOp("mul", 0.25), ScoreOp("fill_pred", NEG_INF, pred=STREAM)]
     spec = make_spec(dtype="float16", score_ops=ops_, aux_dtypes=["float32"], sink=0)
     check(spec, hk=2, nq=45, nk=45, aux=[_sinks(2)])
+
+
+@pytest.mark.parametrize("fm", ["zero", "preserve"])
+def test_nan_in_a_kept_key_propagates(fm):
+    # a NaN score is not an empty row: the row is NaN as in eager (SDPA's zero-row rule
+    # must not turn it into 0)
+    spec = make_spec(fm=fm)
+    q, k, v = _inputs(spec, 1, 1, 5, 7)
+    k[0, 0, 2, 3] = float("nan")
+    out, _ = codegen.run_forward(spec, q, k, v, [])
+    assert out.isnan().all(), out

@@ -82,7 +82,7 @@ def profitable(spec: AttentionSpec, needs_grad: bool) -> bool:
 def _sdpa_plan(spec: AttentionSpec):
     """(leading multipliers, mask ops, causal op) when the spec's form is one SDPA can
     run, else None."""
-    if spec.activation != "softmax" or getattr(spec, "sink", None) is not None:
+    if spec.activation != "softmax" or spec.sink is not None:
         return None  # (a sink is an extra logit in the normalizer: not SDPA's form)
     ops = list(spec.score_ops)
     muls = []
@@ -488,14 +488,7 @@ def _probs(qb, kb, a, sp, *, with_grad):
     else:
         s, kept, d = ops.apply_score_ops(s, sp, a, with_grad=with_grad)
         kept = None if _all_kept(kept) else kept
-    if hasattr(ops, "probabilities"):  # (with an attention sink in the normalizer)
-        p, lse = ops.probabilities(s, sp, a)
-    elif sp.activation == "softmax":
-        p = ops._zero_empty_rows(torch.softmax(s, dim=-1), s, sp)
-        lse = torch.logsumexp(s, dim=-1)
-    else:
-        p = ops._zero_empty_rows(torch.sigmoid(s), s, sp)
-        lse = torch.zeros(s.shape[:-1], dtype=s.dtype)
+    p, lse = ops.probabilities(s, sp, a)  # (a sink joins the normalizer)
     return p, lse, kept, d
 
 

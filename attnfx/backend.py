@@ -55,7 +55,9 @@ class Options:
     # CPU sites: "auto" rewrites only those whose op path beats inductor there
     # (``cpu.profitable``); "always" rewrites every verified site (the test suite does,
     # through ATTNFX_CPU_REWRITE=always, to check the rewrites on CPU)
-    cpu: str = "auto"
+    cpu: str = dataclasses.field(
+        default_factory=lambda: os.environ.get("ATTNFX_CPU_REWRITE") or "auto"
+    )
 
     @staticmethod
     def from_dict(d: dict | None, mode: str | None = None) -> Options:
@@ -70,8 +72,6 @@ class Options:
             )
         if mode is not None:
             d["mode"] = mode
-        if "cpu" not in d and os.environ.get("ATTNFX_CPU_REWRITE"):
-            d["cpu"] = os.environ["ATTNFX_CPU_REWRITE"]
         o = Options(**d)
         for name, allowed in (
             ("verify", ("first", "always", "off")),

@@ -57,7 +57,7 @@ def test_dry_run_table_and_json(tmp_path):
     res = data["results"]
     by = {(r["provider"], r["mode"], r["causal"]): r for r in res}
     attnfx = [p for p in {r["provider"] for r in res} if p.startswith("attnfx-")]
-    assert len(attnfx) == 5
+    assert len(attnfx) == 8  # 5 kernel variants + sink, ALiBi, learnable bias (issue 9)
     for mode in ("fwd", "fwdbwd"):
         for causal in (False, True):
             for p in attnfx + ["eager-softmax", "eager-sigmoid", "sdpa-fa2"]:
@@ -71,6 +71,8 @@ def test_dry_run_table_and_json(tmp_path):
     assert cudnn["status"] == "n/a" and cudnn["reason"]
     assert "n/a [" in text and "n/a reasons:" in text
     assert by[("attnfx-sigmoid", "fwd", False)]["x_fa2"] is not None
+    # the issue-9 rows are compared with attnfx's own softmax
+    assert by[("attnfx-sink", "fwd", True)]["x_attnfx_softmax"] is not None
 
 
 def _rec(bench, provider, tflops, mode="fwd", causal=False, n=4096, d=64):

@@ -553,16 +553,19 @@ def strip_repeat_kv(node: fx.Node) -> tuple[fx.Node, int]:
     return node, 1
 
 
+def only_prob_user(cur: fx.Node) -> fx.Node:
+    """The one live user of the probabilities ``cur``; a Refusal when they have others."""
+    live = G.live_users(cur)
+    if len(live) != 1:
+        raise Refusal("attention probabilities have other users (e.g. output_attentions=True)", cur)
+    return live[0]
+
+
 def walk_probs(anchor: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
     """Forward from the activation through casts and identity dropout to ``p @ v``."""
     cur, nodes = anchor, []
     while True:
-        live = G.live_users(cur)
-        if len(live) != 1:
-            raise Refusal(
-                "attention probabilities have other users (e.g. output_attentions=True)", cur
-            )
-        (u,) = live
+        u = only_prob_user(cur)
         if G.is_cast(u):
             cur = u
             nodes.append(u)

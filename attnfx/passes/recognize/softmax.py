@@ -39,6 +39,7 @@ from attnfx.passes.match import (
     depends_on,
     dtype_name,
     key_operand,
+    only_prob_user,
     static_dim,
     strip_repeat_kv,
     strip_scalar_scale,
@@ -186,12 +187,7 @@ def _sink_dropped(anchor: fx.Node, nk, sink) -> fx.Node:
     """The node that drops the sink's probability column (through casts)."""
     cur = anchor
     while True:
-        live = G.live_users(cur)
-        if len(live) != 1:
-            raise Refusal(
-                "attention probabilities have other users (e.g. output_attentions=True)", cur
-            )
-        (u,) = live
+        u = only_prob_user(cur)
         if G.is_cast(u):
             cur = u
             continue

@@ -576,17 +576,30 @@ def reference_backward(dout, q, k, v, aux, spec) -> tuple[Tensor, Tensor, Tensor
 
 
 def reference_aux_backward(dout, q, k, v, aux, spec, which) -> list[Tensor]:
-    """``ops.reference_aux_gradients`` in blocks of query rows."""
-    from attnfx.ops import reference_aux_gradients
+    """``ops.reference_aux_gradients`` in blocks of query rows, each gradient summed over
+    its aux tensor's broadcast dims in the accumulation dtype (across blocks too) and
+    rounded once (``ops.concentrate_gradient``)."""
+    from attnfx.ops import broadcast_dims, concentrate_gradient, reference_aux_gradients
 
     nq = q.shape[-2]
     rb = max(1, min(nq, BLOCK_BYTES * 2 // max(1, q.shape[0] * q.shape[1] * k.shape[-2] * 8)))
-    parts = []
+    dims = {i: broadcast_dims(aux[i]) for i in which}
+    totals: dict[int, Tensor] = {}
     for r0 in range(0, nq, rb):
         rows = slice(r0, min(nq, r0 + rb))
         a = [x[..., rows, :] for x in aux]
         sp = _rows_spec(spec, r0, nq, k.shape[-2])
-        parts.append(
-            reference_aux_gradients(dout[..., rows, :], q[..., rows, :], k, v, a, sp, which)
-        )
-    return [torch.cat([p[j] for p in parts], dim=-2) for j in range(len(which))]
+        parts = reference_aux_gradients(dout[..., rows, :], q[..., rows, :], k, v, a, sp, which)
+        for i, g in zip(which, parts):
+            if dims[i]:
+                g = g.sum(dim=dims[i], keepdim=True)
+            else:
+                g = g.to(aux[i].dtype)  # a full bias: rounded per block (bounded memory)
+            if i not in totals:
+                shape = [1 if d in dims[i] else n for d, n in enumerate(aux[i].shape)]
+                totals[i] = torch.zeros(shape, dtype=g.dtype, device=g.device)
+            if g.dim() >= 2 and totals[i].shape[-2] == 1:
+                totals[i] += g  # broadcast along the query rows: summed over the blocks
+            else:
+                totals[i][..., rows, :] = g
+    return [concentrate_gradient(totals[i], aux[i]) for i in which]

@@ -287,8 +287,8 @@ def reference_aux_gradients(
     which: list[int],
 ) -> list[Tensor]:
     """Gradients of the aux tensors ``which`` (a learnable bias or multiplier), each of
-    the scores' shape (B, Hq, NQ, NK) in its own dtype; autograd sums them back to the
-    tensor's own shape through the broadcast.  The score program is run forward, then
+    the scores' shape (B, Hq, NQ, NK) in the accumulation dtype (``concentrate_gradient``
+    rounds them to the tensor's dtype).  The score program is run forward, then
     back: an ``add_aux`` receives the gradient reaching its step, a ``mul_aux`` that times
     the scores before it; fills pass exactly 0 (as ``masked_fill``'s backward does)."""
     raw, g = _score_grad(dout, q, k, v, aux, spec)
@@ -326,9 +326,31 @@ def reference_aux_gradients(
     return [
         grads[i]
         if i == spec.sink
-        else torch.as_tensor(grads.get(i, 0.0)).to(aux[i].dtype).expand(shape)
+        else torch.as_tensor(grads.get(i, 0.0), dtype=raw.dtype).expand(shape)
         for i in which
     ]
+
+
+def broadcast_dims(a: Tensor) -> list[int]:
+    """The dims along which aux input ``a`` is a stride-0 view (``broadcast_aux``)."""
+    return [d for d in range(a.dim()) if a.stride(d) == 0 and a.shape[d] > 1]
+
+
+def concentrate_gradient(total: Tensor, a: Tensor) -> Tensor:
+    """Aux input ``a``'s gradient, of ``a``'s shape and dtype, from ``total``: the
+    gradient already summed over ``broadcast_dims(a)`` (kept as size 1) in the
+    accumulation dtype.  ``a`` reaches the op as a stride-0 view (a per-query temperature
+    (B, H, NQ, 1) read as (B, H, NQ, NK)) and autograd sums the op's gradient over those
+    dims in ``a``'s dtype: rounding each of the NK terms to float16 first made a
+    temperature's gradient several times less accurate than eager's.  So the sum is
+    rounded once and put at index 0 of every broadcast dim, zeros elsewhere: the sum
+    autograd then takes is that value, exactly."""
+    dims = broadcast_dims(a)
+    if not dims:
+        return total.to(a.dtype)
+    out = torch.zeros(a.shape, dtype=a.dtype, device=a.device)
+    out[tuple(slice(0, 1) if d in dims else slice(None) for d in range(a.dim()))] = total
+    return out
 
 
 def sink_gradient(
@@ -414,8 +436,9 @@ def attention_aux_backward_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, aux: list[Tensor], spec: str, which: list[int]
 ) -> list[Tensor]:
     """Gradients of the aux tensors ``which`` (learnable score biases / multipliers), each
-    (B, Hq, NQ, NK).  PyTorch, in blocks of query rows (bounded memory), on any device:
-    the kernels do not produce dS."""
+    (B, Hq, NQ, NK) in its dtype, summed over its broadcast dims before rounding
+    (``concentrate_gradient``).  PyTorch, in blocks of query rows (bounded memory), on any
+    device: the kernels do not produce dS."""
     from attnfx import cpu
 
     s = AttentionSpec.from_key(spec).resolved(q.shape[-1], v.shape[-1])

@@ -11,8 +11,11 @@ already lives with), **cand** the rewrite.  ``cand`` passes when
 3. ``max|cand − gold| ≤ R·max|base − gold| + a`` with R = 2 (outputs) or 3 (gradients),
    +1 for transcendental score transforms, and ``a`` the rounding floor of the dtype at
    the magnitude of gold;
-4. ``mean|cand − gold| ≤ 1.2·mean|base − gold| + 1e-7`` (skipped when base's error is
-   below 1e-4 of mean |gold|).
+4. ``mean|cand − gold| ≤ 1.2·mean|base − gold| + 1e-7 + u/n`` over the n coordinates
+   compared, ``u = eps(dtype)·max|gold|`` (skipped when base's error is below 1e-4 of
+   mean |gold|).  ``u/n`` is one coordinate rounded the other way: the rule is after a
+   systematic drift, and on a tensor of a few elements (a per-row temperature's gradient
+   on 2 query rows) one such flip moves the mean by more than 20 % of eager's.
 """
 
 from __future__ import annotations
@@ -113,7 +116,8 @@ def compare(
     gmax = g[both].abs().max().item()
     rel = max_err / gmax if gmax > 0 else max_err
     mean_err, mean_base = ce.mean().item(), be.mean().item()
-    mean_bound = 1.2 * mean_base + 1e-7
+    flip = torch.finfo(cand.dtype).eps * gmax  # one ulp (at most) at gold's magnitude
+    mean_bound = 1.2 * mean_base + 1e-7 + flip / int(both.sum())
     res = CloseResult(True, max_err, max_bound, mean_err, mean_bound, rel)
     if max_err > max_bound:
         flat = (c - g).abs().masked_fill(~both, -1).argmax()
@@ -128,7 +132,7 @@ def compare(
     skip_mean = mean_base < 1e-4 * g[both].abs().mean().item()
     if not skip_mean and mean_err > mean_bound:
         res.ok = False
-        res.message = f"{context}{': ' if context else ''}mean rule: mean|cand-gold| {mean_err:.3g} > 1.2·{mean_base:.3g} + 1e-7"
+        res.message = f"{context}{': ' if context else ''}mean rule: mean|cand-gold| {mean_err:.3g} > 1.2·{mean_base:.3g} + 1e-7 + u/n (= {mean_bound:.3g})"
     return res
 
 

@@ -205,3 +205,47 @@ def test_double_backward_with_inner_eager_matches_eager():
     gold = second_order(_Biased().double(), [t.double() for t in base])
     for name, c, b, gd in zip(("k", "v", "q", "bias"), cand, eager, gold):
         assert_attention_close(c, b, gd, grad=True, check_strides=False, context=f"d2/d{name}")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_broadcast_aux_gradient_is_summed_before_rounding(dtype, monkeypatch):
+    """A learnable per-query temperature (B, H, NQ, 1), read by the op as a stride-0
+    (B, H, NQ, NK) view: its gradient is the sum over the keys, taken in the
+    accumulation dtype and rounded once (fuzz seed 20261126, example 4): the correctly
+    rounded sum.  Rounding each of the NK terms to the working dtype first, as autograd's
+    broadcast backward does, erred 2-2.4x beyond that.  The same for a per-key bias
+    (B, 1, 1, NK), summed across the op's blocks of query rows."""
+    from attnfx import cpu
+
+    monkeypatch.setattr(cpu, "BLOCK_BYTES", 4096)  # blocks of 4 query rows
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(3)
+    b, h, n, d = 2, 2, 64, 32
+    q, k, v = (torch.randn(b, h, n, d, generator=g).to(dt) for _ in range(3))
+    tau = (0.5 + torch.rand(b, h, n, 1, generator=g)).to(dt)
+    bias = (0.3 * torch.randn(b, 1, 1, n, generator=g)).to(dt)
+    spec = _spec(
+        score_ops=(ScoreOp("mul", d**-0.5), ScoreOp("mul_aux", aux=0), ScoreOp("add_aux", aux=1)),
+        head_dim=d, head_dim_v=d, dtype=dtype, out_dtype=dtype, aux_dtypes=(dtype, dtype),
+    )  # fmt: skip
+    dout = torch.randn(b, h, n, d, generator=g).to(dt)
+
+    def eager(q, k, v, t, bias):
+        s = (q @ k.transpose(-1, -2)) * d**-0.5 * t + bias
+        return torch.softmax(s.float(), -1).to(q.dtype) @ v
+
+    def grads(fn, *xs):
+        xs = [x.detach().requires_grad_() for x in xs]
+        out = fn(*xs)
+        return torch.autograd.grad(out, xs[3:], dout.to(out.dtype))
+
+    gold = grads(eager, *(x.double() for x in (q, k, v, tau, bias)))
+    base = grads(eager, q, k, v, tau, bias)
+    cand = grads(lambda q, k, v, t, bb: ops.attention(q, k, v, spec, [t, bb]), q, k, v, tau, bias)
+    for c, e, gg in zip(cand, base, gold):
+        assert c.shape == gg.shape and c.dtype == dt
+        err_c = (c.double() - gg).abs().mean().item()
+        err_e = (e.double() - gg).abs().mean().item()
+        err_r = (gg.to(dt).double() - gg).abs().mean().item()  # gold rounded once
+        assert err_c <= err_e, (err_c, err_e)
+        assert err_c <= 1.25 * err_r, (err_c, err_r)

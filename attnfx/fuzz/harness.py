@@ -28,7 +28,10 @@ inputs, by the reference implementation as it was before any planted bug).  If e
 exact evaluation misses the rule, yet lands within 4x of eager's own error, the miss is
 the conditioning of the working-dtype inputs, not the rewrite: eager's extra roundings
 happened to land nearer gold.  The output is then held to the exact evaluation instead
-(``ill-conditioned``, counted, not a failure).
+(``ill-conditioned``, counted, not a failure).  Likewise a labelled site the runtime
+verifier kept is not a label mismatch when the program with its sites forced through
+(``verify="off"``) passes every check: the verifier's side of the same rule on the same
+inputs (``verifier conservative``, counted).
 """
 
 from __future__ import annotations
@@ -239,6 +242,26 @@ def _check_buffers(failures, models, *, tr) -> None:
             )
 
 
+_VERIFIER_KEPT = "verifier rejected the rewrite"
+
+
+def _forced_rewrite_ok(ns, options, device, exact_backend, interp) -> bool:
+    """Whether the program, its sites forced through (``verify="off"``), rewrites every
+    labelled site and passes every output and gradient check (ill-conditioning counted as
+    in the module docstring): then a verifier rejection was the conservative side of the
+    rule on these inputs, not a missed or hidden bug."""
+    forced = dict(options, verify="off")
+    try:
+        fails, st = _check_program(
+            ns, options=forced, device=device, exact_backend=exact_backend,
+            idempotence=False, interp=interp,
+        )  # fmt: skip
+    except Exception:  # noqa: BLE001 - no verdict: the label mismatch stands
+        return False
+    want = {k: v for k, v in ns["EXPECTED"].items() if v}
+    return not fails and st["rewritten"] == want
+
+
 def _launches() -> int:
     from attnfx.codegen import LAUNCHES
 
@@ -348,8 +371,19 @@ def _check_program(ns, *, options, device, exact_backend, idempotence, interp):
     missed_only = all(rewritten.get(k, 0) <= v for k, v in want.items()) and set(rewritten) <= set(
         want
     )
+    missing = sum(want.values()) - sum(rewritten.values())
     if rewritten != want and known and missed_only:
         stats["known_gap"] = known  # an open attnfx bug: reported, not a failure
+    elif (
+        rewritten != want
+        and missed_only
+        and not near
+        and kept.get(_VERIFIER_KEPT, 0) == missing
+        and _forced_rewrite_ok(ns, options, device, exact_backend, interp)
+    ):
+        # The verifier kept correct rewrites whose rounding on these inputs missed the rule
+        # by chance (ill-conditioned scores): forced, they pass every check.  Counted.
+        stats["verifier_conservative"] = missing
     elif rewritten != want:
         what = f"near-miss {near!r}" if near else "expected"
         failures.append(

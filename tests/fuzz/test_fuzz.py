@@ -250,3 +250,31 @@ def test_inplace_on_rewritten_output(form):
     failures, stats = _check(p)
     assert stats["rewritten"] == {"softmax": 1}, stats
     assert not failures, failures
+
+
+def test_verifier_rejection_of_a_correct_rewrite_is_counted_not_failed(monkeypatch):
+    """A labelled site the verifier kept is a label mismatch only when the program with
+    its sites forced through (verify="off") fails a check: a correct rewrite rejected on
+    ill-conditioned inputs (fuzz seed 90210, examples 22 and 51: unscaled fp32 scores,
+    where a temperature moved onto q rounds 2.7x worse than eager by chance) is counted;
+    a wrong one (planted) stays a label mismatch."""
+    import attnfx.cpu as cpu
+    from attnfx.fuzz import plant as plant_mod
+    from attnfx.passes import verify
+
+    def reject(*a, **kw):
+        return verify.Verdict(False, "max rule: (rejected by the test)")
+
+    monkeypatch.setattr(verify, "verify_site", reject)
+    p = _program(H=2, NQ=5, NKV=5)
+    failures, stats = _check(p, verify="always")
+    assert not failures, failures
+    assert stats["verifier_conservative"] == 1 and stats["rewritten"] == {}, stats
+
+    monkeypatch.setattr(cpu, "forward", cpu.forward)
+    monkeypatch.setattr(cpu, "reference_forward", cpu.reference_forward)
+    monkeypatch.setattr(plant_mod, "_applied", set())
+    plant_mod.apply("drop-scale")
+    failures, stats = _check(p, verify="always")
+    assert "label mismatch" in {c for c, _ in failures}, failures
+    assert "verifier_conservative" not in stats

@@ -187,17 +187,23 @@ class Config:
     # Hopper habits (forward only; codegen constexprs USE_TMA / WARP_SPEC):
     tma: bool = False  # q/k/v through device-side tensor descriptors (TMA loads)
     ws: bool = False  # warp-specialized key loop (tl.range(..., warp_specialize=True))
+    # ptxas register cap: at <= 128 registers two 8-warp CTAs share an SM (64K registers)
+    maxnreg: int | None = None
 
     def launch_kwargs(self, interpret: bool) -> dict:
         if interpret:
             return {}
-        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        kw = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.maxnreg is not None:
+            kw["maxnreg"] = self.maxnreg
+        return kw
 
     def habit_constexprs(self) -> dict:
         return {"USE_TMA": self.tma, "WARP_SPEC": self.ws}
 
     def describe(self) -> str:
         tail = "".join(f" {h}" for h in ("tma", "ws") if getattr(self, h))
+        tail += f" r{self.maxnreg}" if self.maxnreg else ""
         return f"{self.BLOCK_M}x{self.BLOCK_N} w{self.num_warps} s{self.num_stages}{tail}"
 
 
@@ -241,6 +247,8 @@ def apply_features(cands: list[Config], forced: dict[str, bool], allowed: dict[s
             elif h in forced:
                 kw[h] = forced[h]
         c2 = dataclasses.replace(c, **kw)
+        if c.tma and not c2.tma:
+            c2 = dataclasses.replace(c2, maxnreg=None)  # the cap was sized for TMA's registers
         if c2 not in out:
             out.append(c2)
     return out
@@ -293,6 +301,41 @@ _AUX_FWD = {
 }
 _PRE = [(16, 64, 4, 1)]
 
+# Lean score programs (``_lean``) at D64 / D128 take these lists first: tuned on the
+# static sm_90 report (benchmarks/sass_report.py), each entry compiled without a spill for
+# the lean kinds (softmax, causal, sigmoid, soft-capping).  Heavier programs (aux tensors,
+# GQA, sinks, prefix masks) spill with them and keep the lists above.
+_CAP = 128
+_LEAN = {
+    64: {
+        # uncapped, ptxas gave the causal and soft-capped forwards 159 registers: one CTA
+        # per SM; capped at 128 they do not spill and two CTAs fit
+        "fwd": [(128, 64, 8, 3, False, False, _CAP), (128, 64, 8, 3, _TMA, False, _CAP)],
+        # softmax only: 64 queries per step, 8.2 loop instructions per query against 9.0
+        # at 32x128, same one CTA per SM (soft-capping spills here; sigmoid's 32x128
+        # runs two CTAs per SM, which 64x128 would halve)
+        "bwd_dkdv": [(64, 128, 8, 2)],
+    },
+    128: {
+        # only the TMA forward (no pointer tiles) fits 128 registers without spilling
+        "fwd": [(128, 64, 8, 2, _TMA, False, _CAP)],
+        # wgmma for every product (the 16x32 tile has only mma.sync)
+        "bwd_dkdv": [(32, 128, 8, 2)],
+    },
+}
+
+
+def _lean(spec: AttentionSpec) -> bool:
+    """No aux tensor, sink or GQA, and at most one mask, causal or none."""
+    from attnfx.predicate import classify
+
+    if spec.sink is not None or spec.gqa_group != 1:
+        return False
+    fills = [op for op in spec.score_ops if op.op == "fill_pred"]
+    if any(op.aux is not None for op in spec.score_ops) or len(fills) > 1:
+        return False
+    return all(classify(op.predicate.expr).kind in ("none", "causal") for op in fills)
+
 
 def configs(spec: AttentionSpec, interpret: bool = False) -> dict[str, list[Config]]:
     """Launch configs per kernel ("fwd", "bwd_pre", "bwd_dkdv", "bwd_dq"): candidate
@@ -305,6 +348,11 @@ def configs(spec: AttentionSpec, interpret: bool = False) -> dict[str, list[Conf
     table = {k: list(v) for k, v in _FP16_CONFIGS[d].items()}
     if d <= 128 and any(op.aux is not None for op in spec.score_ops):
         table["fwd"] = list(_AUX_FWD[d])
+    if d in _LEAN and _lean(spec):
+        plain = spec.activation == "softmax" and all(op.op != "tanh" for op in spec.score_ops)
+        for kernel, first in _LEAN[d].items():
+            if plain or not (d == 64 and kernel == "bwd_dkdv"):
+                table[kernel] = [*first, *table[kernel]]
     if spec.dtype == "float32":  # fp32 tiles take twice the registers and shared memory
         table = {
             "fwd": [(max(16, c[0] // 2), c[1], c[2], 1, *c[4:]) for c in table["fwd"]],

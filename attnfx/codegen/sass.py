@@ -65,7 +65,7 @@ def compile_sm90(target, maxnreg: int | None = None):
     import triton
     from triton.backends.compiler import GPUTarget
 
-    opts = {"num_warps": target.config.num_warps, "num_stages": target.config.num_stages}
+    opts = target.config.launch_kwargs(False)  # what the launcher's JIT compiles with
     if maxnreg is not None:
         opts["maxnreg"] = maxnreg
     return triton.compile(target.source(), target=GPUTarget("cuda", 90, 32), options=opts)

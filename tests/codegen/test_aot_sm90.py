@@ -119,7 +119,7 @@ def compile_sm90(target):
     return triton.compile(
         target.source(),
         target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": target.config.num_warps, "num_stages": target.config.num_stages},
+        options=target.config.launch_kwargs(False),  # the launcher's JIT options
     )
 
 

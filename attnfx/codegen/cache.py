@@ -182,6 +182,13 @@ def library(interpret: bool) -> types.ModuleType:
         return mod
 
 
+def load_text(name: str, text: str, interpret: bool):
+    """Triton source ``text`` (not a spec's) as a module with the library bound, as the
+    generated modules are: small kernels of tests and tools."""
+    with _lock:
+        return _exec(f"attnfx_generated.{name}", f"attnfx-text/{name}.py", text, interpret)
+
+
 def _exec(name: str, filename: str, text: str, interpret: bool, bind: bool = True):
     """Execute ``text`` as module ``name`` whose functions report ``filename``; with
     ``bind``, the library's helpers of the same mode are its globals first."""

@@ -384,8 +384,12 @@ class _Tiles:
     def loop(self, rows: bool, var: str, block: str, tl_range: bool) -> list[str]:
         rng = "tl.range(lo, hi, warp_specialize=WARP_SPEC)" if tl_range else "range(lo, hi)"
         return [
+            "nxt = tl.load(TileIdx + lo, mask=lo < hi, other=0)  # the first listed tile",
             f"for t in {rng}:",
-            f"    {var} = tl.multiple_of(tl.load(TileIdx + t) * {block}, {block})  # the t-th listed tile",
+            "    # -- the t-th listed tile; the next one's index is read a step ahead, so that",
+            "    #    this step's loads do not wait on an index load (the pipeliner spilled)",
+            f"    {var} = tl.multiple_of(nxt * {block}, {block})",
+            "    nxt = tl.load(TileIdx + t + 1, mask=t + 1 < hi, other=0)",
         ]
 
     def setup(self, rows: bool) -> list[str]:

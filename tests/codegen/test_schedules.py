@@ -237,6 +237,17 @@ def test_tiles_fp16_sigmoid_and_aux():
     check(sig, nq=60, nk=50)
 
 
+def test_tiles_with_a_learned_sink():
+    # gpt-oss style: each head's sink logit starts the online softmax; rows that keep no
+    # key (queries < 20) attend to the sink alone
+    key = MaskPredicate(sympy.And(sympy.Ge(Q, 20), chunked(16))).to_key()
+    ops_ = [ScoreOp("mul", 0.25), ScoreOp("fill_pred", NEG_INF, pred=key)]
+    spec = make_spec(score_ops=ops_, aux_dtypes=["float32"], group=2, sink=0)
+    assert codegen.make_plan(spec).schedule.kind is ScheduleKind.TILES
+    sinks = torch.randn(1, 2, 1, 1, generator=torch.Generator().manual_seed(5)) * 3
+    check(spec, hk=1, nq=45, nk=40, aux=[sinks])
+
+
 def test_tiles_fully_masked_rows():
     # rows that keep no key: NaN (preserve) or 0 (zero), with their tiles never visited
     pred = sympy.And(sympy.Ge(Q, 20), chunked(16))

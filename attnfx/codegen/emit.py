@@ -34,11 +34,6 @@ def _lit(v: float) -> str:
     return repr(float(v))
 
 
-def _indent(lines: list[str], n: int) -> str:
-    pad = " " * n
-    return "\n".join(pad + ln if ln else "" for ln in lines)
-
-
 class _Tile:
     """Index expressions of a score tile in one orientation.
 

@@ -173,7 +173,7 @@ class TileLists:
 
     @property
     def visited(self) -> int:
-        return int(self.idx.numel())
+        return int(self.off[-1])
 
 
 @functools.lru_cache(maxsize=64)
@@ -197,6 +197,8 @@ def tile_lists(
     off = torch.zeros(counts.numel() + 1, dtype=torch.int64)
     off[1:] = torch.cumsum(counts, 0)
     idx = torch.nonzero(kinds)[:, 2]  # row-major: per row, partial then full, ascending
+    if idx.numel() == 0:  # nothing kept: one unread entry (no kernel gets an empty buffer)
+        idx = torch.zeros(1, dtype=torch.int64)
     return TileLists(off.to(torch.int32), idx.to(torch.int32).contiguous())
 
 

@@ -253,6 +253,13 @@ def test_tiles_fully_masked_rows():
     pred = sympy.And(sympy.Ge(Q, 20), chunked(16))
     check(_spec(pred), nq=50, nk=50)
     check(_spec(pred, fm="zero"), nq=50, nk=50)
+    # nothing kept at all: empty lists, no tile visited
+    nothing = sympy.And(sympy.Gt(K, Q + 100), sympy.Eq(sympy.Mod(K, 2), 0))
+    assert tiles.tile_lists(MaskPredicate(nothing).to_key(), 30, 30, 16, 16).visited == 0
+    with visited_tiles() as seen:
+        check(_spec(nothing), nq=30, nk=30)
+        check(_spec(nothing, fm="zero"), nq=30, nk=30)
+    assert not seen
 
 
 def test_band_visits_match_the_count():

@@ -105,10 +105,6 @@ def math_attention(q, k, v, *, act, group, causal):
 def check_case(case, device="cuda", dtype=None, b=2, hk=2, seed=0):
     """Forward and backward of one case under the equivalence rule (also callable on the
     CPU under ATTNFX_INTERPRET=1 with fp16/fp32, to check this file without a GPU)."""
-    from attnfx import ops
-    from attnfx.codegen import LAUNCHES
-    from attnfx.testing import assert_attention_close
-
     act, dt, d, nq, nk, group, causal = case
     dtype = dtype or DTYPES[dt]
     spec = make_spec(act, dtype, d, nk, group, causal)
@@ -120,23 +116,37 @@ def check_case(case, device="cuda", dtype=None, b=2, hk=2, seed=0):
 
     q, k, v = rnd(b, h, nq, d), rnd(b, hk, nk, d), rnd(b, hk, nk, d)
     dout = rnd(b, h, nq, d)
+    run_under_rule(
+        spec,
+        lambda q, k, v: math_attention(q, k, v, act=act, group=group, causal=causal),
+        (q, k, v, dout),
+        context=_id(case),
+        transcendental=act == "sigmoid",
+    )
+
+
+def run_under_rule(spec, math_fn, qkv_dout, context, transcendental=False):
+    """The op (cand), ``math_fn`` in the working dtype (base) and in float64 (gold),
+    forward and backward: output and dq, dk, dv under the equivalence rule."""
+    from attnfx import ops
+    from attnfx.codegen import LAUNCHES
+    from attnfx.testing import assert_attention_close
+
+    *qkv, dout = qkv_dout
     leaves = {
-        "cand": [t.clone().requires_grad_(True) for t in (q, k, v)],
-        "base": [t.clone().requires_grad_(True) for t in (q, k, v)],
-        "gold": [t.double().requires_grad_(True) for t in (q, k, v)],
+        "cand": [t.clone().requires_grad_(True) for t in qkv],
+        "base": [t.clone().requires_grad_(True) for t in qkv],
+        "gold": [t.double().requires_grad_(True) for t in qkv],
     }
     before = dict(LAUNCHES)
     outs = {"cand": ops.attention(*leaves["cand"], spec)}
-    for label in ("base", "gold"):
-        outs[label] = math_attention(*leaves[label], act=act, group=group, causal=causal)
+    outs.update((label, math_fn(*leaves[label])) for label in ("base", "gold"))
     for o in outs.values():
         o.backward(dout.to(o.dtype))
     assert LAUNCHES["fwd"] > before.get("fwd", 0) and LAUNCHES["bwd_dq"] > before.get("bwd_dq", 0)
-
-    tr = act == "sigmoid"
-    ctx = _id(case)
+    tr = transcendental
     assert_attention_close(
-        outs["cand"], outs["base"], outs["gold"], transcendental=tr, context=f"{ctx} out"
+        outs["cand"], outs["base"], outs["gold"], transcendental=tr, context=f"{context} out"
     )
     for i, name in enumerate(("dq", "dk", "dv")):
         assert_attention_close(
@@ -145,7 +155,7 @@ def check_case(case, device="cuda", dtype=None, b=2, hk=2, seed=0):
             leaves["gold"][i].grad,
             grad=True,
             transcendental=tr,
-            context=f"{ctx} {name}",
+            context=f"{context} {name}",
         )
 
 
@@ -182,12 +192,10 @@ def check_tiles_case(case, device="cuda", dtype=None, b=2, hk=2, seed=0):
     under ATTNFX_INTERPRET=1 with float32)."""
     import sympy
 
-    from attnfx import ops
-    from attnfx.codegen import LAUNCHES, make_plan
+    from attnfx.codegen import make_plan
     from attnfx.codegen.plan import ScheduleKind
     from attnfx.predicate import K, MaskPredicate, Q
     from attnfx.spec import AttentionSpec, ScoreOp
-    from attnfx.testing import assert_attention_close
 
     name, dt, d, nq, nk, group = case
     dtype = dtype or DTYPES[dt]
@@ -216,27 +224,7 @@ def check_tiles_case(case, device="cuda", dtype=None, b=2, hk=2, seed=0):
         s = ((q @ k.transpose(-2, -1)) * d**-0.5).masked_fill(~keep, float("-inf"))
         return torch.softmax(s, dim=-1) @ v
 
-    leaves = {
-        "cand": [t.clone().requires_grad_(True) for t in (q, k, v)],
-        "base": [t.clone().requires_grad_(True) for t in (q, k, v)],
-        "gold": [t.double().requires_grad_(True) for t in (q, k, v)],
-    }
-    before = dict(LAUNCHES)
-    outs = {"cand": ops.attention(*leaves["cand"], spec)}
-    outs.update((lbl, math_attention(*leaves[lbl])) for lbl in ("base", "gold"))
-    for o in outs.values():
-        o.backward(dout.to(o.dtype))
-    assert LAUNCHES["bwd_dkdv"] > before.get("bwd_dkdv", 0)
-    ctx = "-".join(map(str, case))
-    assert_attention_close(outs["cand"], outs["base"], outs["gold"], context=f"{ctx} out")
-    for i, gname in enumerate(("dq", "dk", "dv")):
-        assert_attention_close(
-            leaves["cand"][i].grad,
-            leaves["base"][i].grad,
-            leaves["gold"][i].grad,
-            grad=True,
-            context=f"{ctx} {gname}",
-        )
+    run_under_rule(spec, math_attention, (q, k, v, dout), context="-".join(map(str, case)))
 
 
 @pytest.mark.parametrize("case", TILE_CASES, ids=["-".join(map(str, c)) for c in TILE_CASES])

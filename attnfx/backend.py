@@ -173,7 +173,16 @@ def rewrite_graph(
         replaced |= nodes | G.dead_users(nodes)
         sites_out[s.output.name] = rewrite.apply(new, s)
         records.append(
-            report.SiteRecord(s.kind, "rewritten", None, s.where, s.spec, v.max_rel_err, graph=gid)
+            report.SiteRecord(
+                s.kind,
+                "rewritten",
+                None,
+                s.where,
+                s.spec,
+                v.max_rel_err,
+                graph=gid,
+                density=_density(s),
+            )
         )
     if not any(r.status == "rewritten" for r in records):
         # Nothing rewritten: hand on the graph exactly as Dynamo gave it, so that a model
@@ -182,6 +191,29 @@ def rewrite_graph(
         return gm, records
     rewrite.finish(new, replaced)
     return _check_whole_graph(gm, new, example_inputs, sites_out, records, options)
+
+
+def _density(site) -> float | None:
+    """The report's density of a site at its example lengths (size hints if symbolic)."""
+    shapes = []
+    for o in (site.q, site.k, site.v):
+        shape = G.shape(o.node)
+        if shape is None or len(shape) < 2:
+            return None
+        if o.permute is not None:
+            shape = tuple(shape[i] for i in o.permute)
+        shapes.append([_hint(x) for x in shape[-2:]])
+    (nq, d), (nk, _), (_, dv) = shapes
+    if None in (nq, nk, d, dv):
+        return None
+    return report.site_density(site.spec, nq, nk, d, dv)
+
+
+def _hint(x) -> int | None:
+    if isinstance(x, int):
+        return x
+    hint = getattr(getattr(x, "node", None), "hint", None)
+    return int(hint) if hint is not None else None
 
 
 def _slower_on_cpu(site) -> bool:

@@ -79,6 +79,11 @@ class MaskPredicate:
         out = _eval_torch(self.expr, {Q: q, K: k, NQ: nq, NK: nk})
         return torch.as_tensor(out, device=device).to(torch.bool).expand(nq, nk)
 
+    def evaluate(self, q, k, nq: int, nk: int):
+        """The predicate on broadcastable integer tensors of query and key indices: a
+        bool tensor (or a Python bool, for a predicate free of Q and K)."""
+        return _eval_torch(self.expr, {Q: q, K: k, NQ: nq, NK: nk})
+
     def to_triton(
         self,
         q: str = "offs_m",

@@ -34,6 +34,10 @@ class SiteRecord:
     spec: AttentionSpec | None = None
     max_rel_err: float | None = None
     graph: int = 0  # which compiled graph (in compile order)
+    # the fraction of (query tile, key tile) pairs the generated forward kernel visits at
+    # the compiled lengths (its default tiles): 1 without a mask, ~0.5+ causal, ~C/N for
+    # chunks of C keys; None where unknown (a kept site, no lengths)
+    density: float | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -42,9 +46,21 @@ class SiteRecord:
             "reason": self.reason,
             "where": self.where,
             "max_rel_err": self.max_rel_err,
+            "density": self.density,
             "graph": self.graph,
             "spec": self.spec.to_dict() if self.spec is not None else None,
         }
+
+
+def site_density(spec: AttentionSpec, nq: int, nk: int, d: int, dv: int) -> float | None:
+    """``SiteRecord.density`` of a site at lengths (nq, nk) and head dims (d, dv); None
+    when the kernels cannot say (e.g. a float64 site, which keeps no kernel)."""
+    from attnfx.codegen import tiles
+
+    try:
+        return tiles.density(spec.resolved(d, dv), nq, nk)
+    except (TypeError, ValueError):
+        return None
 
 
 def record(rec: SiteRecord) -> None:
@@ -100,13 +116,14 @@ class Report:
         return json.dumps(self.to_dict(), indent=2, default=str)
 
     def __str__(self) -> str:
-        head = ("#", "kind", "status", "where", "mask", "max rel err", "detail")
+        head = ("#", "kind", "status", "where", "mask", "density", "max rel err", "detail")
         rows = []
         for i, s in enumerate(self.sites):
             mask = s.spec.mask_class.describe() if s.spec is not None else "-"
+            dens = f"{s.density:.3f}" if s.density is not None else "-"
             err = f"{s.max_rel_err:.2e}" if s.max_rel_err is not None else "-"
             detail = s.reason or (s.spec.describe() if s.spec else "")
-            rows.append((str(i), s.kind, s.status, s.where or "-", mask, err, detail))
+            rows.append((str(i), s.kind, s.status, s.where or "-", mask, dens, err, detail))
         widths = [max(len(r[c]) for r in rows + [head]) for c in range(len(head) - 1)]
         lines = [
             "  ".join(h.ljust(w) for h, w in zip(head, widths)) + "  " + head[-1],

@@ -104,6 +104,30 @@ def test_report_table_and_json():
     assert d["sites"][0]["spec"]["mask"] == "causal"
 
 
+class ChunkedCausal(nn.Module):
+    """Causal attention inside chunks of 64 tokens (block-diagonal causal)."""
+
+    def forward(self, q, k, v):
+        s = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+        i = torch.arange(q.shape[-2], device=q.device)
+        keep = (i[:, None] // 64 == i[None, :] // 64) & (i[None, :] <= i[:, None])
+        return torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1) @ v
+
+
+def test_report_density():
+    # the share of (query tile, key tile) pairs the forward kernel visits (float32:
+    # 64 x 64 tiles, 16 x 16 of them at n = 1024)
+    rep = attnfx.explain(Attn(causal=True), *_qkv(n=1024))
+    (site,) = rep.sites
+    assert site.density == 136 / 256  # query tile r visits key tiles 0 .. r
+    assert "density" in str(rep) and "0.531" in str(rep)
+    assert json.loads(rep.to_json())["sites"][0]["density"] == site.density
+    assert attnfx.explain(Attn(), *_qkv()).sites[0].density == 1.0
+    (chunked,) = attnfx.explain(ChunkedCausal(), *_qkv(n=1024)).rewritten
+    assert chunked.spec.mask_class.kind == "predicate"
+    assert chunked.density == 16 / 256  # C / N: each query tile meets its own chunk
+
+
 def test_debug_switch_says_why(monkeypatch, caplog):
     class NotAttn(nn.Module):
         def forward(self, q, k):

@@ -8,6 +8,11 @@ Public entry points::
     kernel_targets(spec)              # every GPU kernel with signature, constexprs, config
     configs(spec, interpret=False)    # launch configs per kernel (lists: autotune-ready)
 
+Modules: ``plan`` (decisions from the spec, the schedule), ``tiles`` (the tiles
+schedule's host tile map, ``density``), ``templates`` (one template per kernel),
+``library`` (the static Triton helpers), ``signature`` (argument lists), ``emit`` (fills
+the templates), ``cache`` (loads modules), ``launch`` (runs them), ``autotune``.
+
 Semantics are those of ``attnfx.ops.reference_attention`` /
 ``reference_attention_backward``.  CPU tensors run the kernels under Triton's
 interpreter; CUDA tensors run them compiled.

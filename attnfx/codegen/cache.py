@@ -32,7 +32,7 @@ from attnfx.codegen import emit
 from attnfx.spec import AttentionSpec
 
 # Bump when the generated code changes meaning: it keys the on-disk and in-process caches.
-VERSION = "2"
+VERSION = "3"
 
 _lock = threading.RLock()
 _sources: dict[tuple[str, str], str] = {}
@@ -163,14 +163,44 @@ class _SourceLoader:
         return self.text
 
 
-def _exec(name: str, filename: str, text: str, interpret: bool):
-    """Execute ``text`` as module ``name`` whose functions report ``filename``."""
+_libraries: dict[bool, types.ModuleType] = {}
+
+
+def library(interpret: bool) -> types.ModuleType:
+    """The static Triton library (``attnfx/codegen/library.py``) built for one mode: its
+    file executed afresh with ``@triton.jit`` making compiled (or interpreted) functions,
+    whatever mode the ordinary import of the module was made in."""
+    with _lock:
+        mod = _libraries.get(interpret)
+        if mod is None:
+            from attnfx.codegen import library as lib
+
+            path = lib.__file__
+            text = Path(path).read_text(encoding="utf-8")
+            name = f"attnfx_generated.library_{'interp' if interpret else 'jit'}"
+            mod = _libraries[interpret] = _exec(name, path, text, interpret, bind=False)
+        return mod
+
+
+def load_text(name: str, text: str, interpret: bool):
+    """Triton source ``text`` (not a spec's) as a module with the library bound, as the
+    generated modules are: small kernels of tests and tools."""
+    with _lock:
+        return _exec(f"attnfx_generated.{name}", f"attnfx-text/{name}.py", text, interpret)
+
+
+def _exec(name: str, filename: str, text: str, interpret: bool, bind: bool = True):
+    """Execute ``text`` as module ``name`` whose functions report ``filename``; with
+    ``bind``, the library's helpers of the same mode are its globals first."""
     # inspect.getsource (used by triton.jit) reads the source through linecache: seeded
     # with this very text (mtime None: never re-read from disk), whatever the file holds.
     linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
     mod = types.ModuleType(name)
     mod.__file__ = filename
     mod.__loader__ = _SourceLoader(text)
+    if bind:
+        lib = library(interpret)
+        mod.__dict__.update({n: getattr(lib, n) for n in lib.__all__})
     sys.modules[name] = mod
     try:
         code = compile(text, filename, "exec")

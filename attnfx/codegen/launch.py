@@ -10,16 +10,16 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import re
 import threading
 
 import torch
 import triton
 
-from attnfx.codegen import autotune, cache
+from attnfx.codegen import autotune, cache, signature, tiles
 from attnfx.codegen.plan import (
     Config,
     Plan,
+    ScheduleKind,
     apply_features,
     configs,
     features,
@@ -79,13 +79,41 @@ def _aux_arg(a: torch.Tensor) -> torch.Tensor:
     return a.view(torch.uint8) if a.dtype == torch.bool else a
 
 
-def _aux_lists(plan: Plan, aux: list[torch.Tensor]):
-    ptrs, strides = [], []
-    for i in plan.aux_used:
-        a = _aux_arg(aux[i])
-        ptrs.append(a)
-        strides.append(tuple(a.stride()))
-    return ptrs, strides
+def _shape_consts(spec: AttentionSpec, plan: Plan, interpret: bool) -> dict:
+    """The constexprs every kernel may declare, but the launch config's (each kernel
+    picks its own through its signature)."""
+    extra = {"TANH_IMPL": tanh_impl(spec, interpret)} if plan.uses_tanh else {}
+    return dict(
+        GROUP=spec.gqa_group,
+        HEAD_DIM=spec.head_dim,
+        HEAD_DIM_V=spec.head_dim_v,
+        BLOCK_D=plan.block_d,
+        BLOCK_DV=plan.block_dv,
+        **extra,
+    )
+
+
+def _aux_tensors(plan: Plan, aux: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The aux tensors the kernels read, by their signature names (a0, a1, ...)."""
+    return {f"a{i}": _aux_arg(aux[i]) for i in plan.aux_used}
+
+
+_BAND_BOUNDS = ("visit_lo", "visit_hi", "diag_lo", "diag_hi", "visit_prefix")
+
+
+def _schedule_args(spec, plan, nq, nk, cfg: Config, transposed: bool, device):
+    """(tensors, scalars) of the kernel's schedule parameters for one launch config: the
+    band's bounds, or the tile map's lists (row tiles of BLOCK_M queries; ``transposed``:
+    of BLOCK_N keys, for dK/dV)."""
+    if plan.schedule.kind is ScheduleKind.TILES:
+        pred = spec.score_ops[plan.schedule.skip_op].pred
+        lists = tiles.device_lists(pred, nq, nk, cfg.BLOCK_M, cfg.BLOCK_N, transposed, device)
+        return {"tile_off": lists.off, "tile_idx": lists.idx}, {}
+    return {}, dict(zip(_BAND_BOUNDS, skip_bounds(spec, plan, nq, nk), strict=True))
+
+
+def _launch(fn, sig, grid, args, consts, cfg: Config, interpret: bool):
+    fn[grid](*args, **sig.pick(consts), **cfg.launch_kwargs(interpret))
 
 
 def _check(spec: AttentionSpec, q, k, v):
@@ -143,12 +171,12 @@ def _candidates(spec: AttentionSpec, kernel: str, interpret: bool, tma_ok: bool 
     return cands
 
 
-def _pick(spec, kernel, fn, cands, interpret, nq, nk, device, grid_of, make_args, consts):
+def _pick(spec, kernel, fn, cands, interpret, nq, nk, device, grid_of, make_args, consts_of):
     """The launch config: the first candidate, or the autotuner's choice (CUDA only).
 
-    ``make_args(scratch)``: the kernel's positional arguments, on scratch outputs when
-    ``scratch`` (benchmark launches must not touch the real results); ``consts``: its
-    constexprs other than the config's."""
+    ``make_args(scratch, config)``: the kernel's positional arguments, on scratch outputs
+    when ``scratch`` (benchmark launches must not touch the real results);
+    ``consts_of(config)``: its constexprs."""
     if interpret or len(cands) == 1 or not autotune.enabled():
         return cands[0]
     if torch.cuda.is_current_stream_capturing():
@@ -158,18 +186,15 @@ def _pick(spec, kernel, fn, cands, interpret, nq, nk, device, grid_of, make_args
     key = autotune.make_key(spec, kernel, nq, nk, _gpu_name(device), cands, features_key())
 
     def kwargs(c: Config) -> dict:
-        kw = dict(consts, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, **c.launch_kwargs(False))
-        if kernel == "fwd":
-            kw.update(c.habit_constexprs())
-        return kw
+        return dict(consts_of(c), **c.launch_kwargs(False))
 
     def compile_fn(c: Config) -> dict:
-        k = fn.warmup(*make_args(True), grid=grid_of(c), **kwargs(c))
+        k = fn.warmup(*make_args(True, c), grid=grid_of(c), **kwargs(c))
         k._init_handles()  # raises OutOfResources past the device's shared memory
         return {"n_spills": k.n_spills, "n_regs": k.n_regs, "shared": k.metadata.shared}
 
     def bench_fn(c: Config):
-        args, kw, grid = make_args(True), kwargs(c), grid_of(c)
+        args, kw, grid = make_args(True, c), kwargs(c), grid_of(c)
         return lambda: fn[grid](*args, **kw)
 
     return autotune.TUNER.choose(
@@ -196,26 +221,18 @@ def run_forward(spec: AttentionSpec, q, k, v, aux) -> tuple[torch.Tensor, torch.
     lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
     if B * H * NQ == 0:
         return out, lse
-    bounds = skip_bounds(spec, plan, NQ, NK)
-    aux_ptrs, aux_strides = _aux_lists(plan, aux)
-    extra = {"TANH_IMPL": tanh_impl(spec, interpret)} if plan.uses_tanh else {}
-    consts = dict(
-        GROUP=spec.gqa_group,
-        HEAD_DIM=spec.head_dim,
-        HEAD_DIM_V=spec.head_dim_v,
-        BLOCK_D=plan.block_d,
-        BLOCK_DV=plan.block_dv,
-        **extra,
-    )
+    sig = signature.forward_args(spec, plan)
+    tensors = {"q": q, "k": k, "v": v, **_aux_tensors(plan, aux)}
+    scalars = {"H_Q": H, "N_Q": NQ, "N_K": NK}
+    consts = _shape_consts(spec, plan, interpret)
 
-    def make_args(scratch: bool):
+    def make_args(scratch: bool, c: Config):
         o, ls = (torch.empty_like(out), torch.empty_like(lse)) if scratch else (out, lse)
-        return (
-            q, k, v, o, ls, *aux_ptrs,
-            *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            *[s for st in aux_strides for s in st],
-            H, NQ, NK, *bounds,
-        )  # fmt: skip
+        st, ss = _schedule_args(spec, plan, NQ, NK, c, False, q.device)
+        return sig.bind({**tensors, "o": o, "lse": ls, **st}, {**scalars, **ss})
+
+    def consts_of(c: Config):
+        return dict(consts, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, **c.habit_constexprs())
 
     def grid_of(c: Config):
         return (triton.cdiv(NQ, c.BLOCK_M), B * H)
@@ -224,11 +241,8 @@ def run_forward(spec: AttentionSpec, q, k, v, aux) -> tuple[torch.Tensor, torch.
     if not interpret and any(c.tma for c in cands):
         _ensure_allocator(q.device)
     fn = mod._attn_fwd
-    cfg = _pick(spec, "fwd", fn, cands, interpret, NQ, NK, q.device, grid_of, make_args, consts)
-    fn[grid_of(cfg)](
-        *make_args(False), **consts, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-        **cfg.habit_constexprs(), **cfg.launch_kwargs(interpret),
-    )  # fmt: skip
+    cfg = _pick(spec, "fwd", fn, cands, interpret, NQ, NK, q.device, grid_of, make_args, consts_of)
+    _launch(fn, sig, grid_of(cfg), make_args(False, cfg), consts_of(cfg), cfg, interpret)
     LAUNCHES["fwd"] += 1
     return out, lse
 
@@ -248,97 +262,54 @@ def run_backward(spec: AttentionSpec, dout, q, k, v, aux, out, lse):
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if B * H * NQ == 0 or NK == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    bounds = skip_bounds(spec, plan, NQ, NK)
-    aux_ptrs, aux_strides = _aux_lists(plan, aux)
-    aux_flat = [s for st in aux_strides for s in st]
-    consts = dict(
-        GROUP=spec.gqa_group,
-        HEAD_DIM=spec.head_dim,
-        HEAD_DIM_V=spec.head_dim_v,
-        BLOCK_D=plan.block_d,
-        BLOCK_DV=plan.block_dv,
-    )
-    extra = {"TANH_IMPL": tanh_impl(spec, interpret)} if plan.uses_tanh else {}
     softmax = spec.activation == "softmax"
-    zero = spec.fully_masked == "zero"
     delta = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
     m_row = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
-    # row_norm: log(l) of the rows whose huge float32 lse lost it (0 elsewhere)
-    lg = [torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)] if plan.row_norm else []
+    # the tensors every backward kernel may read, by their signature names
+    tensors = {"q": q, "k": k, "v": v, "o": out, "do": dout, "lse": lse}
+    tensors.update(delta=delta, m=m_row, **_aux_tensors(plan, aux))
+    if plan.row_norm:  # log(l) of the rows whose huge float32 lse lost it (0 elsewhere)
+        tensors["lg"] = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
+    if signature.dead_rows_fix(spec, plan):
+        tensors["dead"] = torch.isneginf(lse).any(-1).to(torch.int32).contiguous()
+    scalars = {"H_Q": H, "N_Q": NQ, "N_K": NK}
+    consts = _shape_consts(spec, plan, interpret)
+
+    def consts_of(c: Config):
+        return dict(consts, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N)
+
     if softmax:
         cfg = _candidates(spec, "bwd_pre", interpret)[0]
-        rn_args, rn_consts = [], {}
-        if plan.row_norm:
-            rn_args = [*lg, q, k]
-            rn_consts = dict(
-                GROUP=spec.gqa_group, HEAD_DIM=spec.head_dim, BLOCK_D=plan.block_d, **extra
-            )
-        mod._attn_bwd_preprocess[(triton.cdiv(NQ, cfg.BLOCK_M), B * H)](
-            out, dout, lse, delta, m_row, *rn_args, *aux_ptrs,
-            *out.stride(), *dout.stride(),
-            *((*q.stride(), *k.stride()) if plan.row_norm else ()),
-            *aux_flat,
-            H, NQ, NK,
-            HEAD_DIM_V=spec.head_dim_v,
-            BLOCK_DV=plan.block_dv,
-            BLOCK_M=cfg.BLOCK_M,
-            BLOCK_N=cfg.BLOCK_N,
-            **rn_consts,
-            **cfg.launch_kwargs(interpret),
-        )  # fmt: skip
+        sig = signature.preprocess_args(spec, plan)
+        grid = (triton.cdiv(NQ, cfg.BLOCK_M), B * H)
+        args = sig.bind(tensors, scalars)
+        _launch(mod._attn_bwd_preprocess, sig, grid, args, consts_of(cfg), cfg, interpret)
         LAUNCHES["bwd_pre"] += 1
     else:
         delta.zero_()
         m_row.zero_()
-    dead = []
-    if plan.can_skip and softmax and not zero:
-        dead = [torch.isneginf(lse).any(-1).to(torch.int32).contiguous()]
 
     # dK/dV and dQ: tuned on scratch copies of their outputs (tl.store only, but the
     # benchmark launches must never touch the real gradients)
-    consts = dict(consts, **extra)
+    for kernel, outs in (("bwd_dkdv", {"dk": dk, "dv": dv}), ("bwd_dq", {"dq": dq})):
+        sig = signature.KERNEL_ARGS[kernel](spec, plan)
+        dkdv = kernel == "bwd_dkdv"
 
-    def dkdv_args(scratch: bool):
-        k_, v_ = (torch.empty_like(dk), torch.empty_like(dv)) if scratch else (dk, dv)
-        return (
-            q, k, v, dout, m_row, delta, k_, v_, *lg, *aux_ptrs, *dead,
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
-            *k_.stride(), *v_.stride(), *aux_flat,
-            H, NQ, NK, *bounds,
-        )  # fmt: skip
+        def make_args(scratch: bool, c: Config, sig=sig, outs=outs, dkdv=dkdv):
+            o = {n: torch.empty_like(t) for n, t in outs.items()} if scratch else outs
+            st, ss = _schedule_args(spec, plan, NQ, NK, c, dkdv, q.device)
+            return sig.bind({**tensors, **o, **st}, {**scalars, **ss})
 
-    def dkdv_grid(c: Config):
-        return (triton.cdiv(NK, c.BLOCK_N), B * HK)
+        def grid_of(c: Config, dkdv=dkdv):
+            if dkdv:  # a program per key tile of a kv head
+                return (triton.cdiv(NK, c.BLOCK_N), B * HK)
+            return (triton.cdiv(NQ, c.BLOCK_M), B * H)
 
-    fn = mod._attn_bwd_dkdv
-    cands = _candidates(spec, "bwd_dkdv", interpret)
-    cfg = _pick(spec, "bwd_dkdv", fn, cands, interpret, NQ, NK, q.device, dkdv_grid, dkdv_args, consts)  # fmt: skip
-    fn[dkdv_grid(cfg)](
-        *dkdv_args(False), **consts, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-        **cfg.launch_kwargs(interpret),
-    )  # fmt: skip
-    LAUNCHES["bwd_dkdv"] += 1
-
-    def dq_args(scratch: bool):
-        q_ = torch.empty_like(dq) if scratch else dq
-        return (
-            q, k, v, dout, m_row, delta, q_, *lg, *aux_ptrs,
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
-            *q_.stride(), *aux_flat,
-            H, NQ, NK, *bounds,
-        )  # fmt: skip
-
-    def dq_grid(c: Config):
-        return (triton.cdiv(NQ, c.BLOCK_M), B * H)
-
-    fn = mod._attn_bwd_dq
-    cands = _candidates(spec, "bwd_dq", interpret)
-    cfg = _pick(spec, "bwd_dq", fn, cands, interpret, NQ, NK, q.device, dq_grid, dq_args, consts)
-    fn[dq_grid(cfg)](
-        *dq_args(False), **consts, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-        **cfg.launch_kwargs(interpret),
-    )  # fmt: skip
-    LAUNCHES["bwd_dq"] += 1
+        fn = getattr(mod, sig.name)
+        cands = _candidates(spec, kernel, interpret)
+        cfg = _pick(spec, kernel, fn, cands, interpret, NQ, NK, q.device, grid_of, make_args, consts_of)  # fmt: skip
+        _launch(fn, sig, grid_of(cfg), make_args(False, cfg), consts_of(cfg), cfg, interpret)
+        LAUNCHES[kernel] += 1
     return dq, dk, dv
 
 
@@ -380,91 +351,58 @@ def kernel_targets(spec: AttentionSpec, candidates: bool = True) -> list[KernelT
     the default), as launched on contiguous (B, H, N, D) inputs (unit innermost strides
     are specialized to the constant 1, as the launcher's JIT does)."""
     plan = make_plan(spec)
-    fwd = cache.load_module(spec, "fwd", interpret=False)
-    bwd = cache.load_module(spec, "bwd", interpret=False)
+    mods = {
+        "fwd": cache.load_module(spec, "fwd", interpret=False),
+        "bwd": cache.load_module(spec, "bwd", interpret=False),
+    }
     cfgs = configs(spec, interpret=False)
     dt, odt = _tt(spec.dtype), _tt(spec.out_dtype)
-    tanh = {"TANH_IMPL": tanh_impl(spec, False)} if plan.uses_tanh else {}
-    dims = dict(
-        HEAD_DIM=spec.head_dim,
-        HEAD_DIM_V=spec.head_dim_v,
-        BLOCK_D=plan.block_d,
-        BLOCK_DV=plan.block_dv,
-    )
-    aux_types = {f"A{i}": "*" + _tt(spec.aux_dtypes[i]) for i in plan.aux_used}
-    softmax = spec.activation == "softmax"
+    # pointer types by the signatures' tensor names
+    types = dict.fromkeys(("q", "k", "v", "dq", "dk", "dv"), dt)
+    types.update(dict.fromkeys(("o", "do"), odt))
+    types.update(dict.fromkeys(("lse", "delta", "m", "lg"), "fp32"))
+    types.update(dead="i32", tile_off="i32", tile_idx="i32")
+    types.update({f"a{i}": _tt(spec.aux_dtypes[i]) for i in plan.aux_used})
+    consts = _shape_consts(spec, plan, interpret=False)
 
-    def build(name, fn, types, cfg, consts, index):
-        sig, cx = {}, {}
-        for arg in fn.arg_names:
-            if arg in consts:
-                sig[arg], cx[arg] = "constexpr", consts[arg]
-            elif (
-                arg.endswith("d")
-                and arg.startswith("stride_")
-                or arg.endswith("n")
-                and arg.startswith("stride_a")
-            ):
-                # innermost strides: 1 for contiguous q/k/v/o and for aux along keys
-                sig[arg], cx[arg] = "constexpr", 1
-            elif arg in types:
-                sig[arg] = types[arg]
-            else:
-                sig[arg] = "i32"
-        attrs = {
-            (i,): [["tt.divisibility", 16]]
-            for i, arg in enumerate(fn.arg_names)
-            if sig[arg].startswith("*") or (sig[arg] == "i32" and _div16_stride(arg))
-        }
-        return KernelTarget(name, fn, sig, cx, cfg, attrs, index)
-
-    def _div16_stride(arg):
+    def div16(p) -> bool:
         # the launcher's JIT specializes integer arguments divisible by 16 (tt.divisibility
-        # 16): the strides of contiguous q/k/v/o/dO/dq/dk/dv rows are multiples of the head
-        # dim (sequence lengths and aux strides are left generic)
-        m = re.fullmatch(r"stride_(q|k|v|o|do|dq|dk|dv)[bhmn]", arg)
-        if not m:
+        # 16): the batch, head and row strides of contiguous q/k/v/o/dO/dq/dk/dv are
+        # multiples of the head dim (sequence lengths and aux strides are left generic)
+        if p.kind != "stride" or p.dim == 3 or p.tensor not in signature.DIMS:
             return False
-        d = spec.head_dim_v if m.group(1) in ("v", "o", "do", "dv") else spec.head_dim
+        d = spec.head_dim_v if p.tensor in ("v", "o", "do", "dv") else spec.head_dim
         return d % 16 == 0
 
-    def cands(name):
-        return list(enumerate(cfgs[name] if candidates else cfgs[name][:1]))
+    def build(name, fn, sig, cfg, index):
+        assert sig.names == list(fn.arg_names), (sig.names, fn.arg_names)
+        cs = sig.pick(
+            dict(consts, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, **cfg.habit_constexprs())
+        )
+        types_, cx = {}, {}
+        for p in sig.params:
+            if p.kind == "constexpr":
+                types_[p.name], cx[p.name] = "constexpr", cs[p.name]
+            elif p.kind == "stride" and p.dim == 3:
+                # innermost strides: 1 for contiguous q/k/v/o and for aux along keys
+                types_[p.name], cx[p.name] = "constexpr", 1
+            elif p.kind == "ptr":
+                types_[p.name] = "*" + types[p.tensor]
+            else:
+                types_[p.name] = "i32"
+        attrs = {
+            (i,): [["tt.divisibility", 16]]
+            for i, p in enumerate(sig.params)
+            if p.kind == "ptr" or div16(p)
+        }
+        return KernelTarget(name, fn, types_, cx, cfg, attrs, index)
 
     out = []
-    types = {
-        "Q": "*" + dt,
-        "K": "*" + dt,
-        "V": "*" + dt,
-        "Out": "*" + odt,
-        "Lse": "*fp32",
-        **aux_types,
-    }
-    for i, c in cands("fwd"):
-        consts = dict(
-            GROUP=spec.gqa_group,
-            BLOCK_M=c.BLOCK_M,
-            BLOCK_N=c.BLOCK_N,
-            **c.habit_constexprs(),
-            **dims,
-            **tanh,
-        )
-        out.append(build("fwd", fwd._attn_fwd, types, c, consts, i))
-    types = {
-        "Q": "*" + dt, "K": "*" + dt, "V": "*" + dt, "DO": "*" + odt, "Out": "*" + odt,
-        "Lse": "*fp32", "Delta": "*fp32", "M": "*fp32", "Lg": "*fp32", "Dead": "*i32",
-        "DQ": "*" + dt, "DK": "*" + dt, "DV": "*" + dt, **aux_types,
-    }  # fmt: skip
-    if softmax:
-        for i, c in cands("bwd_pre"):
-            consts = dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, **dims)
-            if plan.row_norm:
-                consts.update(GROUP=spec.gqa_group, **tanh)
-            out.append(build("bwd_pre", bwd._attn_bwd_preprocess, types, c, consts, i))
-    for name, fn in (("bwd_dkdv", bwd._attn_bwd_dkdv), ("bwd_dq", bwd._attn_bwd_dq)):
-        for i, c in cands(name):
-            consts = dict(
-                GROUP=spec.gqa_group, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, **dims, **tanh
-            )
-            out.append(build(name, fn, types, c, consts, i))
+    for name, args in signature.KERNEL_ARGS.items():
+        if name == "bwd_pre" and spec.activation != "softmax":
+            continue  # sigmoid has no preprocess
+        sig = args(spec, plan)
+        fn = getattr(mods["fwd" if name == "fwd" else "bwd"], sig.name)
+        for i, c in enumerate(cfgs[name] if candidates else cfgs[name][:1]):
+            out.append(build(name, fn, sig, c, i))
     return out

@@ -7,6 +7,7 @@ for the skip bounds), so the generated source is a deterministic function of the
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 
 import sympy
@@ -31,6 +32,35 @@ def _padded(d: int) -> int:
     return max(16, 1 << (d - 1).bit_length())
 
 
+class ScheduleKind(enum.Enum):
+    """How a kernel iterates over the (query tile, key tile) pairs.
+
+    ``BAND``: the key tiles of a K - Q band (plus a kept key prefix), their ranges
+    computed in the kernel from four bounds (``skip_bounds``); also the schedule of a spec
+    with nothing to skip (unbounded band: every tile).  ``TILES``: per row tile, a list of
+    column tiles marked partial (the predicate is evaluated) or full (it is not), computed
+    on the host from the mask predicate, exactly (``attnfx.codegen.tiles``); the
+    transposed lists drive dK/dV.  Next: ``GATHER`` (rows of Q/K/V through an index
+    tensor) and multi-dimensional tiles -- a new kind adds its record here, its kernel
+    parameters (``signature.schedule_params``) and its loops (``emit``'s schedules)."""
+
+    BAND = "band"
+    TILES = "tiles"
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    kind: ScheduleKind
+    # the fill_pred (index into score_ops) whose kept pairs bound the visited tiles;
+    # None: nothing is skipped
+    skip_op: int | None = None
+    # BAND: the predicate keeps a prefix of keys besides its band (StreamingLLM)
+    prefix: bool = False
+
+    def describe(self) -> str:
+        return self.kind.value
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """What codegen decided for one spec."""
@@ -50,6 +80,7 @@ class Plan:
     # softmax rows may have a huge finite log-sum-exp (finfo.min fills, additive masks):
     # float32 lse then loses log(l), and the backward recomputes (max, log l) for them
     row_norm: bool
+    schedule: Schedule
 
     @property
     def can_skip(self) -> bool:
@@ -105,17 +136,21 @@ def make_plan(spec: AttentionSpec) -> Plan:
     preds = [i for i, op in enumerate(ops) if op.op == "fill_pred"]
     skip_op = None
     needs_rows = False
+    kind = ScheduleKind.BAND
     if len(preds) == 1 and all(_keeps_fill(o, ops[preds[0]].value) for o in ops[preds[0] + 1 :]):
         op = ops[preds[0]]
+        v = op.value
+        # a fill that leaves exactly 0 probability: skipping a tile of such pairs is exact
+        exact = v == -math.inf if softmax else v <= SIGMOID_SKIP_FILL
         if op.predicate.mask_class.kind in ("causal", "window"):
-            v = op.value
-            if softmax:
-                if v == -math.inf:
-                    skip_op = preds[0]
-                elif _finite(v) and v <= SOFTMAX_SKIP_FINITE_FILL:
-                    skip_op, needs_rows = preds[0], True
-            elif v <= SIGMOID_SKIP_FILL:
+            if exact:
                 skip_op = preds[0]
+            elif softmax and _finite(v) and v <= SOFTMAX_SKIP_FINITE_FILL:
+                skip_op, needs_rows = preds[0], True
+        elif op.predicate.mask_class.kind == "predicate" and exact:
+            # any other predicate: the host lists each query tile's non-empty key tiles
+            # (a finite fill would need every row to keep a key: not skipped)
+            skip_op, kind = preds[0], ScheduleKind.TILES
     skip_prefix = skip_op is not None and ops[skip_op].predicate.mask_class.prefix is not None
     aux_used = tuple(sorted({op.aux for op in ops if op.aux is not None} | {spec.sink} - {None}))
     return Plan(
@@ -131,6 +166,7 @@ def make_plan(spec: AttentionSpec) -> Plan:
         row_norm=softmax and any(_may_saturate(op) for op in ops),
         # tanh does not commute with the log2(e) scaling: fold it in after the last tanh
         fold_start=max((i + 1 for i, op in enumerate(ops) if op.op == "tanh"), default=0),
+        schedule=Schedule(kind, skip_op, skip_prefix),
     )
 
 
@@ -150,6 +186,7 @@ def skip_bounds(
     keeps a prefix besides its band; 0 otherwise), visited with the fine mask.  The
     visit band equals the diag band when skipping is exact and is unbounded otherwise
     (no skip predicate, or a finite fill with a row that keeps no key)."""
+    assert plan.schedule.kind is ScheduleKind.BAND, plan.schedule
     if plan.skip_op is None:
         return -UNBOUNDED, UNBOUNDED, -UNBOUNDED, UNBOUNDED, 0
     mc = spec.score_ops[plan.skip_op].predicate.mask_class

@@ -71,6 +71,13 @@ def _spec(d, dtype, kind):
         band = sympy.Or(sympy.Gt(K, Q - 256), sympy.Lt(K, 4))
         pred = MaskPredicate(sympy.And(sympy.Le(K, Q), band)).to_key()
         ops_.append(ScoreOp("fill_pred", -math.inf, pred=pred))
+    elif kind == "chunk":  # chunked causal (the tiles schedule): chunks of 64 keys
+        chunk = sympy.And(sympy.Eq(sympy.floor(Q / 64), sympy.floor(K / 64)), sympy.Le(K, Q))
+        ops_.append(ScoreOp("fill_pred", -math.inf, pred=MaskPredicate(chunk).to_key()))
+    elif kind == "sinkwin":  # 4 sinks for every query besides a causal window of 256 (tiles)
+        window = sympy.And(sympy.Le(K, Q), sympy.Lt(Q - K, 256))
+        pred = MaskPredicate(sympy.Or(sympy.Lt(K, 4), window)).to_key()
+        ops_.append(ScoreOp("fill_pred", -math.inf, pred=pred))
     elif kind in ("sink", "sinkmask"):  # gpt-oss: learned per-head sink, causal (+ hf mask)
         if kind == "sinkmask":
             ops_.append(ScoreOp("add_aux", aux=0))
@@ -98,6 +105,7 @@ CASES += [(64, "bfloat16", "sigmoid"), (128, "float16", "sigmoid")]
 CASES += [(64, "float16", "softcap"), (128, "bfloat16", "softcap"), (256, "float16", "softcap")]
 CASES += [(128, "float16", "tanh"), (64, "bfloat16", "alibi")]
 CASES += [(64, "bfloat16", "sink"), (64, "bfloat16", "sinkmask"), (128, "float16", "stream")]
+CASES += [(128, "float16", "chunk"), (64, "bfloat16", "sinkwin")]  # the tiles schedule
 IDS = [f"{d}-{t}-{k}" for d, t, k in CASES]
 # cases whose every candidate config is compiled (the others: the default configs)
 FULL = {(64, "float16", "causal"), (256, "float16", "causal"), (128, "bfloat16", "softcap")}

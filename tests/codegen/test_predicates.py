@@ -20,6 +20,7 @@ import sympy
 import torch
 
 from attnfx import codegen, ops
+from attnfx.codegen.plan import ScheduleKind
 from attnfx.predicate import NK, NQ, K, MaskPredicate, Q
 from attnfx.spec import AttentionSpec, ScoreOp
 
@@ -41,7 +42,8 @@ class Case:
     name: str
     expr: sympy.Basic
     keep: Callable[[int, int, int, int], bool]  # (q, k, nq, nk) -> kept, Python semantics
-    mask_class: str  # "predicate" (per element) | "causal" | "window" (block skipping)
+    # "causal" | "window" (the band schedule) | "predicate" (the tiles schedule)
+    mask_class: str
     nq: int = 35
     nk: int = 35
     dtype: str = "float32"
@@ -145,7 +147,10 @@ def test_predicate_through_kernels(case):
         out_dtype=case.dtype,
     )
     assert pred.mask_class.kind == case.mask_class
-    assert codegen.make_plan(spec).can_skip == (case.mask_class != "predicate")
+    plan = codegen.make_plan(spec)
+    assert plan.can_skip  # a -inf fill: empty tiles are skipped, whatever the predicate
+    band = case.mask_class in ("causal", "window")
+    assert plan.schedule.kind is (ScheduleKind.BAND if band else ScheduleKind.TILES)
 
     g = torch.Generator().manual_seed(0)
     dt = ops.torch_dtype(case.dtype)

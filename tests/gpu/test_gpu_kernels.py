@@ -105,10 +105,6 @@ def math_attention(q, k, v, *, act, group, causal):
 def check_case(case, device="cuda", dtype=None, b=2, hk=2, seed=0):
     """Forward and backward of one case under the equivalence rule (also callable on the
     CPU under ATTNFX_INTERPRET=1 with fp16/fp32, to check this file without a GPU)."""
-    from attnfx import ops
-    from attnfx.codegen import LAUNCHES
-    from attnfx.testing import assert_attention_close
-
     act, dt, d, nq, nk, group, causal = case
     dtype = dtype or DTYPES[dt]
     spec = make_spec(act, dtype, d, nk, group, causal)
@@ -120,23 +116,37 @@ def check_case(case, device="cuda", dtype=None, b=2, hk=2, seed=0):
 
     q, k, v = rnd(b, h, nq, d), rnd(b, hk, nk, d), rnd(b, hk, nk, d)
     dout = rnd(b, h, nq, d)
+    run_under_rule(
+        spec,
+        lambda q, k, v: math_attention(q, k, v, act=act, group=group, causal=causal),
+        (q, k, v, dout),
+        context=_id(case),
+        transcendental=act == "sigmoid",
+    )
+
+
+def run_under_rule(spec, math_fn, qkv_dout, context, transcendental=False):
+    """The op (cand), ``math_fn`` in the working dtype (base) and in float64 (gold),
+    forward and backward: output and dq, dk, dv under the equivalence rule."""
+    from attnfx import ops
+    from attnfx.codegen import LAUNCHES
+    from attnfx.testing import assert_attention_close
+
+    *qkv, dout = qkv_dout
     leaves = {
-        "cand": [t.clone().requires_grad_(True) for t in (q, k, v)],
-        "base": [t.clone().requires_grad_(True) for t in (q, k, v)],
-        "gold": [t.double().requires_grad_(True) for t in (q, k, v)],
+        "cand": [t.clone().requires_grad_(True) for t in qkv],
+        "base": [t.clone().requires_grad_(True) for t in qkv],
+        "gold": [t.double().requires_grad_(True) for t in qkv],
     }
     before = dict(LAUNCHES)
     outs = {"cand": ops.attention(*leaves["cand"], spec)}
-    for label in ("base", "gold"):
-        outs[label] = math_attention(*leaves[label], act=act, group=group, causal=causal)
+    outs.update((label, math_fn(*leaves[label])) for label in ("base", "gold"))
     for o in outs.values():
         o.backward(dout.to(o.dtype))
     assert LAUNCHES["fwd"] > before.get("fwd", 0) and LAUNCHES["bwd_dq"] > before.get("bwd_dq", 0)
-
-    tr = act == "sigmoid"
-    ctx = _id(case)
+    tr = transcendental
     assert_attention_close(
-        outs["cand"], outs["base"], outs["gold"], transcendental=tr, context=f"{ctx} out"
+        outs["cand"], outs["base"], outs["gold"], transcendental=tr, context=f"{context} out"
     )
     for i, name in enumerate(("dq", "dk", "dv")):
         assert_attention_close(
@@ -145,13 +155,81 @@ def check_case(case, device="cuda", dtype=None, b=2, hk=2, seed=0):
             leaves["gold"][i].grad,
             grad=True,
             transcendental=tr,
-            context=f"{ctx} {name}",
+            context=f"{context} {name}",
         )
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
 def test_kernel_fwd_bwd(case):
     check_case(case)
+
+
+# ---------------------------------------------------------------------------------------
+# The tiles schedule: masks that are not a K - Q band (host tile map, skipped tiles)
+# ---------------------------------------------------------------------------------------
+
+TILE_MASKS = {  # name -> (sympy predicate builder, the same mask on index tensors)
+    "chunked64": (
+        lambda Q, K, sp: sp.And(sp.Eq(sp.floor(Q / 64), sp.floor(K / 64)), sp.Le(K, Q)),
+        lambda q, k: (q // 64 == k // 64) & (k <= q),
+    ),
+    "sinks_window": (
+        lambda Q, K, sp: sp.Or(sp.Lt(K, 4), sp.And(sp.Le(K, Q), sp.Lt(Q - K, 256))),
+        lambda q, k: (k < 4) | ((k <= q) & (q - k < 256)),
+    ),
+}
+# (mask, dtype, D, NQ, NK, GQA group): every row keeps a key
+TILE_CASES = [
+    ("chunked64", "bf16", 128, 1000, 1000, 2),
+    ("chunked64", "fp16", 64, 129, 1000, 1),
+    ("sinks_window", "fp16", 128, 1000, 1000, 1),
+    ("sinks_window", "bf16", 64, 77, 1000, 4),
+]
+
+
+def check_tiles_case(case, device="cuda", dtype=None, b=2, hk=2, seed=0):
+    """One tiles-schedule case under the equivalence rule (also callable on the CPU
+    under ATTNFX_INTERPRET=1 with float32)."""
+    import sympy
+
+    from attnfx.codegen import make_plan
+    from attnfx.codegen.plan import ScheduleKind
+    from attnfx.predicate import K, MaskPredicate, Q
+    from attnfx.spec import AttentionSpec, ScoreOp
+
+    name, dt, d, nq, nk, group = case
+    dtype = dtype or DTYPES[dt]
+    build, mask = TILE_MASKS[name]
+    pred = MaskPredicate(build(Q, K, sympy)).to_key()
+    spec = AttentionSpec(
+        score_ops=(ScoreOp("mul", d**-0.5), ScoreOp("fill_pred", -math.inf, pred=pred)),
+        head_dim=d,
+        head_dim_v=d,
+        gqa_group=group,
+        dtype=str(dtype).removeprefix("torch."),
+        out_dtype=str(dtype).removeprefix("torch."),
+    )
+    assert make_plan(spec).schedule.kind is ScheduleKind.TILES
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    h = hk * group
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    q, k, v, dout = rnd(b, h, nq, d), rnd(b, hk, nk, d), rnd(b, hk, nk, d), rnd(b, h, nq, d)
+    keep = mask(torch.arange(nq, device=device)[:, None], torch.arange(nk, device=device)[None, :])
+
+    def math_attention(q, k, v):
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        s = ((q @ k.transpose(-2, -1)) * d**-0.5).masked_fill(~keep, float("-inf"))
+        return torch.softmax(s, dim=-1) @ v
+
+    run_under_rule(spec, math_attention, (q, k, v, dout), context="-".join(map(str, case)))
+
+
+@pytest.mark.parametrize("case", TILE_CASES, ids=["-".join(map(str, c)) for c in TILE_CASES])
+def test_tiles_schedule_fwd_bwd(case):
+    check_tiles_case(case)
 
 
 # ---------------------------------------------------------------------------------------

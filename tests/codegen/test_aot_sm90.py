@@ -29,6 +29,7 @@ import pytest
 import sympy
 import triton
 
+from attnfx.codegen.sass import ctas_per_sm
 from attnfx.predicate import K, MaskPredicate, Q
 from attnfx.spec import AttentionSpec, ScoreOp
 
@@ -151,10 +152,11 @@ def compile_case(case) -> list[dict]:
             rows.append(dict(row, error=f"{type(e).__name__}: {e}"[:2000]))
             continue
         row.update(resource_usage(k.asm["cubin"]), smem=k.metadata.shared)
-        if t.name == "fwd":
-            sass = _tool("cuobjdump", k.asm["cubin"], "-sass")
-            row["mma"] = bool(re.search(r"\bHGMMA\b|\bHMMA\b", sass))
-            row["tma"] = "UTMALDG" in sass  # bulk tensor copies (tensor descriptors)
+        listing = _tool("cuobjdump", k.asm["cubin"], "-sass")
+        row["mma_kinds"] = set(re.findall(r"\b(HGMMA|HMMA)\b", listing))
+        row["mma"] = bool(row["mma_kinds"])
+        row["tma"] = "UTMALDG" in listing  # bulk tensor copies (tensor descriptors)
+        row["ctas"] = ctas_per_sm(row["reg"], row["smem"], t.config.num_warps)
         rows.append(row)
     return rows
 
@@ -206,3 +208,23 @@ def test_sm90_compiles_without_spills(case, compiled):
         elif r["kernel"] == "fwd" and r["config"].tma and not r["tma"]:
             bad.append("tma config without TMA loads (UTMALDG): " + _fmt(r))
     assert not bad, "\n".join(bad)
+
+
+# Lean score programs (no aux tensor, GQA or sink; causal or no mask): the launch configs
+# chosen for them from the static report (attnfx.codegen.plan._LEAN).
+LEAN = [(64, "float16", "causal"), (128, "float16", "causal"), (128, "bfloat16", "none")]
+LEAN += [(64, "bfloat16", "sigmoid"), (128, "float16", "sigmoid")]
+LEAN += [(64, "float16", "softcap"), (128, "bfloat16", "softcap")]
+
+
+@pytest.mark.parametrize("case", LEAN, ids=[f"{d}-{t}-{k}" for d, t, k in LEAN])
+def test_lean_defaults_use_wgmma_and_two_ctas(case, compiled):
+    """Every matrix product of every default kernel is a wgmma (HGMMA, no mma.sync HMMA:
+    the D128 dK/dV default was 16x32 with HMMA only), and the 8-warp forward keeps two
+    CTAs per SM (at D64 the causal and soft-capped forwards took 159 registers and one)."""
+    rows = [r for r in compiled[case] if r["index"] == 0 and r["kernel"] != "bwd_pre"]
+    assert {r["kernel"] for r in rows} == {"fwd", "bwd_dkdv", "bwd_dq"}
+    for r in rows:
+        assert r["mma_kinds"] == {"HGMMA"}, _fmt(r)
+    (fwd,) = [r for r in rows if r["kernel"] == "fwd"]
+    assert fwd["ctas"] >= 2, _fmt(fwd)

@@ -259,7 +259,7 @@ def run_backward(spec: AttentionSpec, dout, q, k, v, aux, out, lse):
         BLOCK_DV=plan.block_dv,
     )
     extra = {"TANH_IMPL": tanh_impl(spec, interpret)} if plan.uses_tanh else {}
-    softmax = spec.activation == "softmax"
+    softmax = spec.act.normalized  # a row normalizer: the preprocess, dead rows
     zero = spec.fully_masked == "zero"
     delta = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
     m_row = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
@@ -392,7 +392,7 @@ def kernel_targets(spec: AttentionSpec, candidates: bool = True) -> list[KernelT
         BLOCK_DV=plan.block_dv,
     )
     aux_types = {f"A{i}": "*" + _tt(spec.aux_dtypes[i]) for i in plan.aux_used}
-    softmax = spec.activation == "softmax"
+    softmax = spec.act.normalized  # a row normalizer: the preprocess, dead rows
 
     def build(name, fn, types, cfg, consts, index):
         sig, cx = {}, {}

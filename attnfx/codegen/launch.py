@@ -181,7 +181,7 @@ def _pick(spec, kernel, fn, cands, interpret, nq, nk, device, grid_of, make_args
 def run_forward(spec: AttentionSpec, q, k, v, aux) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse): out (B, Hq, NQ, Dv) in ``spec.out_dtype``, laid out in memory as
     ``spec.out_layout`` says (``attnfx.ops.empty_output``); lse (B, Hq, NQ) float32."""
-    from attnfx.ops import empty_output
+    from attnfx.layout import empty_output
 
     spec = spec.resolved(q.shape[-1], v.shape[-1])  # one kernel per concrete head dim
     _check(spec, q, k, v)
@@ -368,7 +368,7 @@ class KernelTarget:
 
 
 def _tt(name: str) -> str:
-    from attnfx.ops import torch_dtype
+    from attnfx.layout import torch_dtype
 
     dt = torch_dtype(name)
     return _TORCH_TO_TRITON[torch.uint8 if dt == torch.bool else dt]

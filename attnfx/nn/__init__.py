@@ -1,10 +1,17 @@
 """Plain-PyTorch reference modules for the attention variants attnfx compiles.
 
 Each is written the way a researcher would write it, with no attnfx calls: the backend
-must find and rewrite them like any other model's attention.
+must find and rewrite them like any other model's attention.  The modules exported here
+are the ``reference`` of each record of the variant registry (``attnfx.variants``).
 """
 
-from attnfx.nn.selective import SelectiveAttention
-from attnfx.nn.sigmoid import SigmoidAttention
+from attnfx.variants import VARIANTS
 
-__all__ = ["SelectiveAttention", "SigmoidAttention"]
+
+def _references() -> dict[str, type]:
+    refs = (v.load("reference") for v in VARIANTS if v.reference is not None)
+    return {cls.__name__: cls for cls in refs}
+
+
+globals().update(_references())
+__all__ = sorted(_references())

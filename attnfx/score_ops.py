@@ -32,8 +32,9 @@ score tile, of its derivative factor and of the kept-pairs tile, or None), ``idx
 op's position), ``scaled`` and ``L`` (whether the scores are in log2 units, and the
 factor, log2(e) or 1, by which a score-valued constant is scaled), ``line(text)``,
 ``lit(x)`` (a float literal), ``index(expr)`` (a sympy expression of Q, K, NQ, NK over the
-tile's index vectors), ``scale_grad(x)`` (multiply the derivative by a constant) and
-``set_grad(expr)`` (assign the derivative).
+tile's index vectors), ``scale_grad(x)`` (multiply the derivative by a constant),
+``set_grad(expr)`` (assign the derivative) and ``need_grad()`` (the derivative as a
+variable ahead of the op's lines).
 """
 
 from __future__ import annotations
@@ -387,6 +388,8 @@ class FillPred(_Fill):
 
     def triton(self, op, e):
         i = e.idx
+        if e.grad is not None:
+            e.need_grad()
         e.line(f"kept{i} = {e.index(op.predicate.expr)}  # {op.predicate}")
         if e.s is not None:
             e.line(f"{e.s} = tl.where(kept{i}, {e.s}, {e.lit(op.value * e.L)})")

@@ -143,7 +143,6 @@ class _ScoreEmitter:
         self.s, self.grad, self.keep = s, grad, keep
         self.out: list[str] = []
         self.body: list[str] = []  # the current op's lines
-        self.guarded = False  # the current op's lines go under ``if APPLY_MASK:``
         self.idx = 0
         self.scaled, self.L = False, 1.0
         self.grad_const, self.grad_var = 1.0, False
@@ -161,11 +160,16 @@ class _ScoreEmitter:
         else:
             self.grad_const *= factor
 
+    def need_grad(self) -> None:
+        """The derivative as a variable, defined ahead of the current op's lines (which
+        may be guarded: the factor must exist on every path)."""
+        if not self.grad_var:
+            self.out.append(f"{self.grad} = {_lit(self.grad_const)}")
+            self.grad_var = True
+
     def set_grad(self, expr: str) -> None:
         if not self.grad_var:
-            # (ahead of a guarded block: the factor must exist on every path)
-            init = f"{self.grad} = {_lit(self.grad_const)}"
-            (self.out if self.guarded else self.body).append(init)
+            self.line(f"{self.grad} = {_lit(self.grad_const)}")
             self.grad_var = True
         self.line(f"{self.grad} = {expr}")
 
@@ -178,7 +182,9 @@ class _ScoreEmitter:
         self.out.extend(self.body)
 
     def emit(self, op, idx: int, guarded: bool) -> None:
-        self.idx, self.guarded, self.body = idx, guarded, []
+        self.idx, self.body = idx, []
+        if guarded and self.grad is not None:
+            self.need_grad()
         op.entry.triton(op, self)
         if guarded:
             self.out.append("if APPLY_MASK:  # only tiles the mask cuts through")

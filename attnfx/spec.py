@@ -181,6 +181,15 @@ class AttentionSpec:
         d = dataclasses.asdict(self)
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
+    @functools.cached_property
+    def kernel_key(self) -> str:
+        """``key`` without the report's ``kind``: what the computation is.  Kernels (their
+        source, loaded modules and tuned configs) are keyed by it, so that sites of two
+        kinds with the same math share one compiled and tuned kernel."""
+        d = dataclasses.asdict(self)
+        del d["kind"]
+        return json.dumps(d, sort_keys=True, separators=(",", ":"))
+
     @staticmethod
     @functools.lru_cache(maxsize=1024)
     def from_key(key: str) -> AttentionSpec:

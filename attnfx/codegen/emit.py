@@ -525,7 +525,7 @@ def _attn_fwd(
     tl.store(Lse + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=offs_m < N_Q)
 """
     return (
-        _HEADER.format(describe=spec.describe(), key=spec.key)
+        _HEADER.format(describe=spec.describe(), key=spec.kernel_key)
         + _HELPERS
         + _extra_helpers(spec)
         + "\n"
@@ -932,7 +932,7 @@ def _attn_bwd_dq(
     tl.store(DQ_blk + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask={_mask("(offs_m[:, None] < N_Q)", dims.d("col"))})
 """
     return (
-        _HEADER.format(describe=spec.describe(), key=spec.key)
+        _HEADER.format(describe=spec.describe(), key=spec.kernel_key)
         + _HELPERS
         + _extra_helpers(spec)
         + "\n"

@@ -341,6 +341,25 @@ class _Fill(ScoreOpKind):
         hit = self.hit(op, env)
         return env.fill(s, hit, op.value), hit
 
+    def test(self, op, e) -> tuple[str, str, bool]:
+        """The Triton test: (its name, its line's right-hand side, whether True means
+        filled — else kept)."""
+        raise NotImplementedError
+
+    def triton(self, op, e):
+        name, test, filled = self.test(op, e)
+        e.line(f"{name} = {test}")
+        fill = e.lit(op.value * e.L)
+        if e.s is not None:
+            where = f"{name}, {fill}, {e.s}" if filled else f"{name}, {e.s}, {fill}"
+            e.line(f"{e.s} = tl.where({where})")
+        if e.grad is not None:
+            e.set_grad(
+                f"tl.where({name}, 0.0, {e.grad})" if filled else f"tl.where({name}, {e.grad}, 0.0)"
+            )
+        if e.keep is not None:
+            e.line(f"{e.keep} = {e.keep} & {'~' if filled else ''}{name}")
+
 
 class FillAux(_Fill):
     """``where(aux == fill_where, value, s)``: ``masked_fill`` / ``where`` by a tensor."""
@@ -354,16 +373,10 @@ class FillAux(_Fill):
         hit = env.operand(op, torch.bool)
         return hit if op.fill_where else ~hit
 
-    def triton(self, op, e):
-        i = e.idx
+    def test(self, op, e):
         cmp = "!=" if op.fill_where else "=="
-        e.line(f"hit{i} = a{op.aux} {cmp} 0  # masked_fill where aux{op.aux} is {op.fill_where}")
-        if e.s is not None:
-            e.line(f"{e.s} = tl.where(hit{i}, {e.lit(op.value * e.L)}, {e.s})")
-        if e.grad is not None:
-            e.set_grad(f"tl.where(hit{i}, 0.0, {e.grad})")
-        if e.keep is not None:
-            e.line(f"{e.keep} = {e.keep} & ~hit{i}")
+        test = f"a{op.aux} {cmp} 0  # masked_fill where aux{op.aux} is {op.fill_where}"
+        return f"hit{e.idx}", test, True
 
 
 class FillPred(_Fill):
@@ -386,17 +399,13 @@ class FillPred(_Fill):
     def reads_lengths(self, op):
         return bool(op.predicate.expr.free_symbols & {NQ, NK})
 
+    def test(self, op, e):
+        return f"kept{e.idx}", f"{e.index(op.predicate.expr)}  # {op.predicate}", False
+
     def triton(self, op, e):
-        i = e.idx
         if e.grad is not None:
             e.need_grad()
-        e.line(f"kept{i} = {e.index(op.predicate.expr)}  # {op.predicate}")
-        if e.s is not None:
-            e.line(f"{e.s} = tl.where(kept{i}, {e.s}, {e.lit(op.value * e.L)})")
-        if e.grad is not None:
-            e.set_grad(f"tl.where(kept{i}, {e.grad}, 0.0)")
-        if e.keep is not None:
-            e.line(f"{e.keep} = {e.keep} & kept{i}")
+        super().triton(op, e)
 
 
 # ---------------------------------------------------------------------------------------

@@ -130,16 +130,30 @@ def _indent(lines: list[str], n: int) -> str:
     return "\n".join(pad + ln if ln else "" for ln in lines)
 
 
+class _Tile:
+    """Index expressions of a score tile in one orientation.
+
+    ``mn``: rows are queries (offs_m), columns keys (offs_n); ``nm``: transposed."""
+
+    def __init__(self, orient: str):
+        self.orient = orient
+        if orient == "mn":
+            self.m, self.n = "offs_m[:, None]", "offs_n[None, :]"
+        else:
+            self.m, self.n = "offs_m[None, :]", "offs_n[:, None]"
+
+    def index(self, expr) -> str:
+        """An index expression or predicate of Q, K, NQ, NK over the tile."""
+        return index_expr(expr, transposed=self.orient == "nm")
+
+
 class _ScoreEmitter:
     """Where a score op's Triton lines go (``ScoreOpKind.triton``): the tile's names and
     orientation, the log2 state, and the derivative factor, kept as a constant until an
-    op needs it as a tensor.
+    op needs it as a tensor."""
 
-    ``orient``: ``mn`` (rows are queries, offs_m; columns keys, offs_n) or ``nm``
-    (transposed)."""
-
-    def __init__(self, orient: str, s: str | None, grad: str | None, keep: str | None):
-        self.transposed = orient == "nm"
+    def __init__(self, tile: _Tile, s: str | None, grad: str | None, keep: str | None):
+        self.index = tile.index
         self.s, self.grad, self.keep = s, grad, keep
         self.out: list[str] = []
         self.body: list[str] = []  # the current op's lines
@@ -150,9 +164,6 @@ class _ScoreEmitter:
 
     def line(self, text: str) -> None:
         self.body.append(text)
-
-    def index(self, expr) -> str:
-        return index_expr(expr, transposed=self.transposed)
 
     def scale_grad(self, factor: float) -> None:
         if self.grad_var:
@@ -211,20 +222,17 @@ def score_program(
     op masked out.  The fill_pred used for block skipping is wrapped in
     ``if APPLY_MASK:`` (full tiles do not need it) when ``guard_skip``.
     """
-    e = _ScoreEmitter(orient, s, grad, keep)
+    t = _Tile(orient)
+    e = _ScoreEmitter(t, s, grad, keep)
     out = e.out
     fold = s is not None and plan.fold_log2e
-    if e.transposed:
-        m, n = "offs_m[None, :]", "offs_n[:, None]"
-    else:
-        m, n = "offs_m[:, None]", "offs_n[None, :]"
     for i in plan.aux_used:
         out.append(
-            f"a{i} = tl.load(A{i} + {m} * stride_a{i}m + {n} * stride_a{i}n, "
-            f"mask=({m} < N_Q) & ({n} < N_K), other=0)"
+            f"a{i} = tl.load(A{i} + {t.m} * stride_a{i}m + {t.n} * stride_a{i}n, "
+            f"mask=({t.m} < N_Q) & ({t.n} < N_K), other=0)"
         )
     if keep is not None:
-        out.append(f"{keep} = ({m} >= 0) & ({n} < N_K)")
+        out.append(f"{keep} = ({t.m} >= 0) & ({t.n} < N_K)")
     for idx, op in enumerate(spec.score_ops):
         e.L = LOG2E if e.scaled else 1.0
         if s is not None and fold and not e.scaled and idx >= plan.fold_start:

@@ -454,11 +454,6 @@ TABLE: dict[str, ScoreOpKind] = {
 }
 
 
-def entry(op) -> ScoreOpKind:
-    """The table entry of a ``ScoreOp``."""
-    return TABLE[op.op]
-
-
 def run(s: Tensor, ops, env: TorchEnv, *, with_grad: bool = False):
     """The torch reference of a score program: ``ops`` applied to ``s`` in order.
 

@@ -381,7 +381,7 @@ def conjunct_fills(cond, v, aux, score_shape, node) -> list[ScoreOp] | None:
             ops.append(
                 ScoreOp("fill_aux", value=v, aux=len(aux) + len(new_aux) - 1, fill_where=False)
             )
-    if not any(op.op == "fill_pred" for op in ops):
+    if not any(op.pred is not None for op in ops):  # no conjunct became a predicate
         return None
     aux.extend(new_aux)
     return ops

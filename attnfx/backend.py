@@ -33,7 +33,7 @@ import torch.fx as fx
 from attnfx import report
 from attnfx.passes import graph as G
 from attnfx.passes.canonicalize import canonicalize
-from attnfx.passes.match import find_sites
+from attnfx.passes.recognize import find_sites
 
 log = logging.getLogger("attnfx")
 _graph_ids = itertools.count()

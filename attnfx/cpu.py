@@ -46,7 +46,11 @@ import sympy
 import torch
 from torch import Tensor
 
+from attnfx import score_ops
+from attnfx.layout import torch_dtype
 from attnfx.predicate import K, Q
+from attnfx.reference import probabilities, reference_aux_gradients
+from attnfx.score_ops import TorchEnv
 from attnfx.spec import AttentionSpec
 
 # Upper bound of one block's float32 score tensor in the blocked path (measured on 2
@@ -82,22 +86,28 @@ def profitable(spec: AttentionSpec, needs_grad: bool) -> bool:
 def _sdpa_plan(spec: AttentionSpec):
     """(leading multipliers, mask ops, causal op) when the spec's form is one SDPA can
     run, else None."""
-    if spec.activation != "softmax" or spec.sink is not None:
+    if not spec.act.sdpa or spec.sink is not None:
         return None  # (a sink is an extra logit in the normalizer: not SDPA's form)
     ops = list(spec.score_ops)
     muls = []
-    while ops and ops[0].op in ("mul", "mul_sym", "mul_aux"):
+    while ops and ops[0].entry.form == "mul":
         muls.append(ops.pop(0))
     causal_op = None
     masks = []
     for op in ops:
-        if op.op in ("add_aux", "add_pos_aux") and spec.aux_dtypes[op.aux] in (
-            "float16",
-            "bfloat16",
-            "float32",
+        form = op.entry.form
+        if (
+            form == "add"
+            and op.aux is not None
+            and spec.aux_dtypes[op.aux]
+            in (
+                "float16",
+                "bfloat16",
+                "float32",
+            )
         ):
             masks.append(op)  # a position bias becomes part of the additive mask here
-        elif op.op in ("fill_pred", "fill_aux"):
+        elif form == "fill":
             v = op.value
             if v == -math.inf:
                 pass
@@ -105,7 +115,7 @@ def _sdpa_plan(spec: AttentionSpec):
                 pass
             else:
                 return None
-            if op.op == "fill_pred" and _top_left_causal(op.pred) and causal_op is None:
+            if op.pred is not None and _top_left_causal(op.pred) and causal_op is None:
                 causal_op = op  # SDPA's is_causal is exactly K <= Q (top-left)
                 continue
             masks.append(op)
@@ -140,9 +150,9 @@ def _multipliers(muls, aux, nq, nk):
     one is not constant along keys (a full-size ``mul_aux``)."""
     scale, rows = 1.0, None
     for op in muls:
-        if op.op == "mul":
+        if op.entry.operand == "const":
             scale *= op.value
-        elif op.op == "mul_sym":
+        elif op.entry.operand == "sym":
             scale *= _value_at(op, nq, nk)
         else:
             t = _compact(aux[op.aux])
@@ -158,21 +168,13 @@ def _combined_mask(spec, ops, aux, nq, nk, dtype, device):
     whose value is finite (those need every row to keep a key)."""
     mask = None
     finite_fill = False
+    env = _CachedEnv(aux, nq, nk, device=device)
     for op in ops:
-        if op.op == "add_aux":
-            term = aux[op.aux].to(dtype)
-        elif op.op == "add_pos_aux":
-            from attnfx.predicate import materialize_expr
-
-            pos = materialize_expr(op.sym, nq, nk, device=device).to(dtype)
-            term = aux[op.aux].to(dtype) * pos
+        if op.entry.form == "add":
+            # the op's additive term: the op applied to a zero score
+            term, _ = op.entry.apply(torch.zeros((), dtype=dtype, device=device), op, env)
         else:
-            if op.op == "fill_pred":
-                hit = ~_keep(op.pred, nq, nk)
-            else:
-                a = aux[op.aux]
-                hit = a.to(torch.bool)
-                hit = hit if op.fill_where else ~hit
+            hit = op.entry.hit(op, env)
             finite_fill |= op.value != -math.inf
             term = torch.zeros(hit.shape, dtype=dtype, device=device).masked_fill(
                 hit, float("-inf")
@@ -215,7 +217,7 @@ def _prepare(q, k, v, aux, spec):
     for t in (q, k, v):
         if not _finite(t):
             return None
-    if all(op.op == "fill_pred" for op in ops):  # the mask depends on the lengths only
+    if all(op.pred is not None for op in ops):  # the mask depends on the lengths only
         mask = _static_mask(spec.key, nq, nk)
         if mask is False:
             return None
@@ -345,27 +347,8 @@ def _rows_spec(spec: AttentionSpec, r0: int, nq: int, nk: int) -> AttentionSpec:
     """The spec of query rows ``r0..`` of an ``nq`` × ``nk`` call: predicates and
     length-dependent scalars still see global indices and lengths (a block may also read
     fewer keys)."""
-    import sympy
-
-    from attnfx.predicate import NK, NQ, MaskPredicate
-
-    if r0 == 0 and not any(
-        op.op in ("fill_pred", "add_pos_aux") or op.op.endswith("_sym") for op in spec.score_ops
-    ):
-        return spec
-
-    ops = []
-    for op in spec.score_ops:
-        if op.op == "fill_pred":
-            e = op.predicate.expr.subs({Q: Q + r0, NQ: nq, NK: nk}, simultaneous=True)
-            op = dataclasses.replace(op, pred=MaskPredicate(e).to_key())
-        elif op.op.endswith("_sym"):
-            op = dataclasses.replace(op, expr=sympy.srepr(op.sym.subs({NQ: nq, NK: nk})))
-        elif op.op == "add_pos_aux":
-            e = op.sym.subs({Q: Q + r0, NQ: nq, NK: nk}, simultaneous=True)
-            op = dataclasses.replace(op, expr=sympy.srepr(e))
-        ops.append(op)
-    return dataclasses.replace(spec, score_ops=tuple(ops))
+    ops = tuple(op.entry.rows(op, r0, nq, nk) for op in spec.score_ops)
+    return spec if ops == spec.score_ops else dataclasses.replace(spec, score_ops=ops)
 
 
 def _drops(value: float) -> bool:
@@ -380,12 +363,13 @@ def _key_limit_ops(spec: AttentionSpec) -> bool:
     additions and positive multipliers that keep a finite fill below -1e20."""
     found, factor, tensors = False, 1.0, False
     for op in spec.score_ops:
-        if op.op == "fill_pred" and _drops(op.value):
+        form, operand = op.entry.form, op.entry.operand
+        if operand == "pred" and _drops(op.value):
             if op.value != -math.inf and tensors:
                 # a tensor before a finite fill may push kept scores as low as the fill
                 return False
             found = True
-        elif found and op.op == "fill_aux" and op.value == -math.inf:
+        elif found and form == "fill" and operand == "aux" and op.value == -math.inf:
             pass  # (-inf stays -inf; a kept pair it fills is dropped as eager drops it)
         elif op.aux is not None:
             tensors = True
@@ -393,10 +377,10 @@ def _key_limit_ops(spec: AttentionSpec) -> bool:
                 return False
         elif not found:
             continue
-        elif op.op == "add" and abs(op.value) < 1e10:
+        elif (form, operand) == ("add", "const") and abs(op.value) < 1e10:
             pass
         elif (
-            op.op == "mul"
+            (form, operand) == ("mul", "const")
             and 0 < op.value < math.inf
             and _HUGE_NEGATIVE * factor * op.value < -1e20
         ):
@@ -412,14 +396,14 @@ def _key_limit(sp: AttentionSpec, rows: int, nk: int) -> int:
     all keys there)."""
     keep, finite = None, False
     for op in sp.score_ops:
-        if op.op != "fill_pred" or not _drops(op.value):
+        if op.pred is None or not _drops(op.value):
             continue
         m = _keep(op.pred, rows, nk)
         keep = m if keep is None else keep & m
         finite |= op.value != -math.inf
     if keep is None:
         return nk
-    if finite and sp.activation == "softmax" and not bool(keep.any(-1).all()):
+    if finite and sp.act.normalized and not bool(keep.any(-1).all()):
         return nk
     cols = keep.any(0).nonzero()
     return int(cols.max()) + 1 if cols.numel() else 1
@@ -441,55 +425,32 @@ def _aux_block(aux, rows, keys, nk):
     return [a[..., rows, :keys] if keys < nk else a[..., rows, :] for a in aux]
 
 
-_FAST_OPS = ("mul", "add", "mul_sym", "add_sym", "tanh", "fill_pred", "fill_aux")
-
-
 @functools.lru_cache(maxsize=1024)
 def _value_at(op, nq: int, nk: int) -> float:
     return op.value_at(nq, nk)
 
 
-def _score_program(s, sp, a, *, with_grad):
-    """``ops.apply_score_ops`` in place on the block's scores (same ops, same order, so
-    the same values), for the common ops; returns (scores, kept or None, derivative),
-    where kept is a broadcastable bool (None: every pair kept) and the derivative omits
-    the fills (the backward zeroes filled pairs through ``kept``)."""
-    nq, nk = s.shape[-2], s.shape[-1]
-    kept, d = None, 1.0
-    for op in sp.score_ops:
-        if op.op in ("mul", "mul_sym"):
-            m = op.value if op.op == "mul" else _value_at(op, nq, nk)
-            s.mul_(m)
-            d = d * m if with_grad else d
-        elif op.op in ("add", "add_sym"):
-            s.add_(op.value if op.op == "add" else _value_at(op, nq, nk))
-        elif op.op == "tanh":
-            s.tanh_()
-            d = (1 - s * s).mul_(d) if with_grad else d
-        else:
-            if op.op == "fill_pred":
-                hit = ~_keep(op.pred, nq, nk)
-            else:
-                hit = a[op.aux].to(torch.bool)
-                hit = hit if op.fill_where else ~hit
-            s.masked_fill_(hit, op.value)
-            kept = ~hit if kept is None else kept & ~hit
-    return s, kept, d
+class _CachedEnv(TorchEnv):
+    """The score ops' operands with the predicates' keep-masks and the length scalars
+    cached (they repeat block after block)."""
+
+    def value_at(self, op) -> float:
+        return _value_at(op, self.nq, self.nk)
+
+    def keep(self, op) -> Tensor:
+        return _keep(op.pred, self.nq, self.nk)
 
 
 def _probs(qb, kb, a, sp, *, with_grad):
-    """(probabilities, log-sum-exp, kept, d scores/d raw) of one block, in float32;
-    ``kept`` None when every pair is kept."""
-    from attnfx import ops
-
+    """(probabilities, log-sum-exp, filled pairs or None, d scores/d raw) of one block,
+    in float32: the score program in place on the block's scores (the table's torch
+    references: the same ops in the same order as ``reference.apply_score_ops``, so the
+    same values); the derivative is not zeroed on filled pairs (the caller does)."""
     s = torch.matmul(qb, kb.transpose(-2, -1))
-    if all(op.op in _FAST_OPS for op in sp.score_ops):
-        s, kept, d = _score_program(s, sp, a, with_grad=with_grad)
-    else:
-        s, kept, d = ops.apply_score_ops(s, sp, a, with_grad=with_grad)
-        kept = None if _all_kept(kept) else kept
-    p, lse = ops.probabilities(s, sp, a)  # (a sink joins the normalizer)
-    return p, lse, kept, d
+    env = _CachedEnv(a, s.shape[-2], s.shape[-1], inplace=True)
+    s, hit, d = score_ops.run(s, sp.score_ops, env, with_grad=with_grad)
+    p, lse = probabilities(s, sp, a)  # (a sink joins the normalizer)
+    return p, lse, hit, d
 
 
 def _work_dtype(q: Tensor, backward: bool = False) -> torch.dtype:
@@ -511,8 +472,6 @@ def _operands(q, k, v, spec, backward: bool = False):
 
 def reference_forward(q, k, v, aux, spec) -> tuple[Tensor, Tensor]:
     """The blocked float32 forward: output (``out_dtype``) and float32 log-sum-exp."""
-    from attnfx.ops import torch_dtype
-
     qq, kk, vv = _operands(q, k, v, spec)
     b, h, nq, _ = q.shape
     nk = k.shape[-2]
@@ -528,11 +487,6 @@ def reference_forward(q, k, v, aux, spec) -> tuple[Tensor, Tensor]:
         out[..., rows, :] = o
         lse[..., rows] = ls
     return out, lse
-
-
-def _all_kept(kept: Tensor) -> bool:
-    # apply_score_ops returns an expanded 0-d True when the program has no fill
-    return all(st == 0 for st in kept.stride()) and bool(kept.reshape(-1)[0])
 
 
 def reference_backward(dout, q, k, v, aux, spec) -> tuple[Tensor, Tensor, Tensor]:
@@ -555,31 +509,28 @@ def reference_backward(dout, q, k, v, aux, spec) -> tuple[Tensor, Tensor, Tensor
                 qq[..., rows, :],
                 do[..., rows, :],
             )
-            p, _, kept, factor = _probs(qb, kb, a, sp, with_grad=True)
+            p, _, filled, factor = _probs(qb, kb, a, sp, with_grad=True)
             if attempt == nk or not torch.isnan(p).any():
                 break
         dv[..., :attempt, :] += torch.matmul(p.transpose(-2, -1), dob)
         ds = torch.matmul(dob, vb.transpose(-2, -1))  # dp, made ds in place below
-        if sp.activation == "softmax":  # p ⊙ (dp − rowsum(p ⊙ dp))
-            ds.sub_((p * ds).sum(-1, keepdim=True)).mul_(p)
-        else:  # p ⊙ (1 − p) ⊙ dp
-            ds.mul_(p).mul_(p.neg_().add_(1))
+        ds = sp.act.ds_(p, ds)
         if isinstance(factor, Tensor) or factor != 1.0:
             ds.mul_(factor)
-        if kept is not None:
+        if filled is not None:
             # Filled scores get exactly zero gradient (as masked_fill's backward gives),
             # even where the row's probabilities are NaN.
-            ds.masked_fill_(~kept, 0.0)
+            ds.masked_fill_(filled, 0.0)
         dq[..., rows, :] = torch.matmul(ds, kb)
         dk[..., :attempt, :] += torch.matmul(ds.transpose(-2, -1), qb)
     return dq.to(q.dtype), _fold_group(dk, spec).to(k.dtype), _fold_group(dv, spec).to(v.dtype)
 
 
 def reference_aux_backward(dout, q, k, v, aux, spec, which) -> list[Tensor]:
-    """``ops.reference_aux_gradients`` in blocks of query rows, each gradient summed over
+    """``reference.reference_aux_gradients`` in blocks of query rows, each gradient summed over
     its aux tensor's broadcast dims in the accumulation dtype (across blocks too) and
-    rounded once (``ops.concentrate_gradient``)."""
-    from attnfx.ops import broadcast_dims, concentrate_gradient, reference_aux_gradients
+    rounded once (``reference.concentrate_gradient``)."""
+    from attnfx.reference import broadcast_dims, concentrate_gradient
 
     nq = q.shape[-2]
     rb = max(1, min(nq, BLOCK_BYTES * 2 // max(1, q.shape[0] * q.shape[1] * k.shape[-2] * 8)))

@@ -2,8 +2,9 @@
 
 A predicate says which (query, key) pairs are *kept*.  It is part of the IR: the mask
 analysis pass builds one from index arithmetic found in the graph, codegen prints it as
-Triton, the reference implementation materializes it with torch, and block skipping
-derives, from the same expression, which key blocks a query block may touch.
+Triton (``attnfx.codegen.printer``), the reference implementation materializes it with
+torch, and block skipping derives, from the same expression, which key blocks a query
+block may touch.
 
 Symbols: ``Q`` (query index), ``K`` (key index), ``NQ`` and ``NK`` (query and key lengths,
 known only at run time, so that one kernel serves every sequence length).
@@ -84,23 +85,6 @@ class MaskPredicate:
         bool tensor (or a Python bool, for a predicate free of Q and K)."""
         return _eval_torch(self.expr, {Q: q, K: k, NQ: nq, NK: nk})
 
-    def to_triton(
-        self,
-        q: str = "offs_m",
-        k: str = "offs_n",
-        nq: str = "N_Q",
-        nk: str = "N_K",
-        *,
-        transposed: bool = False,
-    ) -> str:
-        """The predicate as a Triton expression over broadcastable index vectors.
-
-        The tile is (queries, keys) -- ``q[:, None]``, ``k[None, :]`` -- or, with
-        ``transposed=True``, (keys, queries) -- ``q[None, :]``, ``k[:, None]`` -- as in a
-        backward kernel that holds a key block and walks query blocks."""
-        qi, ki = ("[None, :]", "[:, None]") if transposed else ("[:, None]", "[None, :]")
-        return _TritonPrinter({Q: q + qi, K: k + ki, NQ: nq, NK: nk}).doprint(self.expr)
-
 
 def materialize_expr(expr, nq: int, nk: int, device=None):
     """A ``(nq, nk)`` float32 tensor of the index expression ``expr`` over Q, K, NQ, NK
@@ -111,12 +95,6 @@ def materialize_expr(expr, nq: int, nk: int, device=None):
     k = torch.arange(nk, device=device).view(1, nk)
     out = _eval_torch(expr, {Q: q, K: k, NQ: nq, NK: nk})
     return torch.as_tensor(out, device=device).to(torch.float32).expand(nq, nk)
-
-
-def expr_to_triton(expr, *, transposed: bool = False) -> str:
-    """An index expression as Triton source over the tile's ``offs_m`` / ``offs_n``."""
-    qi, ki = ("[None, :]", "[:, None]") if transposed else ("[:, None]", "[None, :]")
-    return _TritonPrinter({Q: "offs_m" + qi, K: "offs_n" + ki, NQ: "N_Q", NK: "N_K"}).doprint(expr)
 
 
 def _rebind(expr):
@@ -158,7 +136,7 @@ def _eval_torch(e, env):
     if isinstance(e, sympy.Mod):
         return ev(e.args[0]) % ev(e.args[1])
     if isinstance(e, sympy.floor):
-        num, den = _floor_fraction(e)
+        num, den = floor_fraction(e)
         return ev(num) // ev(den)
     if isinstance(e, sympy.Min):
         return functools.reduce(
@@ -171,67 +149,13 @@ def _eval_torch(e, env):
     raise ValueError(f"cannot evaluate {type(e).__name__} in a mask predicate: {e}")
 
 
-def _floor_fraction(e):
+def floor_fraction(e):
     """``floor(arg)`` as ``(num, den)`` with ``floor(arg) == num // den``.
 
     sympy distributes the division (``floor((Q + 1)/2)`` is stored as
     ``floor(Q/2 + 1/2)``), so the fraction is rebuilt with ``together``."""
     num, den = sympy.fraction(sympy.together(e.args[0]))
     return num, den
-
-
-class _TritonPrinter:
-    """Prints the small sympy subset the mask analysis produces as Triton source."""
-
-    def __init__(self, names):
-        self.names = names
-
-    def doprint(self, e) -> str:
-        p = self.doprint
-        if e in self.names:
-            return self.names[e]
-        if e is sympy.true:
-            return "True"
-        if e is sympy.false:
-            return "False"
-        if isinstance(e, sympy.Integer):
-            return str(int(e))
-        if isinstance(e, sympy.Rational):
-            return f"({e.p} / {e.q})"
-        if isinstance(e, sympy.And):
-            return "(" + " & ".join(p(a) for a in e.args) + ")"
-        if isinstance(e, sympy.Or):
-            return "(" + " | ".join(p(a) for a in e.args) + ")"
-        if isinstance(e, sympy.Not):
-            return f"(~{p(e.args[0])})"
-        if isinstance(e, sympy.Rel):
-            return f"({p(e.lhs)} {e.rel_op} {p(e.rhs)})"
-        if isinstance(e, sympy.Add):
-            return "(" + " + ".join(p(a) for a in e.args) + ")"
-        if isinstance(e, sympy.Mul):
-            return "(" + " * ".join(p(a) for a in e.args) + ")"
-        if isinstance(e, sympy.Abs):
-            return f"tl.abs({p(e.args[0])})"
-        if isinstance(e, sympy.Mod):
-            # Python/sympy modulo is floored; Triton's % truncates like C.
-            a, b = (p(x) for x in e.args)
-            return f"((({a}) % ({b}) + ({b})) % ({b}))"
-        if isinstance(e, sympy.floor):
-            # floor(x / c) from floor division of integers
-            num, den = _floor_fraction(e)
-            return f"_floordiv({p(num)}, {p(den)})"
-        if isinstance(e, sympy.Min):
-            return _fold("tl.minimum", [p(a) for a in e.args])
-        if isinstance(e, sympy.Max):
-            return _fold("tl.maximum", [p(a) for a in e.args])
-        raise ValueError(f"cannot print {type(e).__name__} in a Triton mask: {e}")
-
-
-def _fold(fn, items):
-    out = items[0]
-    for x in items[1:]:
-        out = f"{fn}({out}, {x})"
-    return out
 
 
 _FLIP = {

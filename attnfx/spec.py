@@ -28,20 +28,11 @@ import math
 
 import sympy
 
+from attnfx.activation import ACTIVATIONS, Activation
 from attnfx.predicate import MaskClass, MaskPredicate
+from attnfx.score_ops import TABLE, ScoreOpKind
 
-SCORE_OPS = (
-    "mul",
-    "add",
-    "mul_aux",
-    "add_aux",
-    "fill_aux",
-    "fill_pred",
-    "tanh",
-    "add_sym",
-    "mul_sym",
-    "add_pos_aux",
-)
+SCORE_OPS = tuple(TABLE)  # the score-op table's entries, by name (attnfx.score_ops)
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 AUX_DTYPES = DTYPES + ("bool", "int32", "int64", "uint8")
 
@@ -89,14 +80,16 @@ class ScoreOp:
     expr: str | None = None  # sympy srepr over NQ, NK, for add_sym / mul_sym
 
     def __post_init__(self):
-        if self.op not in SCORE_OPS:
+        if self.op not in TABLE:
             raise ValueError(f"unknown score op {self.op!r}")
-        if self.op.endswith("_aux") and self.aux is None:
-            raise ValueError(f"{self.op} needs an aux index")
-        if self.op == "fill_pred" and self.pred is None:
-            raise ValueError("fill_pred needs a predicate")
-        if (self.op.endswith("_sym") or self.op == "add_pos_aux") and self.expr is None:
-            raise ValueError(f"{self.op} needs an expression")
+        for name in self.entry.needs:
+            if getattr(self, name) is None:
+                raise ValueError(f"{self.op} needs {_OPERAND_NAMES[name]}")
+
+    @property
+    def entry(self) -> ScoreOpKind:
+        """The op's entry in the score-op table."""
+        return TABLE[self.op]
 
     @property
     def sym(self):
@@ -113,25 +106,10 @@ class ScoreOp:
         return MaskPredicate.from_key(self.pred) if self.pred is not None else None
 
     def describe(self) -> str:
-        if self.op == "mul":
-            return f"*{self.value:.6g}"
-        if self.op == "add":
-            return f"+{self.value:.6g}"
-        if self.op == "mul_aux":
-            return f"*aux{self.aux}"
-        if self.op == "add_aux":
-            return f"+aux{self.aux}"
-        if self.op == "fill_aux":
-            return f"fill({'' if self.fill_where else '~'}aux{self.aux}, {self.value:g})"
-        if self.op == "tanh":
-            return "tanh"
-        if self.op == "add_pos_aux":
-            return f"+aux{self.aux}·({self.sym})"
-        if self.op == "add_sym":
-            return f"+({self.sym})"
-        if self.op == "mul_sym":
-            return f"*({self.sym})"
-        return f"keep[{self.predicate.mask_class.describe()}] else {self.value:g}"
+        return self.entry.describe(self)
+
+
+_OPERAND_NAMES = {"aux": "an aux index", "pred": "a predicate", "expr": "an expression"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +143,7 @@ class AttentionSpec:
     sink: int | None = None
 
     def __post_init__(self):
-        if self.activation not in ("softmax", "sigmoid"):
+        if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}")
         for d in (self.dtype, self.out_dtype):
             if d not in DTYPES:
@@ -185,17 +163,31 @@ class AttentionSpec:
         if self.gqa_group < 1:
             raise ValueError("gqa_group must be >= 1")
         if self.sink is not None:
-            if self.activation != "softmax":
+            if not self.act.normalized:
                 raise ValueError("an attention sink joins a softmax normalizer: softmax only")
             if not 0 <= self.sink < len(self.aux_dtypes):
                 raise ValueError(f"sink reads a missing aux tensor {self.sink}")
             if any(op.aux == self.sink for op in self.score_ops):
                 raise ValueError("the sink's aux tensor is not a score operand")
 
+    @property
+    def act(self) -> Activation:
+        """The activation's object (``attnfx.activation``)."""
+        return ACTIVATIONS[self.activation]
+
     # -- serialization -----------------------------------------------------------------
     @functools.cached_property
     def key(self) -> str:
         d = dataclasses.asdict(self)
+        return json.dumps(d, sort_keys=True, separators=(",", ":"))
+
+    @functools.cached_property
+    def kernel_key(self) -> str:
+        """``key`` without the report's ``kind``: what the computation is.  Kernels (their
+        source, loaded modules and tuned configs) are keyed by it, so that sites of two
+        kinds with the same math share one compiled and tuned kernel."""
+        d = dataclasses.asdict(self)
+        del d["kind"]
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     @staticmethod
@@ -229,16 +221,20 @@ class AttentionSpec:
     @property
     def scale(self) -> float:
         """Product of the constant multipliers of the score program."""
-        return math.prod(op.value for op in self.score_ops if op.op == "mul")
+        return math.prod(
+            op.value
+            for op in self.score_ops
+            if op.entry.form == "mul" and op.entry.operand == "const"
+        )
 
     @property
     def predicates(self) -> tuple[MaskPredicate, ...]:
-        return tuple(op.predicate for op in self.score_ops if op.op == "fill_pred")
+        return tuple(op.predicate for op in self.score_ops if op.entry.operand == "pred")
 
     @property
     def mask_class(self) -> MaskClass:
         """The mask as the report shows it: none, causal, window, predicate or tensor."""
-        has_tensor = any(op.op in ("fill_aux", "add_aux") for op in self.score_ops)
+        has_tensor = any(op.entry.tensor_mask for op in self.score_ops)
         preds = self.predicates
         if len(preds) == 1 and not has_tensor:
             return preds[0].mask_class
@@ -272,8 +268,8 @@ def _resolve(key: str, d: int, dv: int) -> AttentionSpec:
     for op in spec.score_ops:
         if op.expr is not None and HEAD_DIM in op.sym.free_symbols:
             e = op.sym.xreplace({HEAD_DIM: sympy.Integer(d)})
-            if op.op.endswith("_sym") and not e.free_symbols:
-                op = ScoreOp(op.op.removesuffix("_sym"), value=float(e))
+            if op.entry.constant_form is not None and not e.free_symbols:
+                op = ScoreOp(op.entry.constant_form, value=float(e))
             else:
                 op = dataclasses.replace(op, expr=sympy.srepr(e))
         ops.append(op)

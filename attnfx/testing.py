@@ -264,7 +264,7 @@ def assert_rewrites_match_eager(
     """
     import copy
 
-    import attnfx
+    from attnfx.report import counters as attnfx_counters
 
     model = model.eval()
     gold_m = copy.deepcopy(model).double()
@@ -277,8 +277,8 @@ def assert_rewrites_match_eager(
         _prep_inputs(inputs, gidx, True),
     )
     cand = cm(*c_in)
-    counters = dict(attnfx.counters)
-    assert attnfx.counters[f"rewritten.{kind}"] == sites, counters
+    counters = dict(attnfx_counters)
+    assert attnfx_counters[f"rewritten.{kind}"] == sites, counters
     assert not [k for k in counters if k.startswith("kept.")], counters
     base, gold = base_m(*b_in), gold_m(*g_in)
     kw = {"transcendental": transcendental}

@@ -364,18 +364,19 @@ def _causal_key() -> str:
 def attnfx_spec(variant: str, shape: Shape):
     """The AttentionSpec of an attnfx provider's variant at ``shape``."""
     from attnfx.spec import AttentionSpec, ScoreOp
+    from attnfx.variants import of_benchmark
 
     d = shape.D
     ops = [ScoreOp("mul", d**-0.5)]
-    act, kind, aux = "softmax", "softmax", ()
+    # the report's kind and the activation: the registry's variant this one measures
+    measured = of_benchmark(PROVIDERS[f"attnfx-{variant}"][1])
+    act, kind, aux = measured.activation, measured.kind, ()
     if variant == "sigmoid":
-        act = kind = "sigmoid"
         ops.append(ScoreOp("add", -math.log(shape.N)))
     elif variant == "temp-aux":
-        kind, aux = "temperature", ("float32",)
+        aux = ("float32",)
         ops.append(ScoreOp("mul_aux", aux=0))
     elif variant == "softcap":
-        kind = "temperature"
         ops = [ScoreOp("mul", d**-0.5 / SOFTCAP), ScoreOp("tanh"), ScoreOp("mul", SOFTCAP)]
     elif variant == "alibi":
         import sympy

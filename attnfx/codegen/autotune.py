@@ -1,6 +1,6 @@
 """Autotuning of launch configs (CUDA only).
 
-The first launch of a kernel for a tuning key -- (spec key, kernel, padded head dims,
+The first launch of a kernel for a tuning key -- (spec kernel key, kernel, padded head dims,
 dtype, GPU name, sequence-length buckets, torch / triton / codegen versions, codegen
 features, candidate list) -- compiles the kernel's candidate configs (``plan.configs``),
 drops those that cannot win or cannot run, times the rest with a short
@@ -102,7 +102,7 @@ def make_key(
 
     v = vers or versions()
     return TuneKey(
-        spec_key=spec.key,
+        spec_key=spec.kernel_key,
         kernel=kernel,
         block_d=block_d or _padded(spec.head_dim),
         block_dv=block_dv or _padded(spec.head_dim_v),

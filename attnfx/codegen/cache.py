@@ -2,7 +2,8 @@
 
 Each spec yields two modules, ``<hash>_fwd.py`` and ``<hash>_bwd.py``, written to
 ``$ATTNFX_CACHE_DIR`` (default ``~/.cache/attnfx``) under a version folder, and copied to
-``$ATTNFX_DUMP_DIR`` when that is set.  A module is loaded once per (spec, part, target):
+``$ATTNFX_DUMP_DIR`` when that is set.  A module is loaded once per (spec, part, target),
+the spec by its ``kernel_key`` (the report's kind is not part of the kernel):
 ``interpret=True`` loads it with ``TRITON_INTERPRET=1`` in effect while its functions are
 decorated (Triton reads the flag in ``@triton.jit``), so the kernels run under Triton's
 interpreter on CPU tensors; ``interpret=False`` gives real ``JITFunction`` objects (GPU
@@ -48,7 +49,7 @@ class CacheError(RuntimeError):
 
 
 def short_hash(spec: AttentionSpec) -> str:
-    return hashlib.sha256(f"{VERSION}:{spec.key}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{VERSION}:{spec.kernel_key}".encode()).hexdigest()[:16]
 
 
 def cache_dir() -> Path:
@@ -97,7 +98,7 @@ def _save(path: Path, text: str, problem: str) -> bool:
 
 
 def get_source(spec: AttentionSpec, part: str) -> str:
-    key = (spec.key, part)
+    key = (spec.kernel_key, part)
     with _lock:
         if key not in _sources:
             _sources[key] = emit.source(spec, part)
@@ -124,7 +125,7 @@ def _interpret_mode(interpret: bool):
 
 def load_module(spec: AttentionSpec, part: str, interpret: bool):
     """The generated module for ``spec`` (``part``: "fwd" or "bwd")."""
-    key = (spec.key, part, interpret)
+    key = (spec.kernel_key, part, interpret)
     with _lock:
         mod = _modules.get(key)
         if mod is not None:

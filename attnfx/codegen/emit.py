@@ -19,8 +19,8 @@ import textwrap
 
 from attnfx.codegen import library, templates
 from attnfx.codegen.plan import HUGE_LSE, LOG2E, Plan, ScheduleKind, make_plan
+from attnfx.codegen.printer import index_expr
 from attnfx.codegen.signature import KERNEL_ARGS, Param, Signature, dead_rows_fix
-from attnfx.predicate import expr_to_triton
 from attnfx.spec import AttentionSpec
 
 LN2 = 0.6931471805599453
@@ -46,10 +46,66 @@ class _Tile:
         else:
             self.m, self.n = "offs_m[None, :]", "offs_n[:, None]"
 
-    def pred(self, predicate) -> str:
-        return predicate.to_triton(
-            q="offs_m", k="offs_n", nq="N_Q", nk="N_K", transposed=self.orient == "nm"
-        )
+    def index(self, expr) -> str:
+        """An index expression or predicate of Q, K, NQ, NK over the tile."""
+        return index_expr(expr, transposed=self.orient == "nm")
+
+
+class _ScoreEmitter:
+    """Where a score op's Triton lines go (``ScoreOpKind.triton``): the tile's names and
+    orientation, the log2 state, and the derivative factor, kept as a constant until an
+    op needs it as a tensor."""
+
+    def __init__(self, tile: _Tile, s: str | None, grad: str | None, keep: str | None):
+        self.index = tile.index
+        self.s, self.grad, self.keep = s, grad, keep
+        self.out: list[str] = []
+        self.body: list[str] = []  # the current op's lines
+        self.idx = 0
+        self.scaled, self.L = False, 1.0
+        self.grad_const, self.grad_var = 1.0, False
+        self.lit = _lit
+
+    def line(self, text: str) -> None:
+        self.body.append(text)
+
+    def scale_grad(self, factor: float) -> None:
+        if self.grad_var:
+            self.line(f"{self.grad} = {self.grad} * {_lit(factor)}")
+        else:
+            self.grad_const *= factor
+
+    def need_grad(self) -> None:
+        """The derivative as a variable, defined ahead of the current op's lines (which
+        may be guarded: the factor must exist on every path)."""
+        if not self.grad_var:
+            self.out.append(f"{self.grad} = {_lit(self.grad_const)}")
+            self.grad_var = True
+
+    def set_grad(self, expr: str) -> None:
+        if not self.grad_var:
+            self.line(f"{self.grad} = {_lit(self.grad_const)}")
+            self.grad_var = True
+        self.line(f"{self.grad} = {expr}")
+
+    def fold_scale(self, op) -> None:
+        """A constant multiplier that also brings the scores to log2 units."""
+        self.body = []
+        self.line(f"{self.s} = {self.s} * {_lit(op.value * LOG2E)}  # * {op.value!r} * log2(e)")
+        if self.grad is not None:
+            self.scale_grad(op.value)
+        self.out.extend(self.body)
+
+    def emit(self, op, idx: int, guarded: bool) -> None:
+        self.idx, self.body = idx, []
+        if guarded and self.grad is not None:
+            self.need_grad()
+        op.entry.triton(op, self)
+        if guarded:
+            self.out.append("if APPLY_MASK:  # only tiles the mask cuts through")
+            self.out.extend("    " + b for b in self.body)
+        else:
+            self.out.extend(self.body)
 
 
 def score_program(
@@ -71,9 +127,9 @@ def score_program(
     ``if APPLY_MASK:`` (full tiles do not need it) when ``guard_skip``.
     """
     t = _Tile(orient)
-    out: list[str] = []
+    e = _ScoreEmitter(t, s, grad, keep)
+    out = e.out
     fold = s is not None and plan.fold_log2e
-    scaled = False
     for i in plan.aux_used:
         out.append(
             f"a{i} = tl.load(A{i} + {t.m} * stride_a{i}m + {t.n} * stride_a{i}n, "
@@ -81,95 +137,20 @@ def score_program(
         )
     if keep is not None:
         out.append(f"{keep} = ({t.m} >= 0) & ({t.n} < N_K)")
-    grad_const = 1.0
-    grad_var = False  # whether the factor lives in the variable `grad`
-
-    def to_var():
-        nonlocal grad_var
-        if not grad_var:
-            out.append(f"{grad} = {_lit(grad_const)}")
-            grad_var = True
-
     for idx, op in enumerate(spec.score_ops):
-        L = LOG2E if scaled else 1.0
-        if s is not None and fold and not scaled and idx >= plan.fold_start:
-            if op.op == "mul":
-                out.append(f"{s} = {s} * {_lit(op.value * LOG2E)}  # * {op.value!r} * log2(e)")
-                scaled = True
-                if grad is not None:
-                    if grad_var:
-                        out.append(f"{grad} = {grad} * {_lit(op.value)}")
-                    else:
-                        grad_const *= op.value
+        e.L = LOG2E if e.scaled else 1.0
+        if s is not None and fold and not e.scaled and idx >= plan.fold_start:
+            e.scaled = True
+            if (op.entry.form, op.entry.operand) == ("mul", "const"):
+                e.fold_scale(op)
                 continue
             out.append(f"{s} = {s} * 1.4426950408889634  # scores in log2 units: exp -> exp2")
-            scaled, L = True, LOG2E
-        if op.op == "mul":
-            if s is not None:
-                out.append(f"{s} = {s} * {_lit(op.value)}")
-            if grad is not None:
-                if grad_var:
-                    out.append(f"{grad} = {grad} * {_lit(op.value)}")
-                else:
-                    grad_const *= op.value
-        elif op.op == "add":
-            if s is not None:
-                out.append(f"{s} = {s} + {_lit(op.value * L)}")
-        elif op.op == "tanh":
-            assert s is None or not scaled
-            if s is not None:
-                out.append(f"{s} = _tanh({s}, TANH_IMPL)")
-            if grad is not None:
-                # d tanh(x)/dx = 1 - tanh(x)^2, on the value just computed
-                to_var()
-                out.append(f"{grad} = {grad} * (1.0 - {s} * {s})")
-        elif op.op == "mul_aux":
-            if s is not None:
-                out.append(f"{s} = {s} * a{op.aux}.to(tl.float32)")
-            if grad is not None:
-                to_var()
-                out.append(f"{grad} = {grad} * a{op.aux}.to(tl.float32)")
-        elif op.op == "add_aux":
-            if s is not None:
-                assert not scaled
-                out.append(f"{s} = {s} + a{op.aux}.to(tl.float32)")
-        elif op.op == "add_pos_aux":
-            if s is not None:
-                assert not scaled
-                pos = expr_to_triton(op.sym, transposed=t.orient == "nm")
-                out.append(
-                    f"{s} = {s} + a{op.aux}.to(tl.float32) * ({pos}).to(tl.float32)  # {op.sym}"
-                )
-        elif op.op == "fill_aux":
-            cmp = "!=" if op.fill_where else "=="
-            out.append(
-                f"hit{idx} = a{op.aux} {cmp} 0  # masked_fill where aux{op.aux} is {op.fill_where}"
-            )
-            if s is not None:
-                out.append(f"{s} = tl.where(hit{idx}, {_lit(op.value * L)}, {s})")
-            if grad is not None:
-                to_var()
-                out.append(f"{grad} = tl.where(hit{idx}, 0.0, {grad})")
-            if keep is not None:
-                out.append(f"{keep} = {keep} & ~hit{idx}")
-        elif op.op == "fill_pred":
-            body = [f"kept{idx} = {t.pred(op.predicate)}  # {op.predicate}"]
-            if s is not None:
-                body.append(f"{s} = tl.where(kept{idx}, {s}, {_lit(op.value * L)})")
-            if grad is not None:
-                to_var()
-                body.append(f"{grad} = tl.where(kept{idx}, {grad}, 0.0)")
-            if keep is not None:
-                body.append(f"{keep} = {keep} & kept{idx}")
-            if guard_skip and idx == plan.skip_op:
-                out.append("if APPLY_MASK:  # only tiles the mask cuts through")
-                out.extend("    " + b for b in body)
-            else:
-                out.extend(body)
-    if s is not None and fold and not scaled:
+            e.L = LOG2E
+        e.emit(op, idx, guarded=guard_skip and idx == plan.skip_op)
+    if s is not None and fold and not e.scaled:
         out.append(f"{s} = {s} * 1.4426950408889634  # scores in log2 units: exp -> exp2")
-    if grad is not None and not grad_var:
-        out.append(f"{grad} = {_lit(grad_const)}")
+    if grad is not None and not e.grad_var:
+        out.append(f"{grad} = {_lit(e.grad_const)}")
     return out
 
 
@@ -219,43 +200,23 @@ class _Dims:
         )
 
 
-def _softmax_init(
+def _state_init(
     spec: AttentionSpec, plan: Plan, m: str, lsum: str, base: str = "_blk"
 ) -> list[str]:
-    """Initial running (max, sum) of an online softmax: (-inf, 0), or with a sink the
-    sink's logit and exp(sink - sink) = 1, so that it is one more term of the normalizer
-    (a sink of -inf is no term: sum 0)."""
-    if spec.sink is None:
-        return [
-            f'{m} = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max',
-            f"{lsum} = tl.full([BLOCK_M], 0, dtype=tl.float32)  # running row sum",
-        ]
-    i = spec.sink
-    unit = " * 1.4426950408889634" if plan.fold_log2e else ""
-    neg_inf = 'float("-inf")'
-    load = _load(f"A{i}{base} + offs_m.to(tl.int64) * stride_a{i}m", "offs_m < N_Q", neg_inf)
-    return [
-        "# -- the sink's logit starts the online softmax (one extra term per row)",
-        f"{m} = {load}.to(tl.float32){unit}",
-        f'{lsum} = tl.where({m} == float("-inf"), 0.0, 1.0)',
-    ]
+    """The activation's initial running row state (``m``, ``lsum``: the names of an online
+    softmax's max and sum), with the load of the sink's logits if the spec has a sink."""
+    sink = None
+    if spec.sink is not None:
+        i = spec.sink
+        neg_inf = 'float("-inf")'
+        sink = _load(f"A{i}{base} + offs_m.to(tl.int64) * stride_a{i}m", "offs_m < N_Q", neg_inf)
+    return spec.act.init_lines(m, lsum, sink, plan.fold_log2e)
 
 
 def _gated(name: str, expr: str, keep: str, gate: bool) -> str:
     if not gate:
         return f"{name} = {expr}"
     return f"{name} = tl.where({keep}, {expr}, 0.0)  # filled scores: exactly zero gradient"
-
-
-def _p_lines(plan: Plan, p: str, s: str, bc: str) -> list[str]:
-    """p = exp(s - lse), from the row statistic m_row (lse, in the scores' units) and,
-    with ``row_norm``, lg_row (0, or log l of a row whose huge lse lost it)."""
-    arg = f"{s} - m_row{bc}"
-    if plan.row_norm:
-        arg = f"({arg}) - lg_row{bc}"
-    if not plan.fold_log2e:
-        arg = f"({arg}) * 1.4426950408889634"
-    return [f"{p} = tl.exp2({arg})"]
 
 
 def _row_norm_lines(spec: AttentionSpec, plan: Plan, dims: _Dims) -> list[str]:
@@ -284,7 +245,7 @@ def _row_norm_lines(spec: AttentionSpec, plan: Plan, dims: _Dims) -> list[str]:
         "    K_blk = K + off_b * stride_kb + off_hk * stride_kh",
         "    offs_d = tl.arange(0, BLOCK_D)",
         f"    q = {_load('Q_blk + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd', _mask('(offs_m[:, None] < N_Q)', dims.d('col')))}",
-        *["    " + x for x in _softmax_init(spec, plan, "m_r", "l_r", base="")],
+        *["    " + x for x in _state_init(spec, plan, "m_r", "l_r", base="")],
         "    for start_n in range(0, N_K, BLOCK_N):",
         "        offs_n = start_n + tl.arange(0, BLOCK_N)",
         f"        kT = {_load(kptr, _mask('(offs_n[None, :] < N_K)', dims.d('row')))}",
@@ -417,7 +378,7 @@ def _header(spec: AttentionSpec, plan: Plan) -> str:
     return templates.fill(
         templates.HEADER,
         describe=spec.describe(),
-        key=spec.key,
+        key=spec.kernel_key,
         schedule=plan.schedule.describe(),
         helpers=textwrap.wrap(
             ", ".join(library.__all__), 86, initial_indent="#   ", subsequent_indent="#   "
@@ -450,63 +411,20 @@ def _values(*names: str) -> list[Param]:
 
 def _fwd_update(spec: AttentionSpec, plan: Plan, kmask_tail: str) -> list[str]:
     """The activation's block update: the online softmax, or sigmoid's plain sum."""
-    if spec.activation == "softmax":
-        return [
-            "if APPLY_MASK:  # keys past the end do not exist",
-            f'    s = tl.where({kmask_tail}, s, float("-inf"))',
-            "# -- online softmax: the new row max, this block's probabilities and alpha, the",
-            "#    factor that rescales the running sum and accumulator to the new max",
-            f"m_ij, p, alpha = _online_softmax(m_i, s, {plan.fold_log2e})",
-            "l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)",
-            "acc = acc * alpha[:, None]",
-            f"acc = tl.dot(p.to(v.dtype), v, acc{_prec(spec)})",
-            "m_i = m_ij",
-        ]
-    return [
-        "# -- sigmoid: no row max, no normalizer, no rescale",
-        "p = _sigmoid(s, TANH_IMPL)",
-        "if APPLY_MASK:  # keys past the end do not exist",
-        f"    p = tl.where({kmask_tail}, p, 0.0)",
-        f"acc = tl.dot(p.to(v.dtype), v, acc{_prec(spec)})",
-    ]
+    return spec.act.update_lines(plan.fold_log2e, _prec(spec), kmask_tail)
 
 
 def _fwd_init(spec: AttentionSpec, plan: Plan) -> list[str]:
     init = ["acc = tl.full([BLOCK_M, BLOCK_DV], 0, dtype=tl.float32)"]
-    if spec.activation == "softmax":
-        init = _softmax_init(spec, plan, "m_i", "l_i") + init
-    return init
+    return _state_init(spec, plan, "m_i", "l_i") + init
 
 
 def _fwd_epilogue(spec: AttentionSpec, plan: Plan) -> list[str]:
-    softmax = spec.activation == "softmax"
-    if softmax:
-        lse = (
-            "lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log"
-            if plan.fold_log2e
-            else "lse = m_i + tl.log(l_i)"
-        )
-        epi = [
-            "# -- epilogue: normalize; a row whose scores are all -inf gives 0 / 0 = NaN,",
-            "#    as eager softmax does (fully_masked='preserve')",
-            "out = acc / l_i[:, None]",
-            lse,
-        ]
-    else:
-        epi = [
-            "out = acc",
-            "lse = tl.full([BLOCK_M], 0, dtype=tl.float32)  # sigmoid: no normalizer",
-        ]
-    if spec.fully_masked == "zero" and softmax:
-        # SDPA's semantics: a row whose scores are all -inf (every key filled or biased to
-        # -inf) gives 0; its running max is still -inf here.  Sigmoid gives 0 there anyway.
-        # (== -inf, not "not > -inf": a NaN score makes m_i NaN, and the row stays NaN)
-        epi.append('out = tl.where(m_i[:, None] == float("-inf"), 0.0, out)  # all -inf rows -> 0')
-    return epi
+    return spec.act.epilogue_lines(plan.fold_log2e, spec.fully_masked == "zero")
 
 
 def _fwd_inner_args(spec: AttentionSpec, plan: Plan, sched) -> Signature:
-    state = ["acc", "l_i", "m_i"] if spec.activation == "softmax" else ["acc"]
+    state = ["acc", *spec.act.state]
     return Signature(
         "_attn_fwd_inner",
         (
@@ -528,7 +446,7 @@ def forward_source(spec: AttentionSpec) -> str:
     dims = _Dims(spec, plan)
     sched = _schedule(plan)
     inner = _fwd_inner_args(spec, plan, sched)
-    state = ", ".join(p.name for p in inner.params[: 3 if spec.activation == "softmax" else 1])
+    state = ", ".join(p.name for p in inner.params[: 1 + len(spec.act.state)])
     kmask_tail = "(offs_n[None, :] < N_K)"
     vmask_tail = "(offs_n[:, None] < N_K)"
     kptr = "K_blk + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd"
@@ -576,59 +494,37 @@ def forward_source(spec: AttentionSpec) -> str:
 
 def _pre_row_stats(spec: AttentionSpec, plan: Plan, dims: _Dims) -> list[str]:
     """Preprocess: delta = rowsum(dO * O) and the row statistic the other kernels use."""
-    pre_lines = []
-    if spec.activation == "softmax":
-        pre_lines += [
-            "# -- delta = rowsum(dO * O) (float32)",
-            f"o = {_load('O_blk + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od', _mask('(offs_m[:, None] < N_Q)', dims.dv('col')))}",
-            f"do = {_load('DO_blk + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod', _mask('(offs_m[:, None] < N_Q)', dims.dv('col')))}",
-            "delta = tl.reduce(o.to(tl.float32) * do.to(tl.float32), 1, _sum_combine)",
-            "lse = tl.load(Lse + row_off + offs_m, mask=offs_m < N_Q, other=0.0)",
-            "m_row = lse * 1.4426950408889634  # log2 units, like the forward scores"
-            if plan.fold_log2e
-            else "m_row = lse",
-        ]
-    else:
-        pre_lines += [
-            "delta = tl.full([BLOCK_M], 0, dtype=tl.float32)  # sigmoid: no delta",
-            "m_row = tl.full([BLOCK_M], 0, dtype=tl.float32)  # sigmoid: 0 marks a live row",
-        ]
+    act = spec.act
+    pre_lines = act.preprocess_lines(
+        _load('O_blk + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od', _mask('(offs_m[:, None] < N_Q)', dims.dv('col'))),
+        _load('DO_blk + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod', _mask('(offs_m[:, None] < N_Q)', dims.dv('col'))),
+        plan.fold_log2e,
+    )  # fmt: skip
     if plan.row_norm:
         pre_lines += _row_norm_lines(spec, plan, dims)
-    if spec.fully_masked == "zero" and spec.activation == "softmax":
-        pre_lines += [
-            "# -- fully_masked='zero': a row whose scores are all -inf (lse = -inf) gets",
-            "#    m_row = +inf, so that p = exp2(s - inf) = 0 in the backward, as its output was 0",
-            'm_row = tl.where(m_row == float("-inf"), float("inf"), m_row)',
-        ]
+    if spec.fully_masked == "zero":
+        pre_lines += act.zero_rows_lines()
     return pre_lines
 
 
 def _dkdv_activation(spec: AttentionSpec, plan: Plan, gate: bool) -> tuple[list[str], list[str]]:
     """dK/dV: (probabilities pT, dS^T) of the activation, on the transposed tile."""
-    if spec.activation == "softmax":
-        p_lines = [
-            "# -- probabilities from the saved log-sum-exp (NaN for all -inf rows, like eager)",
-            *_p_lines(plan, "pT", "sT", "[None, :]"),
-        ]
-        ds_lines = [
-            "delta = tl.load(D_blk + offs_m, mask=offs_m < N_Q, other=0.0)",
-            _gated("dsT", "pT * (dpT - delta[None, :]) * fT", "keepT", gate),
-        ]
-    else:
-        p_lines = ["pT = _sigmoid(sT, TANH_IMPL)"]
-        ds_lines = [_gated("dsT", "pT * (1.0 - pT) * dpT * fT", "keepT", gate)]
+    act = spec.act
+    p_lines = act.p_lines("pT", "sT", "[None, :]", plan.fold_log2e, plan.row_norm)
+    ds_lines = [_gated("dsT", act.ds_expr("pT", "dpT", "fT", "[None, :]"), "keepT", gate)]
+    if act.normalized:
+        p_lines.insert(
+            0, "# -- probabilities from the saved log-sum-exp (NaN for all -inf rows, like eager)"
+        )
+        ds_lines.insert(0, "delta = tl.load(D_blk + offs_m, mask=offs_m < N_Q, other=0.0)")
     return p_lines, ds_lines
 
 
 def _dq_activation(spec: AttentionSpec, plan: Plan, gate: bool) -> tuple[list[str], list[str]]:
     """dQ: (probabilities p, dS) of the activation."""
-    if spec.activation == "softmax":
-        dq_p = _p_lines(plan, "p", "s", "[:, None]")
-        dq_ds = [_gated("ds", "p * (dp - delta[:, None]) * f", "keep", gate)]
-    else:
-        dq_p = ["p = _sigmoid(s, TANH_IMPL)"]
-        dq_ds = [_gated("ds", "p * (1.0 - p) * dp * f", "keep", gate)]
+    act = spec.act
+    dq_p = act.p_lines("p", "s", "[:, None]", plan.fold_log2e, plan.row_norm)
+    dq_ds = [_gated("ds", act.ds_expr("p", "dp", "f", "[:, None]"), "keep", gate)]
     return dq_p, dq_ds
 
 
@@ -684,7 +580,7 @@ def _dkdv_source(spec: AttentionSpec, plan: Plan, dims: _Dims, sched) -> str:
         score_program=score_program(
             spec, plan, orient="nm", s="sT", grad="fT", keep="keepT" if gate else None
         ),
-        m_other='float("inf")' if spec.activation == "softmax" else "0.0",
+        m_other=spec.act.m_other,
         load_lg=["lg_row = tl.load(L_blk + offs_m, mask=offs_m < N_Q, other=0.0)"] if rn else [],
         probabilities=p_lines,
         ds=ds_lines,

@@ -206,7 +206,7 @@ def _pick(spec, kernel, fn, cands, interpret, nq, nk, device, grid_of, make_args
 def run_forward(spec: AttentionSpec, q, k, v, aux) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse): out (B, Hq, NQ, Dv) in ``spec.out_dtype``, laid out in memory as
     ``spec.out_layout`` says (``attnfx.ops.empty_output``); lse (B, Hq, NQ) float32."""
-    from attnfx.ops import empty_output
+    from attnfx.layout import empty_output
 
     spec = spec.resolved(q.shape[-1], v.shape[-1])  # one kernel per concrete head dim
     _check(spec, q, k, v)
@@ -262,7 +262,7 @@ def run_backward(spec: AttentionSpec, dout, q, k, v, aux, out, lse):
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if B * H * NQ == 0 or NK == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    softmax = spec.activation == "softmax"
+    softmax = spec.act.normalized  # a row normalizer: the preprocess, dead rows
     delta = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
     m_row = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
     # the tensors every backward kernel may read, by their signature names
@@ -339,7 +339,7 @@ class KernelTarget:
 
 
 def _tt(name: str) -> str:
-    from attnfx.ops import torch_dtype
+    from attnfx.layout import torch_dtype
 
     dt = torch_dtype(name)
     return _TORCH_TO_TRITON[torch.uint8 if dt == torch.bool else dt]
@@ -399,7 +399,7 @@ def kernel_targets(spec: AttentionSpec, candidates: bool = True) -> list[KernelT
 
     out = []
     for name, args in signature.KERNEL_ARGS.items():
-        if name == "bwd_pre" and spec.activation != "softmax":
+        if name == "bwd_pre" and not spec.act.normalized:
             continue  # sigmoid has no preprocess
         sig = args(spec, plan)
         fn = getattr(mods["fwd" if name == "fwd" else "bwd"], sig.name)

@@ -14,6 +14,7 @@ import sympy
 
 from attnfx.predicate import NK as SYM_NK
 from attnfx.predicate import NQ as SYM_NQ
+from attnfx.score_ops import HUGE_LSE  # noqa: F401 - the kernels' threshold, emit prints it
 from attnfx.spec import AttentionSpec
 
 LOG2E = 1.4426950408889634
@@ -21,11 +22,6 @@ FP32_MAX = 3.4028234663852886e38
 # Skip bounds are runtime ints; "unbounded" is a large value that still leaves headroom
 # for int32 index arithmetic (row_start + BIG must not overflow).
 UNBOUNDED = 2**30
-# A finite fill value at or below this makes exp(fill - max) underflow to exactly 0 in
-# float32 as long as the row keeps one key (scores are far above it).
-SOFTMAX_SKIP_FINITE_FILL = -1e20
-# sigmoid(x) is exactly 0.0 in float32 (reference and tanh form) at or below this.
-SIGMOID_SKIP_FILL = -1e4
 
 
 def _padded(d: int) -> int:
@@ -87,69 +83,37 @@ class Plan:
         return self.skip_op is not None
 
 
-def _finite(x: float) -> bool:
-    return math.isfinite(x)
-
-
-def _keeps_fill(op, fill: float) -> bool:
-    """Whether a score op applied after a fill of ``fill`` leaves the filled scores at a
-    value block skipping may still treat as "never kept" (conservative)."""
-    if op.op == "mul":
-        return op.value > 0 and (fill == -math.inf or op.value >= 1)
-    if op.op == "add":
-        return fill == -math.inf and _finite(op.value)
-    if op.op in ("fill_aux", "fill_pred"):
-        return op.value == fill
-    return False  # tanh, aux tensors, symbolic scalars: may move the filled value
-
-
-# |lse| at or above this (natural units) has lost at least 2^-14 of relative precision in
-# float32 -- and all of log(n) near finfo.min: the backward recomputes such rows' max and
-# normalizer instead of trusting lse.
-HUGE_LSE = 1024.0
-
-
-def _may_saturate(op) -> bool:
-    """Whether a score op can make a row's scores huge but finite (|lse| >= HUGE_LSE)."""
-    if op.op in ("add_aux", "mul_aux", "add_pos_aux"):
-        return True  # HF-style additive finfo.min masks; unbounded multipliers, biases
-    if op.op in ("mul", "add", "fill_aux", "fill_pred") and op.value is not None:
-        return _finite(op.value) and abs(op.value) >= HUGE_LSE
-    return False
-
-
 def make_plan(spec: AttentionSpec) -> Plan:
     if spec.dtype == "float64":
         raise TypeError(
             "attnfx codegen: float64 attention has no Triton kernel (the backend keeps float64 sites)"
         )
     ops = spec.score_ops
-    softmax = spec.activation == "softmax"
+    act = spec.act
     # exp2 with log2e folded into the score program is exact only when no value of the
     # program overflows when scaled by log2e: finite fills near finfo(float32).min and
     # additive tensors (HF masks use finfo.min) keep the natural domain.
-    fold = softmax and not any(op.op in ("add_aux", "add_pos_aux") for op in ops)
+    fold = act.normalized and not any(op.entry.log2 == "natural" for op in ops)
     for op in ops:
-        if op.op in ("mul", "add", "fill_aux", "fill_pred") and op.value is not None:
-            if _finite(op.value) and abs(op.value) * LOG2E >= FP32_MAX:
+        if op.value is not None and math.isfinite(op.value):
+            if abs(op.value) * LOG2E >= FP32_MAX:
                 fold = False
-    preds = [i for i, op in enumerate(ops) if op.op == "fill_pred"]
+    preds = [i for i, op in enumerate(ops) if op.entry.operand == "pred"]
     skip_op = None
     needs_rows = False
     kind = ScheduleKind.BAND
-    if len(preds) == 1 and all(_keeps_fill(o, ops[preds[0]].value) for o in ops[preds[0] + 1 :]):
+    if len(preds) == 1 and all(
+        o.entry.preserves_fill(o, ops[preds[0]].value) for o in ops[preds[0] + 1 :]
+    ):
         op = ops[preds[0]]
-        v = op.value
-        # a fill that leaves exactly 0 probability: skipping a tile of such pairs is exact
-        exact = v == -math.inf if softmax else v <= SIGMOID_SKIP_FILL
+        skips, needs = act.skip_fill(op.value)
         if op.predicate.mask_class.kind in ("causal", "window"):
-            if exact:
-                skip_op = preds[0]
-            elif softmax and _finite(v) and v <= SOFTMAX_SKIP_FINITE_FILL:
-                skip_op, needs_rows = preds[0], True
-        elif op.predicate.mask_class.kind == "predicate" and exact:
-            # any other predicate: the host lists each query tile's non-empty key tiles
-            # (a finite fill would need every row to keep a key: not skipped)
+            if skips:
+                skip_op, needs_rows = preds[0], needs
+        elif op.predicate.mask_class.kind == "predicate" and skips and not needs:
+            # any other predicate, under a fill that leaves exactly 0 probability: the host
+            # lists each query tile's non-empty key tiles (a finite fill would need every
+            # row to keep a key: not skipped)
             skip_op, kind = preds[0], ScheduleKind.TILES
     skip_prefix = skip_op is not None and ops[skip_op].predicate.mask_class.prefix is not None
     aux_used = tuple(sorted({op.aux for op in ops if op.aux is not None} | {spec.sink} - {None}))
@@ -161,11 +125,12 @@ def make_plan(spec: AttentionSpec) -> Plan:
         aux_used=aux_used,
         block_d=_padded(spec.head_dim),
         block_dv=_padded(spec.head_dim_v),
-        has_fill=any(op.op in ("fill_aux", "fill_pred") for op in ops),
-        uses_tanh=not softmax or any(op.op == "tanh" for op in ops),
-        row_norm=softmax and any(_may_saturate(op) for op in ops),
-        # tanh does not commute with the log2(e) scaling: fold it in after the last tanh
-        fold_start=max((i + 1 for i, op in enumerate(ops) if op.op == "tanh"), default=0),
+        has_fill=any(op.entry.form == "fill" for op in ops),
+        uses_tanh="_tanh" in act.helpers or any("_tanh" in op.entry.helpers for op in ops),
+        row_norm=act.normalized and any(op.entry.may_saturate(op) for op in ops),
+        # an op that does not commute with the log2(e) scaling (tanh): fold it in after
+        # the last one
+        fold_start=max((i + 1 for i, op in enumerate(ops) if op.entry.log2 == "before"), default=0),
         schedule=Schedule(kind, skip_op, skip_prefix),
     )
 
@@ -368,7 +333,7 @@ def _lean(spec: AttentionSpec) -> bool:
 
     if spec.sink is not None or spec.gqa_group != 1:
         return False
-    fills = [op for op in spec.score_ops if op.op == "fill_pred"]
+    fills = [op for op in spec.score_ops if op.entry.operand == "pred"]
     if any(op.aux is not None for op in spec.score_ops) or len(fills) > 1:
         return False
     return all(classify(op.predicate.expr).kind in ("none", "causal") for op in fills)
@@ -386,7 +351,9 @@ def configs(spec: AttentionSpec, interpret: bool = False) -> dict[str, list[Conf
     if d <= 128 and any(op.aux is not None for op in spec.score_ops):
         table["fwd"] = list(_AUX_FWD[d])
     if d in _LEAN and _lean(spec):
-        plain = spec.activation == "softmax" and all(op.op != "tanh" for op in spec.score_ops)
+        plain = spec.act.normalized and not any(
+            "_tanh" in op.entry.helpers for op in spec.score_ops
+        )
         for kernel, first in _LEAN[d].items():
             if plain or not (d == 64 and kernel == "bwd_dkdv"):
                 table[kernel] = [*first, *table[kernel]]

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 
 from attnfx.fuzz import grammar
-from attnfx.fuzz.grammar import Program
+from attnfx.fuzz.frame import Program
 
 DEFAULT_OPTIONS = {"inner": "eager"}
 

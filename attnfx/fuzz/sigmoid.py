@@ -26,7 +26,7 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from attnfx.fuzz import softmax as sm
-from attnfx.fuzz.grammar import Program, SiteGrammar, register
+from attnfx.fuzz.frame import Frame, Program, SiteGrammar
 
 KIND = "sigmoid"
 
@@ -147,7 +147,7 @@ def init(c) -> list[str]:
     return []
 
 
-FRAME = sm.Frame(
+FRAME = Frame(
     KIND,
     body=body,
     mask_inputs=MASK_INPUTS,
@@ -161,6 +161,6 @@ def render(c: dict) -> Program:
     return sm.render(c, FRAME)
 
 
-register(SiteGrammar(KIND, choices, normalize, render, SIMPLER))
+GRAMMAR = SiteGrammar(KIND, choices, normalize, render, SIMPLER)
 
 __all__ = ["KIND", "NEAR_MISSES", "choices", "normalize", "render"]

@@ -31,47 +31,24 @@ Choices (values simplest first, as the shrinker tries them):
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Callable
 
 from hypothesis import strategies as st
 
-from attnfx.fuzz.grammar import (
+from attnfx.fuzz.frame import (
     BIG_HEAD_DIM,
     INPUT_HELPERS,
     MAXN,
+    Frame,
     Program,
     SiteGrammar,
     bound_interp,
     draw_shapes,
     draw_values,
-    register,
     second_length,
 )
 
 KIND = "softmax"
-
-
-@dataclasses.dataclass(frozen=True)
-class Frame:
-    """What a site grammar plugs into the shared program frame (projections, head split,
-    GQA, merge, stacked layers, inputs and lanes) that this module renders.  The softmax
-    grammar is the frame with its defaults; ``sigmoid.py`` and ``temperature.py`` supply
-    their own score bodies, inputs and extra state."""
-
-    kind: str
-    body: Callable[[dict], list[str]]  # q, k, v (B, H, N, D) -> ``o`` (and ``p``)
-    mask_inputs: dict  # c["mask"] -> input kind (additive | masked_out | keep | padding)
-    init: Callable[[dict], list[str]] = lambda c: []  # extra ``__init__`` lines
-    pre_heads: Callable[[dict], list[str]] = lambda c: []  # q, k, v inputs as (B, N, H, D)
-    post_heads: Callable[[dict], list[str]] = lambda c: []  # after q, k, v are (B, H, N, D)
-    extra_inputs: Callable[[dict], list[tuple[str, str]]] = lambda c: []  # (name, input kind)
-    header: Callable[[dict], list[str]] = lambda c: []  # extra module-level constants
-    expected: Callable[[dict], dict] | None = None  # labels (default {kind: layers})
-    transcendental: Callable[[dict], bool] = lambda c: False  # equivalence rule: +1
-    attn_class: Callable[[dict], list[str] | None] = lambda c: None  # replaces class Attn
-    known_gaps: tuple = ()
 
 
 NEAR_MISSES = ("query_axis", "k_not_transposed", "key_scale", "second_user", "log_softmax")
@@ -809,7 +786,7 @@ EXTRA_INPUT_LINES = {
     "row_temp": "{name} = (0.5 + 1.5 * torch.rand((B, H, nq, 1), generator=g)).to(DTYPE)",
 }
 
-register(SiteGrammar(KIND, choices, normalize, lambda c: render(c), SIMPLER))
+GRAMMAR = SiteGrammar(KIND, choices, normalize, lambda c: render(c), SIMPLER)
 
 
 def normalize_frame(c: dict, mask_inputs: dict) -> dict:

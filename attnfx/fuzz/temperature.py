@@ -1,7 +1,7 @@
 """The temperature-scaled softmax site grammar (issue 5): scores rescaled per query, per
 head or by position, and soft-capping, with its near-misses.
 
-It reuses the softmax grammar's program frame (``softmax.Frame``) with its own score body
+It reuses the softmax grammar's program frame (``frame.Frame``) with its own score body
 and state.  A softmax site whose only multiplier is a constant scale is kind ``softmax``;
 every program here carries a per-row multiplier, a ``tanh``, or ``q`` times a tensor, so
 its sites are kind ``temperature``.  Choices (values simplest first, as the shrinker
@@ -32,7 +32,7 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from attnfx.fuzz import softmax as sm
-from attnfx.fuzz.grammar import Program, SiteGrammar, register
+from attnfx.fuzz.frame import Frame, Program, SiteGrammar
 
 KIND = "temperature"
 
@@ -257,7 +257,7 @@ def transcendental(c) -> bool:
     return c["temp"] in ("softcap", "q_tau", "selective")
 
 
-FRAME = sm.Frame(
+FRAME = Frame(
     KIND,
     body=body,
     mask_inputs=MASK_INPUTS,
@@ -276,6 +276,6 @@ def render(c: dict) -> Program:
     return sm.render(c, FRAME)
 
 
-register(SiteGrammar(KIND, choices, normalize, render, SIMPLER))
+GRAMMAR = SiteGrammar(KIND, choices, normalize, render, SIMPLER)
 
 __all__ = ["KIND", "NEAR_MISSES", "TEMPS", "choices", "normalize", "render"]

@@ -1,21 +1,30 @@
 """Plain-PyTorch reference modules for the attention variants attnfx compiles.
 
 Each is written the way a researcher would write it, with no attnfx calls: the backend
-must find and rewrite them like any other model's attention.
+must find and rewrite them like any other model's attention.  The modules exported here
+are the ``reference`` of each record of the variant registry (``attnfx.variants``).
 """
 
-from attnfx.nn.neighborhood import (
-    NeighborhoodAttention1D,
-    NeighborhoodAttention2D,
-    NeighborhoodAttention3D,
-)
-from attnfx.nn.selective import SelectiveAttention
-from attnfx.nn.sigmoid import SigmoidAttention
+from attnfx.variants import VARIANTS
 
-__all__ = [
-    "NeighborhoodAttention1D",
-    "NeighborhoodAttention2D",
-    "NeighborhoodAttention3D",
-    "SelectiveAttention",
-    "SigmoidAttention",
-]
+
+def _references() -> dict[str, type]:
+    refs = (v.load("reference") for v in VARIANTS if v.reference is not None)
+    return {cls.__name__: cls for cls in refs}
+
+
+globals().update(_references())
+# Neighborhood attention's reference modules come before its registry record (which needs
+# its recognizer and fuzz grammar): exported here until then.
+from attnfx.nn.neighborhood import NeighborhoodAttention1D as NeighborhoodAttention1D  # noqa: E402
+from attnfx.nn.neighborhood import NeighborhoodAttention2D as NeighborhoodAttention2D  # noqa: E402
+from attnfx.nn.neighborhood import NeighborhoodAttention3D as NeighborhoodAttention3D  # noqa: E402
+
+__all__ = sorted(
+    [
+        *_references(),
+        "NeighborhoodAttention1D",
+        "NeighborhoodAttention2D",
+        "NeighborhoodAttention3D",
+    ]
+)

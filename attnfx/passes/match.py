@@ -1,7 +1,9 @@
 """Match: find attention sites in a canonical graph and describe each as an AttentionSpec.
 
-A site is anchored on its activation node (``torch.softmax`` here, one recognizer per
-variant in ``attnfx/passes/recognize/``).  From the anchor the matcher walks
+A site is anchored on its activation node (``torch.softmax``, ``torch.sigmoid``, an SDPA
+call); one recognizer per variant in ``attnfx/passes/recognize/``, driven by
+``recognize.find_sites``, builds it with the walks and checks of this module.  From the
+anchor the matcher walks
 
 * backwards through the *score chain* (scale, bias, masks, casts) to the ``q @ kᵀ``
   product, turning each step into a ``ScoreOp``;
@@ -113,7 +115,7 @@ def _is_tanh(x: fx.Node) -> bool:
     )
 
 
-def _reaches_matmul(x, depth: int = 0) -> bool:
+def reaches_matmul(x, depth: int = 0) -> bool:
     """Whether ``x`` comes, through score-chain ops only, from a matmul."""
     return _score_matmul(x, depth) is not None
 
@@ -180,9 +182,9 @@ def walk_scores(start: fx.Node, score_shape: tuple, site_users: tuple = ()) -> S
 
         if t in (operator.mul, operator.add, operator.truediv, operator.sub):
             a, b = args[0], args[1]
-            if _reaches_matmul(a):
+            if reaches_matmul(a):
                 chain, other, chain_first = a, b, True
-            elif _reaches_matmul(b):
+            elif reaches_matmul(b):
                 chain, other, chain_first = b, a, False
             else:
                 raise NoMatch("arithmetic not on the scores")
@@ -205,9 +207,9 @@ def walk_scores(start: fx.Node, score_shape: tuple, site_users: tuple = ()) -> S
 
         if t is torch.where and len(args) == 3:
             cond, a, b = args
-            if _reaches_matmul(a):
+            if reaches_matmul(a):
                 chain, other, fill_where = a, b, False
-            elif _reaches_matmul(b):
+            elif reaches_matmul(b):
                 chain, other, fill_where = b, a, True
             else:
                 raise NoMatch("where not on the scores")
@@ -259,7 +261,7 @@ def _arith_op(t, other, aux, score_shape, node, d=None) -> ScoreOp | list[ScoreO
         return ScoreOp("mul_aux", aux=len(aux) - 1)
     if t is operator.add and G.dtype(other) is not None and G.dtype(other).is_floating_point:
         # An additive 0/-inf mask built from indices is a predicate fill.
-        res = _analyze(other, nq, nk, want_value=True)
+        res = analyze_mask_operand(other, nq, nk, want_value=True)
         if res is not None and res[2] is not None and res[2] <= _HUGE_NEGATIVE:
             keep = MaskPredicate(sympy.Not(res[0]))
             if _rows_never_empty(keep):
@@ -369,7 +371,7 @@ def conjunct_fills(cond, v, aux, score_shape, node) -> list[ScoreOp] | None:
         _check_broadcast(p, score_shape, node)
     ops, new_aux = [], []
     for p in parts:
-        pred = _analyze(p, nq, nk)
+        pred = analyze_mask_operand(p, nq, nk)
         if pred is not None and pred[0] is sympy.true:
             continue  # an all-True conjunct (HF starts its mask from ones)
         if pred is not None:
@@ -379,7 +381,7 @@ def conjunct_fills(cond, v, aux, score_shape, node) -> list[ScoreOp] | None:
             ops.append(
                 ScoreOp("fill_aux", value=v, aux=len(aux) + len(new_aux) - 1, fill_where=False)
             )
-    if not any(op.op == "fill_pred" for op in ops):
+    if not any(op.pred is not None for op in ops):  # no conjunct became a predicate
         return None
     aux.extend(new_aux)
     return ops
@@ -391,7 +393,7 @@ def _fill_op(
     if not isinstance(mask, fx.Node) or not G.is_tensor(mask):
         raise Refusal("mask is not a tensor", node)
     _check_broadcast(mask, score_shape, node)
-    pred = _analyze(mask, nq, nk)
+    pred = analyze_mask_operand(mask, nq, nk)
     if pred is not None:
         expr, nodes = pred
         keep = sympy.Not(expr) if fill_where else expr
@@ -405,7 +407,7 @@ def _fill_op(
     return ScoreOp("fill_aux", value=val, aux=len(aux) - 1, fill_where=fill_where)
 
 
-def _analyze(mask: fx.Node, nq, nk, want_value: bool = False):
+def analyze_mask_operand(mask: fx.Node, nq, nk, want_value: bool = False):
     """The mask as a predicate over (Q, K), or None (then it stays a tensor).  With
     ``want_value``, a numeric mask's one nonzero value is returned too."""
     from attnfx.passes.masks import analyze_mask
@@ -640,42 +642,3 @@ def default_scale(d: int) -> float:
 def static_dim(x) -> int | None:
     """A head dim for the spec: the int, or None for a symbolic one (read at run time)."""
     return x if isinstance(x, int) else None
-
-
-# ---------------------------------------------------------------------------------------
-# Driver
-# ---------------------------------------------------------------------------------------
-
-
-def find_sites(gm: fx.GraphModule) -> list[Site]:
-    """Every attention site of ``gm``: matched sites (``spec`` set) and refusals
-    (``reason`` set), in graph order."""
-    from attnfx.passes.recognize import RECOGNIZERS
-    from attnfx.passes.recognize.softmax import is_sdpa, match_sdpa
-
-    sites: list[Site] = []
-    for node in gm.graph.nodes:
-        if node.op not in ("call_function", "call_method"):
-            continue
-        attempts = [(r.KIND, r.match) for r in RECOGNIZERS if r.is_anchor(node)]
-        if is_sdpa(node):
-            attempts.append(("softmax", match_sdpa))
-        for kind, fn in attempts:
-            try:
-                sites.append(fn(node))
-                break
-            except Refusal as r:
-                debug("kept %s at %s: %s", kind, node, r.reason)
-                sites.append(
-                    Site(
-                        kind=kind,
-                        anchor=node,
-                        output=node,
-                        reason=r.reason,
-                        where=G.module_path(node),
-                    )
-                )
-                break
-            except NoMatch as e:
-                debug("%s at %s is not a %s site: %s", node.target, node, kind, e)
-    return sites

@@ -893,14 +893,7 @@ def _rows(n: int, count: int, gen: torch.Generator) -> list[int]:
 def _length_generic(site: Site) -> bool:
     """Whether the spec computes the same thing on a prefix of the sequence: no score op
     or mask that reads the lengths."""
-    from attnfx.predicate import NK, NQ
-
-    for op in site.spec.score_ops:
-        if op.op.endswith("_sym"):
-            return False
-        if op.op == "fill_pred" and op.predicate.expr.free_symbols & {NQ, NK}:
-            return False
-    return True
+    return not any(op.entry.reads_lengths(op) for op in site.spec.score_ops)
 
 
 class _Planner:
@@ -1178,7 +1171,7 @@ class _Null:
 
 
 def _check(plan: _Plan, sets, r_in, c_in, grad_idx, site, label, names) -> Verdict:
-    transcendental = site.spec.activation == "sigmoid"
+    transcendental = site.spec.act.transcendental
     r_full = r_in + _idx_tensors(plan.idx_labels, sets, r_in)
     q_dim = plan.out_q
     pos = None

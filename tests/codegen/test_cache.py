@@ -155,3 +155,23 @@ def test_cache_failure_is_reported_as_such(fresh, monkeypatch):
     assert attnfx.counters["rewritten.softmax"] == 0
     reasons = [k for k in attnfx.counters if k.startswith("kept.")]
     assert reasons == ["kept.kernel cache unusable: planted"], dict(attnfx.counters)
+
+
+def test_kind_is_not_part_of_the_kernel(fresh):
+    """A "temperature" and a "softmax" site with the same math share their source, their
+    loaded module (one compiled kernel) and their tuning key."""
+    import dataclasses
+
+    from attnfx.codegen import autotune, generate_source, load_module
+
+    a = _spec()
+    b = dataclasses.replace(a, kind="temperature")
+    assert a.key != b.key and a.kernel_key == b.kernel_key
+    for part in ("fwd", "bwd"):
+        assert generate_source(a, part) == generate_source(b, part)
+        assert load_module(a, part, True) is load_module(b, part, True)
+    assert cache.short_hash(a) == cache.short_hash(b)
+    vers = {"torch": "t", "triton": "t", "codegen": "c"}
+    keys = [autotune.make_key(s, "fwd", 64, 64, "gpu", [], vers=vers) for s in (a, b)]
+    assert keys[0] == keys[1]
+    _check_forward(b)

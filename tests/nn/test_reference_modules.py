@@ -16,6 +16,7 @@ import torch.nn as nn
 import attnfx
 from attnfx.nn import SelectiveAttention, SigmoidAttention
 from attnfx.testing import assert_attention_close
+from attnfx.variants import VARIANTS
 
 B, H, N, D = 2, 2, 16, 16
 C = H * D
@@ -165,3 +166,18 @@ def test_selective_attention_perturbed(causal, value_temperature):
     assert not torch.allclose(m(x), PlainSoftmax(m)(x)), "perturbation had no effect"
     rep = check_module(m, x, "temperature", transcendental=True)
     assert (rep.rewritten[0].spec.mask_class.kind == "causal") == causal, str(rep)
+
+
+# ---------------------------------------------------------------------------------------
+# Every reference module of the variant registry
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "v", [v for v in VARIANTS if v.reference is not None], ids=lambda v: v.kind
+)
+def test_registry_reference_is_rewritten_as_its_kind(v):
+    """Each record's reference module, built with its defaults, is one site of the
+    record's kind."""
+    torch.manual_seed(0)
+    check_module(v.load("reference")(C, H), _x(), v.kind, transcendental=True)

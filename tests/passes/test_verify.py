@@ -12,7 +12,8 @@ import attnfx
 from attnfx.passes import graph as G
 from attnfx.passes import rewrite, verify
 from attnfx.passes.canonicalize import canonicalize
-from attnfx.passes.match import Operand, find_sites
+from attnfx.passes.match import Operand
+from attnfx.passes.recognize import find_sites
 
 
 class Attn(nn.Module):

@@ -1,12 +1,54 @@
-"""One recognizer per attention variant.
+"""One recognizer per attention variant, and the driver that tries them on every node.
 
-Each module exposes ``KIND``, ``is_anchor(node)`` and ``match(node) -> Site`` (raising
-``Refusal`` or ``NoMatch``).  ``RECOGNIZERS`` is tried in order on every node.
+A recognizer is the module a variant's record names (``attnfx.variants``); it exposes
+``KIND`` and ``anchors(node)``: the match functions that apply to ``node`` (each
+returns a ``Site`` or raises ``Refusal`` / ``NoMatch``), in the order to try them.
 """
 
-from attnfx.passes.recognize import sigmoid, softmax
+from __future__ import annotations
 
-# Temperature-scaled attention shares the softmax anchor (see recognize/temperature.py).
-RECOGNIZERS = (softmax, sigmoid)
+import functools
 
-__all__ = ["RECOGNIZERS"]
+import torch.fx as fx
+
+from attnfx.passes import graph as G
+from attnfx.passes.match import NoMatch, Refusal, Site, debug
+from attnfx.variants import VARIANTS
+
+
+@functools.cache
+def recognizers() -> tuple:
+    """The recognizer modules, in registry order."""
+    return tuple(r for r in (v.load("recognizer") for v in VARIANTS) if r is not None)
+
+
+def find_sites(gm: fx.GraphModule) -> list[Site]:
+    """Every attention site of ``gm``: matched sites (``spec`` set) and refusals
+    (``reason`` set), in graph order."""
+    sites: list[Site] = []
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        attempts = [(r.KIND, fn) for r in recognizers() for fn in r.anchors(node)]
+        for kind, fn in attempts:
+            try:
+                sites.append(fn(node))
+                break
+            except Refusal as r:
+                debug("kept %s at %s: %s", kind, node, r.reason)
+                sites.append(
+                    Site(
+                        kind=kind,
+                        anchor=node,
+                        output=node,
+                        reason=r.reason,
+                        where=G.module_path(node),
+                    )
+                )
+                break
+            except NoMatch as e:
+                debug("%s at %s is not a %s site: %s", node.target, node, kind, e)
+    return sites
+
+
+__all__ = ["find_sites", "recognizers"]

@@ -71,6 +71,11 @@ def is_anchor(node: fx.Node) -> bool:
     return node.op in ("call_function", "call_method") and sigmoid_input(node) is not None
 
 
+def anchors(node: fx.Node) -> list:
+    """The match functions for ``node`` (see ``attnfx.passes.recognize``)."""
+    return [match] if is_anchor(node) else []
+
+
 def match(node: fx.Node):
     x = sigmoid_input(node)
     shp = G.shape(x)

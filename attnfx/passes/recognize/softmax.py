@@ -53,6 +53,14 @@ from attnfx.spec import HEAD_DIM, AttentionSpec, ScoreOp
 KIND = "softmax"
 
 
+def anchors(node: fx.Node) -> list:
+    """The match functions for ``node`` (see ``attnfx.passes.recognize``): the softmax
+    form, or an SDPA call."""
+    if is_anchor(node):
+        return [match]
+    return [match_sdpa] if is_sdpa(node) else []
+
+
 def is_anchor(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is torch.softmax
 
@@ -140,12 +148,12 @@ def _split_sink(cat: fx.Node, max_users: tuple, anchor: fx.Node):
         raise NoMatch("softmax over a concatenation that is not scores and one column")
     if G.resolve_dim(dim, len(shp)) != len(shp) - 1:
         raise NoMatch("scores concatenated along a non-key axis")
-    from attnfx.passes.match import _reaches_matmul
+    from attnfx.passes.match import reaches_matmul
 
     first, second = tensors
-    if _reaches_matmul(first) and not _reaches_matmul(second):
+    if reaches_matmul(first) and not reaches_matmul(second):
         s, col, sink_first = first, second, False
-    elif _reaches_matmul(second) and not _reaches_matmul(first):
+    elif reaches_matmul(second) and not reaches_matmul(first):
         s, col, sink_first = second, first, True
     else:
         raise NoMatch("softmax over a concatenation without one score tensor")
@@ -280,7 +288,7 @@ _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "s
 
 
 def match_sdpa(node: fx.Node) -> Site:
-    from attnfx.passes.match import AuxOperand, _analyze, conjunct_fills
+    from attnfx.passes.match import AuxOperand, analyze_mask_operand, conjunct_fills
 
     a = dict(zip(_SDPA_ARGS, node.args))
     a.update(node.kwargs)
@@ -315,7 +323,7 @@ def match_sdpa(node: fx.Node) -> Site:
         ops.append(ScoreOp("fill_pred", value=float("-inf"), pred=MaskPredicate(K <= Q).to_key()))
     if isinstance(mask, fx.Node):
         if G.dtype(mask) == torch.bool:
-            pred = _analyze(mask, qs[2], ks[2])
+            pred = analyze_mask_operand(mask, qs[2], ks[2])
             if pred is not None:
                 mask_nodes |= pred[1]
                 ops.append(
@@ -392,4 +400,4 @@ def _layout(node: fx.Node) -> str:
     return "bhnd"
 
 
-__all__ = ["KIND", "build_site", "is_anchor", "is_sdpa", "match", "match_sdpa"]
+__all__ = ["KIND", "anchors", "build_site", "is_anchor", "is_sdpa", "match", "match_sdpa"]

@@ -24,6 +24,8 @@ nothing, so masks after it stay after it.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch.fx as fx
 
 from attnfx.passes import graph as G
@@ -31,7 +33,10 @@ from attnfx.passes.match import AuxOperand
 from attnfx.spec import ScoreOp
 
 KIND = "temperature"
-_MULS = ("mul", "mul_aux", "mul_sym")
+
+
+def _is(op: ScoreOp, form: str, operand: str | None = None) -> bool:
+    return op.entry.form == form and operand in (None, op.entry.operand)
 
 
 def move_row_multipliers(
@@ -42,10 +47,10 @@ def move_row_multipliers(
     moved: set[int] = set()
     prefix_is_mul = True
     for op in ops:
-        if op.op == "mul_aux" and prefix_is_mul:
+        if _is(op, "mul", "aux") and prefix_is_mul:
             moved.add(op.aux)
             q_mul.append(aux[op.aux])
-        elif op.op not in _MULS:
+        elif not _is(op, "mul"):
             prefix_is_mul = False
     # A learnable multiplier after a bias, mask or tanh stays in the score program: its
     # gradient comes from the op's backward (ops.attention_aux_backward_op).
@@ -58,10 +63,10 @@ def move_row_multipliers(
             kept_aux.append(a)
     new_ops = []
     for op in ops:
-        if op.op == "mul_aux" and op.aux in moved:
+        if _is(op, "mul", "aux") and op.aux in moved:
             continue
         if op.aux is not None:
-            op = ScoreOp(op.op, op.value, remap[op.aux], op.pred, op.fill_where, op.expr)
+            op = dataclasses.replace(op, aux=remap[op.aux])
         new_ops.append(op)
     return new_ops, kept_aux, q_mul
 
@@ -97,9 +102,14 @@ def query_temperature(q: fx.Node, depth: int = 4) -> bool:
 def has_temperature(ops: list[ScoreOp], q_mul: list[AuxOperand], q: fx.Node) -> bool:
     return (
         bool(q_mul)
-        or any(op.op in ("tanh", "mul_sym", "mul_aux") and not _head_dim_scale(op) for op in ops)
+        or any(_temperature_op(op) and not _head_dim_scale(op) for op in ops)
         or query_temperature(q)
     )
+
+
+def _temperature_op(op: ScoreOp) -> bool:
+    """A multiplier that varies (per row, with the lengths) or a map such as tanh."""
+    return _is(op, "mul", "aux") or _is(op, "mul", "sym") or _is(op, "map")
 
 
 def _head_dim_scale(op: ScoreOp) -> bool:
@@ -107,4 +117,4 @@ def _head_dim_scale(op: ScoreOp) -> bool:
     ordinary scale, not a temperature."""
     from attnfx.spec import HEAD_DIM
 
-    return op.op == "mul_sym" and op.sym.free_symbols == {HEAD_DIM}
+    return _is(op, "mul", "sym") and op.sym.free_symbols == {HEAD_DIM}

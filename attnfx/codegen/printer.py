@@ -1,0 +1,85 @@
+"""Index expressions as Triton source: mask predicates and position terms over a tile.
+
+The mask analysis builds sympy expressions over ``Q``, ``K``, ``NQ`` and ``NK``
+(``attnfx.predicate``); the kernels evaluate them on a tile's index vectors.  Python's
+floored division and modulo are printed as such (Triton's truncate like C).
+"""
+
+from __future__ import annotations
+
+import sympy
+
+from attnfx.predicate import NK, NQ, K, Q, floor_fraction
+
+
+def index_expr(
+    expr,
+    q: str = "offs_m",
+    k: str = "offs_n",
+    nq: str = "N_Q",
+    nk: str = "N_K",
+    *,
+    transposed: bool = False,
+) -> str:
+    """``expr`` (a predicate or an index expression) as a Triton expression over
+    broadcastable index vectors.
+
+    The tile is (queries, keys) -- ``q[:, None]``, ``k[None, :]`` -- or, with
+    ``transposed=True``, (keys, queries) -- ``q[None, :]``, ``k[:, None]`` -- as in a
+    backward kernel that holds a key block and walks query blocks."""
+    qi, ki = ("[None, :]", "[:, None]") if transposed else ("[:, None]", "[None, :]")
+    return _Printer({Q: q + qi, K: k + ki, NQ: nq, NK: nk}).doprint(expr)
+
+
+class _Printer:
+    """Prints the small sympy subset the mask analysis produces as Triton source."""
+
+    def __init__(self, names):
+        self.names = names
+
+    def doprint(self, e) -> str:
+        p = self.doprint
+        if e in self.names:
+            return self.names[e]
+        if e is sympy.true:
+            return "True"
+        if e is sympy.false:
+            return "False"
+        if isinstance(e, sympy.Integer):
+            return str(int(e))
+        if isinstance(e, sympy.Rational):
+            return f"({e.p} / {e.q})"
+        if isinstance(e, sympy.And):
+            return "(" + " & ".join(p(a) for a in e.args) + ")"
+        if isinstance(e, sympy.Or):
+            return "(" + " | ".join(p(a) for a in e.args) + ")"
+        if isinstance(e, sympy.Not):
+            return f"(~{p(e.args[0])})"
+        if isinstance(e, sympy.Rel):
+            return f"({p(e.lhs)} {e.rel_op} {p(e.rhs)})"
+        if isinstance(e, sympy.Add):
+            return "(" + " + ".join(p(a) for a in e.args) + ")"
+        if isinstance(e, sympy.Mul):
+            return "(" + " * ".join(p(a) for a in e.args) + ")"
+        if isinstance(e, sympy.Abs):
+            return f"tl.abs({p(e.args[0])})"
+        if isinstance(e, sympy.Mod):
+            # Python/sympy modulo is floored; Triton's % truncates like C.
+            a, b = (p(x) for x in e.args)
+            return f"((({a}) % ({b}) + ({b})) % ({b}))"
+        if isinstance(e, sympy.floor):
+            # floor(x / c) from floor division of integers
+            num, den = floor_fraction(e)
+            return f"_floordiv({p(num)}, {p(den)})"
+        if isinstance(e, sympy.Min):
+            return _fold("tl.minimum", [p(a) for a in e.args])
+        if isinstance(e, sympy.Max):
+            return _fold("tl.maximum", [p(a) for a in e.args])
+        raise ValueError(f"cannot print {type(e).__name__} in a Triton mask: {e}")
+
+
+def _fold(fn, items):
+    out = items[0]
+    for x in items[1:]:
+        out = f"{fn}({out}, {x})"
+    return out

@@ -71,6 +71,11 @@ def compile_sm90(target, maxnreg: int | None = None):
     return triton.compile(target.source(), target=GPUTarget("cuda", 90, 32), options=opts)
 
 
+def disassemble(cubin: bytes) -> str:
+    """The cubin's SASS listing (``cuobjdump -sass``)."""
+    return _tool("cuobjdump", cubin, "-sass")
+
+
 def resource_usage(cubin: bytes) -> dict[str, int]:
     """Registers, stack and local bytes (spills), static shared memory of a cubin."""
     out = _tool("cuobjdump", cubin, "--dump-resource-usage")
@@ -259,7 +264,7 @@ def analyze(target, maxnreg: int | None = None) -> KernelReport:
     rep.reg, rep.spill = use["reg"], use["stack"] + use["local"]
     rep.smem = k.metadata.shared
     rep.ctas = ctas_per_sm(rep.reg, rep.smem, cfg.num_warps)
-    instrs = parse(_tool("cuobjdump", cubin, "-sass"))
+    instrs = parse(disassemble(cubin))
     mixes = loop_mixes(instrs)
     rep.unmasked, rep.masked = main_loops(mixes)
     kinds = {i.op.split(".")[0] for i in instrs if i.op.startswith(("HGMMA", "HMMA"))}

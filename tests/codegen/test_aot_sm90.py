@@ -21,25 +21,19 @@ import math
 import multiprocessing
 import os
 import re
-import subprocess
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import sympy
-import triton
 
-from attnfx.codegen.sass import ctas_per_sm
+from attnfx.codegen import sass
 from attnfx.predicate import K, MaskPredicate, Q
 from attnfx.spec import AttentionSpec, ScoreOp
 
-BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 CAUSAL = MaskPredicate(sympy.Le(K, Q)).to_key()
-SMEM_LIMIT = 227 * 1024
+SMEM_LIMIT = sass.SMEM_PER_BLOCK
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(os.path.join(BIN, "cuobjdump")), reason="triton's CUDA backend tools missing"
-)
+pytestmark = pytest.mark.skipif(not sass.available(), reason="triton's CUDA backend tools missing")
 
 
 def _spec(d, dtype, kind):
@@ -113,32 +107,6 @@ FULL = {(64, "float16", "causal"), (256, "float16", "causal"), (128, "bfloat16",
 ALL = os.environ.get("ATTNFX_AOT_ALL") == "1"
 
 
-def _tool(name, cubin: bytes, *args) -> str:
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        r = subprocess.run([os.path.join(BIN, name), *args, f.name], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return r.stdout
-
-
-def compile_sm90(target):
-    from triton.backends.compiler import GPUTarget
-
-    return triton.compile(
-        target.source(),
-        target=GPUTarget("cuda", 90, 32),
-        options=target.config.launch_kwargs(False),  # the launcher's JIT options
-    )
-
-
-def resource_usage(cubin: bytes) -> dict[str, int]:
-    out = _tool("cuobjdump", cubin, "--dump-resource-usage")
-    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
-    assert m, out
-    return dict(zip(("reg", "stack", "shared", "local"), map(int, m.groups()), strict=True))
-
-
 def compile_case(case) -> list[dict]:
     """Compile every kernel and candidate config of one case (runs in a worker)."""
     from attnfx.codegen import kernel_targets
@@ -147,16 +115,16 @@ def compile_case(case) -> list[dict]:
     for t in kernel_targets(_spec(*case), candidates=ALL or case in FULL):
         row = dict(kernel=t.name, index=t.index, config=t.config, fn=type(t.fn).__name__)
         try:
-            k = compile_sm90(t)
+            k = sass.compile_sm90(t)
         except Exception as e:  # reported by the test, with the others
             rows.append(dict(row, error=f"{type(e).__name__}: {e}"[:2000]))
             continue
-        row.update(resource_usage(k.asm["cubin"]), smem=k.metadata.shared)
-        listing = _tool("cuobjdump", k.asm["cubin"], "-sass")
+        row.update(sass.resource_usage(k.asm["cubin"]), smem=k.metadata.shared)
+        listing = sass.disassemble(k.asm["cubin"])
         row["mma_kinds"] = set(re.findall(r"\b(HGMMA|HMMA)\b", listing))
         row["mma"] = bool(row["mma_kinds"])
         row["tma"] = "UTMALDG" in listing  # bulk tensor copies (tensor descriptors)
-        row["ctas"] = ctas_per_sm(row["reg"], row["smem"], t.config.num_warps)
+        row["ctas"] = sass.ctas_per_sm(row["reg"], row["smem"], t.config.num_warps)
         rows.append(row)
     return rows
 

@@ -71,9 +71,12 @@ class Activation:
         """The running state's initial value (``sink``: the load of the sink's logits)."""
         return []
 
-    def update_lines(self, log2: bool, prec: str, tail: str) -> list[str]:
+    def update_lines(
+        self, log2: bool, prec: str, tail: str, scale: float | None = None
+    ) -> list[str]:
         """One key block: probabilities ``p`` of the tile ``s`` and the state's update
-        (``tail``: the keys that exist, for tiles past the end)."""
+        (``tail``: the keys that exist, for tiles past the end; ``scale``: a positive
+        multiplier the scores still lack, ``Plan.scale_in_exp``)."""
         raise NotImplementedError
 
     def epilogue_lines(self, log2: bool, zero: bool) -> list[str]:
@@ -141,13 +144,18 @@ class Softmax(Activation):
             f'{lsum} = tl.where({m} == float("-inf"), 0.0, 1.0)',
         ]
 
-    def update_lines(self, log2, prec, tail):
+    def update_lines(self, log2, prec, tail, scale=None):
+        step = (
+            f"m_ij, p, alpha = _online_softmax(m_i, s, {log2})"
+            if scale is None
+            else f"m_ij, p, alpha = _online_softmax_scaled(m_i, s, {scale!r})  # the scale, here"
+        )
         return [
             "if APPLY_MASK:  # keys past the end do not exist",
             f'    s = tl.where({tail}, s, float("-inf"))',
             "# -- online softmax: the new row max, this block's probabilities and alpha, the",
             "#    factor that rescales the running sum and accumulator to the new max",
-            f"m_ij, p, alpha = _online_softmax(m_i, s, {log2})",
+            step,
             "l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)",
             "acc = acc * alpha[:, None]",
             f"acc = tl.dot(p.to(v.dtype), v, acc{prec})",
@@ -230,7 +238,7 @@ class Sigmoid(Activation):
     def skip_fill(self, value):
         return value <= self.SKIP_FILL, False
 
-    def update_lines(self, log2, prec, tail):
+    def update_lines(self, log2, prec, tail, scale=None):
         return [
             "# -- sigmoid: no row max, no normalizer, no rescale",
             "p = _sigmoid(s, TANH_IMPL)",

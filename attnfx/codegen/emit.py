@@ -117,6 +117,7 @@ def score_program(
     grad: str | None = None,
     keep: str | None = None,
     guard_skip: bool = True,
+    defer_scale: bool = False,
 ) -> list[str]:
     """Straight-line code for ``spec.score_ops`` on a tile.
 
@@ -124,7 +125,8 @@ def score_program(
     only the keep mask).  ``grad``: name of the derivative factor to build (the product
     of the multipliers, 0 where filled).  ``keep``: name of a bool tile of pairs no fill
     op masked out.  The fill_pred used for block skipping is wrapped in
-    ``if APPLY_MASK:`` (full tiles do not need it) when ``guard_skip``.
+    ``if APPLY_MASK:`` (full tiles do not need it) when ``guard_skip``.  ``defer_scale``
+    (the forward): leave the leading scale off when ``plan.scale_in_exp`` takes it.
     """
     t = _Tile(orient)
     e = _ScoreEmitter(t, s, grad, keep)
@@ -141,6 +143,10 @@ def score_program(
         e.L = LOG2E if e.scaled else 1.0
         if s is not None and fold and not e.scaled and idx >= plan.fold_start:
             e.scaled = True
+            if defer_scale and idx == 0 and plan.scale_in_exp is not None:
+                # the forward applies this scale in the exp2 (Plan.scale_in_exp)
+                out.append(f"# * {op.value!r} * log2(e): applied in the exp2 and the row max")
+                continue
             if (op.entry.form, op.entry.operand) == ("mul", "const"):
                 e.fold_scale(op)
                 continue
@@ -411,7 +417,7 @@ def _values(*names: str) -> list[Param]:
 
 def _fwd_update(spec: AttentionSpec, plan: Plan, kmask_tail: str) -> list[str]:
     """The activation's block update: the online softmax, or sigmoid's plain sum."""
-    return spec.act.update_lines(plan.fold_log2e, _prec(spec), kmask_tail)
+    return spec.act.update_lines(plan.fold_log2e, _prec(spec), kmask_tail, plan.scale_in_exp)
 
 
 def _fwd_init(spec: AttentionSpec, plan: Plan) -> list[str]:
@@ -468,7 +474,7 @@ def forward_source(spec: AttentionSpec) -> str:
         key_loop=sched.loop(True, "start_n", "BLOCK_N", tl_range=True),
         load_kv=load_kv,
         prec=_prec(spec),
-        score_program=score_program(spec, plan, orient="mn", s="s"),
+        score_program=score_program(spec, plan, orient="mn", s="s", defer_scale=True),
         update=_fwd_update(spec, plan, kmask_tail),
         state=state,
     )

@@ -23,6 +23,7 @@ __all__ = [
     "_floordiv",
     "_max_combine",
     "_online_softmax",
+    "_online_softmax_scaled",
     "_sigmoid",
     "_sum_combine",
     "_tanh",
@@ -102,6 +103,20 @@ def _online_softmax(m_i, s, LOG2_UNITS: tl.constexpr):
     else:
         p = tl.exp2((s - m_safe[:, None]) * 1.4426950408889634)
         alpha = tl.exp2((m_i - m_safe) * 1.4426950408889634)
+    return m_ij, p, alpha
+
+
+@triton.jit
+def _online_softmax_scaled(m_i, s, SCALE: tl.constexpr):
+    # _online_softmax for scores s that still lack their positive constant scale SCALE
+    # (the spec's multiplier times log2(e)): the max is scaled once per row, not once
+    # per score, since rounding is monotonic (round(max(s) * c) == max(round(s * c)) for
+    # c > 0), and s * SCALE - m meets the exp2 as one fused multiply-add.  m_i is in
+    # scaled log2 units.
+    m_ij = tl.maximum(m_i, tl.reduce(s, 1, _max_combine) * SCALE)
+    m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+    p = tl.exp2(s * SCALE - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
     return m_ij, p, alpha
 
 

@@ -77,6 +77,10 @@ class Plan:
     # float32 lse then loses log(l), and the backward recomputes (max, log l) for them
     row_norm: bool
     schedule: Schedule
+    # the forward leaves the leading constant scale off the scores and applies it (times
+    # log2 e) inside the exp2 and to the row max: one FFMA per score instead of an FMUL
+    # more; set when the rest of the program is -inf fills only (they stay -inf scaled)
+    scale_in_exp: float | None = None
 
     @property
     def can_skip(self) -> bool:
@@ -132,7 +136,25 @@ def make_plan(spec: AttentionSpec) -> Plan:
         # the last one
         fold_start=max((i + 1 for i, op in enumerate(ops) if op.entry.log2 == "before"), default=0),
         schedule=Schedule(kind, skip_op, skip_prefix),
+        scale_in_exp=_scale_in_exp(spec, fold),
     )
+
+
+def _scale_in_exp(spec: AttentionSpec, fold: bool) -> float | None:
+    """The forward's deferred scale (``Plan.scale_in_exp``), or None: a softmax in log2
+    units whose program is one positive finite constant multiplier followed by -inf
+    fills only, and no sink (a sink's logit is not scaled by it)."""
+    ops = spec.score_ops
+    if not (fold and spec.act.normalized and ops and spec.sink is None):
+        return None
+    first = ops[0]
+    if (first.entry.form, first.entry.operand) != ("mul", "const"):
+        return None
+    if not (0 < first.value < math.inf):
+        return None
+    if not all(op.entry.form == "fill" and op.value == -math.inf for op in ops[1:]):
+        return None
+    return first.value * LOG2E
 
 
 def _eval_bound(expr, nq: int, nk: int) -> int:

@@ -56,6 +56,21 @@ def _online_softmax_kernel(S, M, L, N_BLOCKS: tl.constexpr, ROWS: tl.constexpr, 
 
 
 @triton.jit
+def _online_softmax_scaled_kernel(S, M, L, N_BLOCKS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, SCALE: tl.constexpr):
+    rows = tl.arange(0, ROWS)
+    cols = tl.arange(0, COLS)
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.full([ROWS], 0, dtype=tl.float32)
+    for b in range(N_BLOCKS):
+        s = tl.load(S + rows[:, None] * (N_BLOCKS * COLS) + b * COLS + cols[None, :])
+        m_ij, p, alpha = _online_softmax_scaled(m_i, s, SCALE)
+        l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
+        m_i = m_ij
+    tl.store(M + rows, m_i)
+    tl.store(L + rows, l_i)
+
+
+@triton.jit
 def _act_kernel(X, T, S, N: tl.constexpr):
     offs = tl.arange(0, N)
     x = tl.load(X + offs)
@@ -137,6 +152,25 @@ def test_online_softmax_gives_the_row_max_and_sum(kernels, log2_units):
     want_m = s.max(1).values
     want_l = torch.where(
         want_m.isinf(), 0.0, (base ** (s - want_m[:, None].nan_to_num(neginf=0.0))).sum(1)
+    )
+    torch.testing.assert_close(m, want_m)
+    torch.testing.assert_close(l_, want_l, rtol=1e-5, atol=1e-6)
+
+
+def test_online_softmax_scaled_scales_in_the_exp(kernels):
+    """Scores still lacking their scale c: the row max is c·max(s) (in c's units) and the
+    sum Σ 2^(c·s − max), as _online_softmax gives on pre-scaled scores; masked rows stay
+    (-inf, 0)."""
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(16, 4 * 16, generator=g) * 4
+    s[3] = -math.inf
+    s[5, :16] = -math.inf
+    c = 0.125 * 1.4426950408889634
+    m, l_ = torch.empty(16), torch.empty(16)
+    kernels._online_softmax_scaled_kernel[(1,)](s, m, l_, N_BLOCKS=4, ROWS=16, COLS=16, SCALE=c)
+    want_m = (s * c).max(1).values
+    want_l = torch.where(
+        want_m.isinf(), 0.0, (2.0 ** (s * c - want_m[:, None].nan_to_num(neginf=0.0))).sum(1)
     )
     torch.testing.assert_close(m, want_m)
     torch.testing.assert_close(l_, want_l, rtol=1e-5, atol=1e-6)

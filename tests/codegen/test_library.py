@@ -41,29 +41,18 @@ def _tile_range_kernel(TileOff, Out):
 
 
 @triton.jit
-def _online_softmax_kernel(S, M, L, N_BLOCKS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, LOG2_UNITS: tl.constexpr):
+def _online_softmax_kernel(S, M, L, N_BLOCKS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, LOG2_UNITS: tl.constexpr, SCALE: tl.constexpr):
+    # SCALE 0: _online_softmax; else _online_softmax_scaled with that scale
     rows = tl.arange(0, ROWS)
     cols = tl.arange(0, COLS)
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.full([ROWS], 0, dtype=tl.float32)
     for b in range(N_BLOCKS):
         s = tl.load(S + rows[:, None] * (N_BLOCKS * COLS) + b * COLS + cols[None, :])
-        m_ij, p, alpha = _online_softmax(m_i, s, LOG2_UNITS)
-        l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
-        m_i = m_ij
-    tl.store(M + rows, m_i)
-    tl.store(L + rows, l_i)
-
-
-@triton.jit
-def _online_softmax_scaled_kernel(S, M, L, N_BLOCKS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, SCALE: tl.constexpr):
-    rows = tl.arange(0, ROWS)
-    cols = tl.arange(0, COLS)
-    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
-    l_i = tl.full([ROWS], 0, dtype=tl.float32)
-    for b in range(N_BLOCKS):
-        s = tl.load(S + rows[:, None] * (N_BLOCKS * COLS) + b * COLS + cols[None, :])
-        m_ij, p, alpha = _online_softmax_scaled(m_i, s, SCALE)
+        if SCALE == 0.0:
+            m_ij, p, alpha = _online_softmax(m_i, s, LOG2_UNITS)
+        else:
+            m_ij, p, alpha = _online_softmax_scaled(m_i, s, SCALE)
         l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
         m_i = m_ij
     tl.store(M + rows, m_i)
@@ -146,7 +135,7 @@ def test_online_softmax_gives_the_row_max_and_sum(kernels, log2_units):
     s[5, :16] = -math.inf  # a row whose first block is masked
     m, l_ = torch.empty(16), torch.empty(16)
     kernels._online_softmax_kernel[(1,)](
-        s, m, l_, N_BLOCKS=4, ROWS=16, COLS=16, LOG2_UNITS=log2_units
+        s, m, l_, N_BLOCKS=4, ROWS=16, COLS=16, LOG2_UNITS=log2_units, SCALE=0.0
     )
     base = 2.0 if log2_units else math.e
     want_m = s.max(1).values
@@ -167,7 +156,9 @@ def test_online_softmax_scaled_scales_in_the_exp(kernels):
     s[5, :16] = -math.inf
     c = 0.125 * 1.4426950408889634
     m, l_ = torch.empty(16), torch.empty(16)
-    kernels._online_softmax_scaled_kernel[(1,)](s, m, l_, N_BLOCKS=4, ROWS=16, COLS=16, SCALE=c)
+    kernels._online_softmax_kernel[(1,)](
+        s, m, l_, N_BLOCKS=4, ROWS=16, COLS=16, LOG2_UNITS=True, SCALE=c
+    )
     want_m = (s * c).max(1).values
     want_l = torch.where(
         want_m.isinf(), 0.0, (2.0 ** (s * c - want_m[:, None].nan_to_num(neginf=0.0))).sum(1)

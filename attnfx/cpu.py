@@ -199,6 +199,27 @@ def _finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t.sum(dtype=_ACC)))
 
 
+# Beyond this bound on |q|·|k|·D (float32's largest is 2^128 ≈ 3.4e38), a float32
+# product q·kᵀ may overflow — where eager's may not: its summation order differs, and a
+# scale the program applied to the scores comes after the product in both — so the call
+# runs in float64 instead (exact against the gold; 2^-8 of the range is left for score
+# multipliers).  Only adversarial magnitudes reach it: |q|, |k| ~ 1e18 and more.
+_RANGE = 2.0**120
+
+
+def _magnitude(t: Tensor) -> float:
+    lo, hi = torch.aminmax(t)
+    return max(-float(lo), float(hi))
+
+
+def _may_overflow(q: Tensor, k: Tensor) -> bool:
+    """Whether a float32 q·kᵀ of this call may overflow (or round to 0 in a way eager's
+    summation would not): one min/max pass over q and k, no temporary."""
+    if q.dtype == torch.float64 or q.numel() == 0 or k.numel() == 0:
+        return False
+    return _magnitude(q) * _magnitude(k) * q.shape[-1] >= _RANGE
+
+
 def _prepare(q, k, v, aux, spec):
     """SDPA arguments for this call, or None when the SDPA path does not apply to it."""
     plan = _sdpa_plan(spec)
@@ -217,6 +238,8 @@ def _prepare(q, k, v, aux, spec):
     for t in (q, k, v):
         if not _finite(t):
             return None
+    if _may_overflow(q, k):
+        return None  # the blocked path computes this call in float64
     if all(op.pred is not None for op in ops):  # the mask depends on the lengths only
         mask = _static_mask(spec.key, nq, nk)
         if mask is False:
@@ -453,20 +476,23 @@ def _probs(qb, kb, a, sp, *, with_grad):
     return p, lse, hit, d
 
 
-def _work_dtype(q: Tensor, backward: bool = False) -> torch.dtype:
+def _work_dtype(q: Tensor, k: Tensor, backward: bool = False) -> torch.dtype:
     """float32 for float16/bfloat16/float32 sites; a float64 site stays float64.  The
     blocked backward of a float32 site accumulates in float64: in float32 its gradients
     (recomputed probabilities, a temperature moved onto q) err up to ~1.2x beyond the
     equivalence rule's 3x of eager's; it runs only where the backend chose it (on CPU,
-    by default, forms whose gradients take it stay with inductor: ``profitable``)."""
+    by default, forms whose gradients take it stay with inductor: ``profitable``).  A call
+    whose float32 scores may overflow (``_may_overflow``) runs in float64 too."""
     if q.dtype == torch.float64 or (backward and q.dtype == torch.float32):
+        return torch.float64
+    if _may_overflow(q, k):
         return torch.float64
     return _ACC
 
 
 def _operands(q, k, v, spec, backward: bool = False):
     kk, vv = _kv(k, v, spec)
-    acc = _work_dtype(q, backward)
+    acc = _work_dtype(q, k, backward)
     return q.to(acc), kk.to(acc), vv.to(acc)
 
 

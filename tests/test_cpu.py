@@ -379,3 +379,30 @@ def test_blocked_key_skipping_under_a_finite_fill(nq, nk, monkeypatch):
         [ScoreOp("add_aux", aux=0), ScoreOp("fill_pred", value=lo, pred=CAUSAL)], ["float32"]
     )
     assert not cpu._key_limit_ops(bias)
+
+
+@pytest.mark.parametrize("name", ["plain", "causal", "tanh cap"])
+def test_float32_scores_that_may_overflow_run_in_float64(name):
+    """|q|·|k|·D beyond float32's range: a float32 q·kᵀ overflows where eager's product of
+    the same values (another summation order, or a scale applied to q first) may not; the
+    CPU paths compute such a call in float64, so its output is the float64 reference's."""
+    ops_ = {
+        "plain": [],
+        "causal": [ScoreOp("fill_pred", value=-INF, pred=CAUSAL)],
+        "tanh cap": [ScoreOp("mul", 0.2), ScoreOp("tanh"), ScoreOp("mul", 5.0)],
+    }[name]
+    spec = _spec(ops_)
+    q, k, v = _inputs(nq=5, nk=5)
+    q, k = q * 1e19, k * 1e19
+    assert cpu._may_overflow(q, k) and not cpu._may_overflow(q / 1e19, k)
+    gold, _ = ops.reference_attention(q.double(), k.double(), v.double(), [], spec)
+    assert torch.isfinite(gold).all()
+    got = ops.attention(q, k, v, spec)
+    torch.testing.assert_close(got, gold.float(), **TOL)
+    dout = torch.randn_like(v)
+    dq, dk, dv = _backward(dout, q, k, v, [], spec)
+    gq, gk, gv = ops.reference_gradients(
+        dout.double(), q.double(), k.double(), v.double(), [], spec
+    )
+    torch.testing.assert_close(dv, gv.float(), **TOL)
+    assert torch.isfinite(dq).all() and torch.isfinite(dk).all()

@@ -210,6 +210,28 @@ def test_fn_form(name):
     check_form(Fn(fn), _qkv(**kw))
 
 
+def _scale_kt(q, k, v):
+    return (q @ (k.transpose(-2, -1) * 32**-0.5)).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("fn", [_scale_preq, _scale_qk_quarter, _scale_kt])
+def test_scale_on_an_operand_stays_there(fn):
+    """A scale the program applies to q or k before the product stays on that operand,
+    outside the op: moved after the product, float32 q·kᵀ overflows at |q|, |k| ~ 1e19
+    where eager's (q·c)·kᵀ does not, and a one-key row came out 0 instead of v."""
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(1, 1, 2, 16, generator=g) * 1e19 for _ in range(2))
+    v = torch.randn(1, 1, 2, 16, generator=g)
+    for nk in (1, 2):
+        ins = [q, k[..., :nk, :], v[..., :nk, :]]
+        torch._dynamo.reset()
+        attnfx.reset_counters()
+        out = check_form(Fn(fn), ins, options={"verify": "off"})
+        assert torch.isfinite(out).all()
+    rep = attnfx.explain(Fn(fn), *_qkv())
+    assert rep.rewritten[0].spec.scale == 1.0  # the op computes an unscaled q·kᵀ
+
+
 class ScaleAttr(nn.Module):
     def __init__(self, d=D):
         super().__init__()

@@ -213,13 +213,20 @@ def build_site(anchor, pv, chain, *, kind, activation, extra_ops=(), sink=None) 
     mm = chain.matmul
     if len(G.live_users(mm)) != 1:
         raise Refusal("scores have other users (e.g. returned or logged)", mm)
-    a, b = mm.args
-    qn, qscales = strip_scalar_scale(a)
-    bn, kscales = strip_scalar_scale(b)
+    # A constant scale the program applies to q or k before the product stays there,
+    # outside the op (the op's q is ``q * c`` as eager computes it): moved after the
+    # product, the op's float32 q·kᵀ would overflow where the program's (q·c)·kᵀ does not
+    # (|q|, |k| ~ 1e19), and the op would return a masked row where eager returns v.
+    qn, b = mm.args
     rank = len(G.shape(qn) or ())
-    if rank not in (3, 4) or len(G.shape(bn) or ()) != rank:
+    if rank not in (3, 4) or len(G.shape(b) or ()) != rank:
         raise NoMatch("q/k are not 3-D or 4-D")
-    k = key_operand(bn)
+    bn, kscales = strip_scalar_scale(b)
+    if kscales:  # q @ (kᵀ · c): the op reads kᵀ · c transposed back
+        key_operand(bn)  # ... when kᵀ is a transposed view, as for an unscaled key
+        k = Operand(b, tuple(range(rank - 2)) + (rank - 1, rank - 2))
+    else:
+        k = key_operand(bn)
     vnode = pv.args[1]
     if len(G.shape(vnode) or ()) != rank:
         raise NoMatch("v rank differs")
@@ -232,7 +239,7 @@ def build_site(anchor, pv, chain, *, kind, activation, extra_ops=(), sink=None) 
     dt = check_dtypes(qn, k.node, vnode, anchor)
     d, dv = G.shape(qn)[-1], G.shape(vnode)[-1]
     check_head_dims(d, dv, anchor)
-    ops = [ScoreOp("mul", s) for s in qscales + kscales] + list(extra_ops) + chain.ops
+    ops = list(extra_ops) + chain.ops
     ops, aux, q_mul = temperature.move_row_multipliers(ops, chain.aux, anchor)
     for x in aux + q_mul:
         if depends_on(x.node, mm):

@@ -89,6 +89,11 @@ def query_temperature(q: fx.Node, depth: int = 4) -> bool:
                 shp = G.shape(x) if isinstance(x, fx.Node) else None
                 if shp is not None and len(shp) >= 1 and shp[-1] == 1 and G.shape(n) != shp:
                     return True
+            # ``(q · τ) · c``: a constant scale (kept on q by the recognizer) hides nothing
+            const = [G.constant_value(x) is not None for x in n.args]
+            if const.count(True) == 1 and isinstance(n.args[const.index(False)], fx.Node):
+                n = n.args[const.index(False)]
+                continue
             return False
         if (n.op == "call_method" and n.target in _VIEWS) or (
             n.op == "call_function" and n.target in (torch.transpose, torch.permute)

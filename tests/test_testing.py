@@ -88,6 +88,21 @@ def test_inf_mismatch_fails(cand_value):
     assert compare(cand, base, gold).ok
 
 
+@pytest.mark.parametrize("eager", [-1405.0, -INF, 0.0])
+def test_cand_exactly_eager_where_gold_is_nan_passes(eager):
+    """Gold can be NaN where eager is not (a ``finfo(dtype).min`` fill that overflows in
+    float64): a cand equal to eager's value there passes; any other value fails."""
+    gold, base = _triple()
+    gold[1, 2] = NAN
+    base[1, 2] = eager
+    cand = gold.float()
+    cand[1, 2] = eager
+    assert compare(cand, base, gold).ok
+    cand[1, 2] = 7.0
+    res = compare(cand, base, gold)
+    assert not res.ok and "gold is NaN" in res.message
+
+
 @pytest.mark.parametrize("bad", [NAN, INF, -INF])
 def test_non_finite_cand_where_base_finite_fails(bad):
     gold, base = _triple()

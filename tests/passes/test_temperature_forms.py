@@ -229,6 +229,25 @@ def test_qwen_logn_buffer():
     check_form(QwenLogn(), _qkv(layout="bnhd"), grad=True)
 
 
+class LognThenScale(nn.Module):
+    """The ``logn`` factor and then the constant scale on q: the constant stays on q
+    (outside the op) and must not hide the temperature under it."""
+
+    def __init__(self, max_len=64, train_len=6):
+        super().__init__()
+        logn = [math.log(i, train_len) if i > train_len else 1.0 for i in range(1, max_len + 1)]
+        self.register_buffer("logn", torch.tensor(logn))
+
+    def forward(self, q, k, v):
+        q = q * self.logn[: q.shape[-2]][None, None, :, None]
+        q = q * q.shape[-1] ** -0.5
+        return (q @ k.transpose(-2, -1)).softmax(-1) @ v
+
+
+def test_logn_then_constant_scale_on_q():
+    check_form(LognThenScale(), _qkv(), grad=True)
+
+
 # ---------------------------------------------------------------------------------------
 # Llama 4: log(floor((pos + 1) / floor_scale) + 1) * attn_scale + 1, multiplied into q
 # ---------------------------------------------------------------------------------------

@@ -92,6 +92,10 @@ def _sdpa_plan(spec: AttentionSpec):
     muls = []
     while ops and ops[0].entry.form == "mul":
         muls.append(ops.pop(0))
+    if spec.dtype == "float32" and any(op.entry.operand == "aux" for op in muls):
+        # SDPA takes a per-row multiplier only on q: q·τ rounded to float32 errs up to 4x
+        # eager's (q·kᵀ)·τ on the output (the recognizer keeps float32 τ on the scores).
+        return None
     causal_op = None
     masks = []
     for op in ops:

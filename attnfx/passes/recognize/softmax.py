@@ -240,7 +240,7 @@ def build_site(anchor, pv, chain, *, kind, activation, extra_ops=(), sink=None) 
     d, dv = G.shape(qn)[-1], G.shape(vnode)[-1]
     check_head_dims(d, dv, anchor)
     ops = list(extra_ops) + chain.ops
-    ops, aux, q_mul = temperature.move_row_multipliers(ops, chain.aux, anchor)
+    ops, aux, q_mul = temperature.move_row_multipliers(ops, chain.aux, anchor, dtype=dt)
     for x in aux + q_mul:
         if depends_on(x.node, mm):
             raise Refusal("a score multiplier or bias depends on the scores themselves", anchor)

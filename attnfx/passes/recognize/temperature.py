@@ -11,10 +11,11 @@ the softmax.
 * soft-capping ``c · tanh(s / c)`` (Gemma 2).
 
 These share the softmax anchor: the softmax recognizer builds the site, and this module
-(a) moves per-row multipliers onto q — legal when only multiplications precede them in
-the score program, since ``(q·kᵀ)·t = (q·t)·kᵀ`` for t constant along keys — so that a
-learnable τ gets its gradient from autograd outside the kernel and the kernel never
-makes a pass over the scores for it; (b) labels the site ``"temperature"``.
+(a) moves per-row multipliers onto q in float16/bfloat16 sites — legal when only
+multiplications precede them in the score program, since ``(q·kᵀ)·t = (q·t)·kᵀ`` for t
+constant along keys — so that a learnable τ gets its gradient from autograd outside the
+kernel and the kernel never makes a pass over the scores for it (float32 sites keep τ on
+the scores: see ``move_row_multipliers``); (b) labels the site ``"temperature"``.
 
 Edge semantics: a temperature that varies along the key axis, or that is computed from
 the scores themselves, is refused with its reason; τ ≤ 0 is computed as written (a
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 import torch.fx as fx
 
 from attnfx.passes import graph as G
@@ -40,10 +42,16 @@ def _is(op: ScoreOp, form: str, operand: str | None = None) -> bool:
 
 
 def move_row_multipliers(
-    ops: list[ScoreOp], aux: list[AuxOperand], anchor: fx.Node
+    ops: list[ScoreOp], aux: list[AuxOperand], anchor: fx.Node, *, dtype=None
 ) -> tuple[list[ScoreOp], list[AuxOperand], list[AuxOperand]]:
-    """Move each per-row ``mul_aux`` that only multiplications precede onto q."""
+    """Move each per-row ``mul_aux`` that only multiplications precede onto q — for
+    float16/bfloat16 sites.  A float32 site keeps them on the scores, in eager's order:
+    q·τ rounded to float32 errs up to 4x eager's (q·kᵀ)·τ on the output (|s| ~ 40,
+    D = 160), while in half precision the rounding of q·τ is of the order of eager's own
+    rounding of the scores."""
     q_mul: list[AuxOperand] = []
+    if dtype == torch.float32:
+        return ops, aux, q_mul
     moved: set[int] = set()
     prefix_is_mul = True
     for op in ops:
@@ -77,8 +85,6 @@ _VIEWS = {"transpose", "permute", "view", "reshape", "contiguous", "to"}
 def query_temperature(q: fx.Node, depth: int = 4) -> bool:
     """Whether q was multiplied by a tensor constant along the head dim (``q * τ``)."""
     import operator
-
-    import torch
 
     n = q
     for _ in range(depth):

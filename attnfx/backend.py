@@ -182,6 +182,7 @@ def rewrite_graph(
                 v.max_rel_err,
                 graph=gid,
                 density=_density(s),
+                mask=s.neighborhood.describe() if s.neighborhood is not None else None,
             )
         )
     if not any(r.status == "rewritten" for r in records):

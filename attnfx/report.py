@@ -38,6 +38,15 @@ class SiteRecord:
     # the compiled lengths (its default tiles): 1 without a mask, ~0.5+ causal, ~C/N for
     # chunks of C keys; None where unknown (a kept site, no lengths)
     density: float | None = None
+    # the mask as the report shows it, where the site knows more than its spec (a
+    # neighborhood's grid and window); None: the spec's mask class
+    mask: str | None = None
+
+    @property
+    def mask_text(self) -> str | None:
+        if self.mask is not None:
+            return self.mask
+        return self.spec.mask_class.describe() if self.spec is not None else None
 
     def to_dict(self) -> dict:
         return {
@@ -47,6 +56,7 @@ class SiteRecord:
             "where": self.where,
             "max_rel_err": self.max_rel_err,
             "density": self.density,
+            "mask": self.mask_text,
             "graph": self.graph,
             "spec": self.spec.to_dict() if self.spec is not None else None,
         }
@@ -119,7 +129,7 @@ class Report:
         head = ("#", "kind", "status", "where", "mask", "density", "max rel err", "detail")
         rows = []
         for i, s in enumerate(self.sites):
-            mask = s.spec.mask_class.describe() if s.spec is not None else "-"
+            mask = s.mask_text or "-"
             dens = f"{s.density:.3f}" if s.density is not None else "-"
             err = f"{s.max_rel_err:.2e}" if s.max_rel_err is not None else "-"
             detail = s.reason or (s.spec.describe() if s.spec else "")

@@ -70,6 +70,14 @@ VARIANTS: tuple[Variant, ...] = (
         grammar="attnfx.fuzz.temperature",
         benchmarks=("temp", "softcap"),
     ),
+    Variant(
+        kind="neighborhood",
+        activation="softmax",
+        recognizer=None,  # labelled on the softmax anchor: attnfx.passes.recognize.neighborhood
+        reference="attnfx.nn.neighborhood:NeighborhoodAttention1D",
+        grammar=None,
+        benchmarks=(),
+    ),
 )
 
 

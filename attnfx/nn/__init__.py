@@ -14,17 +14,8 @@ def _references() -> dict[str, type]:
 
 
 globals().update(_references())
-# Neighborhood attention's reference modules come before its registry record (which needs
-# its recognizer and fuzz grammar): exported here until then.
-from attnfx.nn.neighborhood import NeighborhoodAttention1D as NeighborhoodAttention1D  # noqa: E402
+# The neighborhood record names the 1-D module; its 2-D and 3-D siblings come with it.
 from attnfx.nn.neighborhood import NeighborhoodAttention2D as NeighborhoodAttention2D  # noqa: E402
 from attnfx.nn.neighborhood import NeighborhoodAttention3D as NeighborhoodAttention3D  # noqa: E402
 
-__all__ = sorted(
-    [
-        *_references(),
-        "NeighborhoodAttention1D",
-        "NeighborhoodAttention2D",
-        "NeighborhoodAttention3D",
-    ]
-)
+__all__ = sorted({*_references(), "NeighborhoodAttention2D", "NeighborhoodAttention3D"})

@@ -116,7 +116,7 @@ class _NeighborhoodAttention(nn.Module):
     dims = 0
 
     def __init__(
-        self, dim: int, num_heads: int, kernel_size, dilation=1, stride=1, is_causal=False,
+        self, dim: int, num_heads: int, kernel_size=7, dilation=1, stride=1, is_causal=False,
         rel_pos_bias: bool = False, qkv_bias: bool = True,
     ):  # fmt: skip
         super().__init__()

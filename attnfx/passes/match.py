@@ -89,6 +89,8 @@ class Site:
     where: str = ""
     reason: str | None = None  # set for refusals
     mask_nodes: set = dataclasses.field(default_factory=set)  # read back as predicates
+    # the per-axis window of a neighborhood site (``recognize.neighborhood``), for the report
+    neighborhood: object = None
 
     @property
     def operand_nodes(self) -> list[fx.Node]:

@@ -1,0 +1,207 @@
+"""Neighborhood attention: sites whose mask keeps, per axis of a token grid, an interval
+of keys around each query (Hassani et al., "Neighborhood Attention Transformer", CVPR
+2023; dilation: "Dilated Neighborhood Attention Transformer", arXiv 2209.15001; stride:
+"Generalized Neighborhood Attention", arXiv 2504.16922; ``attnfx.nn.neighborhood`` has
+the reference modules and NATTEN's window rule).
+
+The class is wider than NA: 1-D sliding windows (Mistral, Gemma-2 local layers,
+ModernBERT's local layers), chunked attention (``Q // c == K // c``) and blocked windows
+read the same way — one axis, or a grid whose axes are found from the divisions in the
+predicate.  These sites share the softmax anchor: the softmax recognizer builds them and
+this module relabels the ones whose (-inf filled) predicate is a neighborhood, with the
+per-axis shape for the report (``Neighborhood.describe``).
+
+How a predicate is read.  Write the flattened index as coordinates on a grid whose strides
+are the divisors ``s`` of ``floor(Q / s)`` (and ``floor(K / s)``) in the predicate; at the
+site's lengths (self-attention, NQ = NK = N, N a multiple of every stride) the predicate
+is a neighborhood when it is the AND of per-axis masks ``M_a[q_a, k_a]`` — checked on
+every query row for N ≤ 4096, on 512 rows (the borders and a random draw) beyond — and
+each query's kept keys on each axis are an arithmetic run (an interval of its dilation
+group).  This is a label: it changes what the report says and which tiles suit the site,
+never what the kernels compute (their tile maps come from the predicate itself).
+
+Edge semantics are the program's (the predicate is evaluated as written): NATTEN's
+windows shift inward at the borders, lucid-style bucketed windows truncate, causal
+windows end at the query; a row with no kept key is computed as eager computes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import sympy
+import torch
+
+from attnfx.predicate import K, MaskPredicate, Q, floor_fraction
+
+KIND = "neighborhood"
+_EXHAUSTIVE = 4096  # up to this length every query row is checked
+_SAMPLED_ROWS = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class Axis:
+    length: int
+    kernel: int  # most keys a query keeps on this axis (the window size)
+    dilation: int
+    causal: bool
+
+    @property
+    def full(self) -> bool:
+        return self.kernel >= self.length and self.dilation == 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Neighborhood:
+    axes: tuple[Axis, ...]  # outermost first (row-major flattening)
+
+    def describe(self) -> str:
+        grid = "x".join(str(a.length) for a in self.axes)
+        out = f"neighborhood {len(self.axes)}-D {grid} k=({','.join(str(a.kernel) for a in self.axes)})"
+        if any(a.dilation > 1 for a in self.axes):
+            out += f" d=({','.join(str(a.dilation) for a in self.axes)})"
+        if any(a.causal for a in self.axes):
+            out += f" causal=({','.join('1' if a.causal else '0' for a in self.axes)})"
+        return out
+
+
+def _strides(expr) -> list[int]:
+    """Divisors ``s > 1`` of ``floor(Q / s)`` / ``floor(K / s)`` in ``expr``."""
+    out = set()
+    for f in expr.atoms(sympy.floor):
+        num, den = floor_fraction(f)
+        if num in (Q, K) and isinstance(den, sympy.Integer) and den > 1:
+            out.add(int(den))
+    return sorted(out)
+
+
+def _grid(strides: list[int], n: int) -> tuple[list[int], list[int]] | None:
+    """(lengths, strides) of the axes, outermost first, or None when the strides do not
+    nest (each a multiple of the previous) or do not divide ``n``."""
+    chain = [1]
+    for s in strides:
+        if s % chain[-1] == 0 and n % s == 0:
+            chain.append(s)
+    lengths = [chain[i + 1] // chain[i] for i in range(len(chain) - 1)] + [n // chain[-1]]
+    if any(ln < 1 for ln in lengths):
+        return None
+    return lengths[::-1], chain[::-1]
+
+
+def _axis(m: torch.Tensor) -> Axis | None:
+    """One axis's parameters from its (L, L) keep-mask, or None when some query's kept
+    keys are not an arithmetic run (an interval of its dilation group)."""
+    length = m.shape[0]
+    qi, kj = m.nonzero(as_tuple=True)
+    if qi.numel() == 0:
+        return None
+    diff = (kj - qi).abs()
+    d = functools.reduce(math.gcd, diff.unique().tolist(), 0) or 1
+    counts = m.sum(1)
+    for i in range(length):
+        ks = m[i].nonzero().flatten()
+        if ks.numel() == 0:
+            return None
+        if ks.numel() > 1 and not bool(((ks[1:] - ks[:-1]) == d).all()):
+            return None
+    # causal: no key after the query, and some before it (a one-key axis is not causal)
+    causal = bool((kj <= qi).all()) and bool((kj < qi).any())
+    return Axis(length, int(counts.max()), d, causal)
+
+
+def classify(pred_key: str, n: int) -> Neighborhood | None:
+    """The neighborhood a predicate (``MaskPredicate`` key) keeps at length ``n`` (NQ = NK),
+    or None."""
+    return _classify(pred_key, int(n))
+
+
+@functools.lru_cache(maxsize=64)
+def _classify(pred_key: str, n: int) -> Neighborhood | None:
+    pred = MaskPredicate.from_key(pred_key)
+    mc = pred.mask_class
+    if mc.kind == "window" and mc.prefix is None and mc.left is not None and mc.right is not None:
+        left, right = (sympy.sympify(x).subs({"NQ": n, "NK": n}) for x in (mc.left, mc.right))
+        if left.is_Integer and right.is_Integer and int(left) + int(right) + 1 < n:
+            return Neighborhood((Axis(n, int(left) + int(right) + 1, 1, int(right) <= 0),))
+        return None
+    if mc.kind != "predicate" or n < 2:
+        return None
+    grid = _grid(_strides(pred.expr), n)
+    if grid is None:
+        return None
+    lengths, strides = grid
+    # per-axis masks: the other coordinates at 0 for both the query and the key
+    axes_masks = []
+    for ln, st in zip(lengths, strides):
+        c = torch.arange(ln) * st
+        m = torch.as_tensor(pred.evaluate(c[:, None], c[None, :], n, n)).expand(ln, ln)
+        axes_masks.append(m.to(torch.bool))
+    axes = [_axis(m) for m in axes_masks]
+    if any(a is None for a in axes) or all(a.full for a in axes):
+        return None
+    # the predicate must be the AND of the per-axis masks: check query rows
+    if n <= _EXHAUSTIVE:
+        rows = torch.arange(n)
+    else:
+        g = torch.Generator().manual_seed(0)
+        edge = torch.cat([torch.arange(64), torch.arange(n - 64, n)])
+        rows = torch.cat([edge, torch.randint(0, n, (_SAMPLED_ROWS - edge.numel(),), generator=g)])
+    keys = torch.arange(n)
+    for chunk in rows.split(256):
+        want = torch.as_tensor(pred.evaluate(chunk[:, None], keys[None, :], n, n))
+        got = torch.ones((), dtype=torch.bool)
+        for m, ln, st in zip(axes_masks, lengths, strides):
+            got = got & m[(chunk[:, None] // st) % ln, (keys[None, :] // st) % ln]
+        if not bool((want.expand_as(got) == got).all()):
+            return None
+    return Neighborhood(tuple(axes))
+
+
+def of_site(site) -> Neighborhood | None:
+    """The neighborhood of a matched softmax site, or None: its -inf filled predicates
+    (one or more, ANDed) at its example lengths."""
+    from attnfx.passes import graph as G
+
+    spec = site.spec
+    if spec is None or spec.activation != "softmax":
+        return None
+    preds = [
+        op.pred
+        for op in spec.score_ops
+        if op.pred is not None and op.entry.form == "fill" and op.value == -math.inf
+    ]
+    if len(preds) != 1:
+        return None
+    shapes = [G.shape(o.node) for o in (site.q, site.k)]
+    if any(s is None or len(s) < 2 for s in shapes):
+        return None
+    (qs, ks) = shapes
+    if site.k.permute is not None:
+        ks = tuple(ks[i] for i in site.k.permute)
+    nq, nk = (_hint(s[-2]) for s in (qs, ks))
+    if nq is None or nq != nk:
+        return None
+    try:
+        return classify(preds[0], nq)
+    except Exception:  # noqa: BLE001 - a predicate this reading cannot evaluate: no label
+        return None
+
+
+def _hint(x) -> int | None:
+    if isinstance(x, int):
+        return x
+    hint = getattr(getattr(x, "node", None), "hint", None)
+    return int(hint) if hint is not None else None
+
+
+def label(sites) -> None:
+    """Relabel matched softmax / temperature sites whose mask is a neighborhood."""
+    for s in sites:
+        nb = of_site(s)
+        if nb is None:
+            continue
+        s.kind = KIND
+        s.spec = dataclasses.replace(s.spec, kind=KIND)
+        s.neighborhood = nb

@@ -141,12 +141,24 @@ def _top_left_causal(pred_key: str) -> bool:
 
 
 @functools.lru_cache(maxsize=128)  # (per block shape: blocks are rows × keys)
-def _keep(pred_key: str, nq: int, nk: int) -> Tensor:
+def _keep(
+    pred_key: str, nq: int, nk: int, r0: int = 0, len_q: int | None = None,
+    len_k: int | None = None,
+) -> Tensor:  # fmt: skip
     """The (nq, nk) bool keep-mask of a predicate, cached: evaluating the sympy
-    expression costs more than the attention at small sizes, and shapes repeat."""
+    expression costs more than the attention at small sizes, and shapes repeat.  With
+    ``len_q``/``len_k``: the block of query rows ``r0..r0+nq`` of a ``len_q`` × ``len_k``
+    call (the predicate evaluated at global indices, not rewritten per block: a large
+    predicate, e.g. a neighborhood's, costs seconds to substitute and parse)."""
     from attnfx.predicate import MaskPredicate
 
-    return MaskPredicate.from_key(pred_key).materialize(nq, nk).contiguous()
+    pred = MaskPredicate.from_key(pred_key)
+    if len_q is None:
+        return pred.materialize(nq, nk).contiguous()
+    q = torch.arange(r0, r0 + nq).view(nq, 1)
+    k = torch.arange(nk).view(1, nk)
+    out = torch.as_tensor(pred.evaluate(q, k, len_q, len_k))
+    return out.to(torch.bool).expand(nq, nk).contiguous()
 
 
 def _multipliers(muls, aux, nq, nk):
@@ -370,11 +382,15 @@ def _row_block(q: Tensor, nk: int) -> int:
 
 
 @functools.lru_cache(maxsize=1024)  # (sympy substitutions cost more than a small block)
-def _rows_spec(spec: AttentionSpec, r0: int, nq: int, nk: int) -> AttentionSpec:
+def _rows_spec(spec: AttentionSpec, r0: int, nq: int, nk: int, preds: bool = True) -> AttentionSpec:
     """The spec of query rows ``r0..`` of an ``nq`` × ``nk`` call: predicates and
     length-dependent scalars still see global indices and lengths (a block may also read
-    fewer keys)."""
-    ops = tuple(op.entry.rows(op, r0, nq, nk) for op in spec.score_ops)
+    fewer keys).  ``preds=False``: predicates stay as they are (``_CachedEnv`` evaluates
+    them at the block's global rows)."""
+    ops = tuple(
+        op if op.pred is not None and not preds else op.entry.rows(op, r0, nq, nk)
+        for op in spec.score_ops
+    )
     return spec if ops == spec.score_ops else dataclasses.replace(spec, score_ops=ops)
 
 
@@ -417,7 +433,7 @@ def _key_limit_ops(spec: AttentionSpec) -> bool:
     return found
 
 
-def _key_limit(sp: AttentionSpec, rows: int, nk: int) -> int:
+def _key_limit(sp: AttentionSpec, r0: int, rows: int, nq: int, nk: int) -> int:
     """How many leading keys a block's rows can keep (``sp``: the block's spec); every
     key when a finite fill leaves a softmax row with no kept key (eager averages over
     all keys there)."""
@@ -425,7 +441,7 @@ def _key_limit(sp: AttentionSpec, rows: int, nk: int) -> int:
     for op in sp.score_ops:
         if op.pred is None or not _drops(op.value):
             continue
-        m = _keep(op.pred, rows, nk)
+        m = _keep(op.pred, rows, nk, r0, nq, nk)
         keep = m if keep is None else keep & m
         finite |= op.value != -math.inf
     if keep is None:
@@ -443,8 +459,8 @@ def _blocks(q: Tensor, k: Tensor, aux: list[Tensor], spec: AttentionSpec):
     limit_ops = _key_limit_ops(spec)
     for r0 in range(0, nq, rb):
         rows = slice(r0, min(nq, r0 + rb))
-        sp = _rows_spec(spec, r0, nq, nk)
-        keys = _key_limit(sp, rows.stop - r0, nk) if limit_ops else nk
+        sp = _rows_spec(spec, r0, nq, nk, preds=False)
+        keys = _key_limit(sp, r0, rows.stop - r0, nq, nk) if limit_ops else nk
         yield rows, keys, sp
 
 
@@ -459,22 +475,31 @@ def _value_at(op, nq: int, nk: int) -> float:
 
 class _CachedEnv(TorchEnv):
     """The score ops' operands with the predicates' keep-masks and the length scalars
-    cached (they repeat block after block)."""
+    cached (they repeat block after block); predicates at the block's global rows
+    ``r0..`` of a ``len_q`` × ``len_k`` call."""
+
+    def __init__(
+        self, aux, nq, nk, *, r0: int = 0, len_q: int | None = None,
+        len_k: int | None = None, device=None, inplace: bool = False,
+    ):  # fmt: skip
+        super().__init__(aux, nq, nk, device=device, inplace=inplace)
+        self.r0, self.len_q, self.len_k = r0, len_q, len_k
 
     def value_at(self, op) -> float:
         return _value_at(op, self.nq, self.nk)
 
     def keep(self, op) -> Tensor:
-        return _keep(op.pred, self.nq, self.nk)
+        return _keep(op.pred, self.nq, self.nk, self.r0, self.len_q, self.len_k)
 
 
-def _probs(qb, kb, a, sp, *, with_grad):
+def _probs(qb, kb, a, sp, where, *, with_grad):
     """(probabilities, log-sum-exp, filled pairs or None, d scores/d raw) of one block,
     in float32: the score program in place on the block's scores (the table's torch
     references: the same ops in the same order as ``reference.apply_score_ops``, so the
     same values); the derivative is not zeroed on filled pairs (the caller does)."""
     s = torch.matmul(qb, kb.transpose(-2, -1))
-    env = _CachedEnv(a, s.shape[-2], s.shape[-1], inplace=True)
+    r0, len_q, len_k = where
+    env = _CachedEnv(a, s.shape[-2], s.shape[-1], r0=r0, len_q=len_q, len_k=len_k, inplace=True)
     s, hit, d = score_ops.run(s, sp.score_ops, env, with_grad=with_grad)
     p, lse = probabilities(s, sp, a)  # (a sink joins the normalizer)
     return p, lse, hit, d
@@ -510,7 +535,10 @@ def reference_forward(q, k, v, aux, spec) -> tuple[Tensor, Tensor]:
     for rows, keys, sp in _blocks(q, k, aux, spec):
         for attempt in (keys, nk) if keys < nk else (nk,):
             a = _aux_block(aux, rows, attempt, nk)
-            p, ls, _, _ = _probs(qq[..., rows, :], kk[..., :attempt, :], a, sp, with_grad=False)
+            where = (rows.start, nq, nk)
+            p, ls, _, _ = _probs(
+                qq[..., rows, :], kk[..., :attempt, :], a, sp, where, with_grad=False
+            )
             o = torch.matmul(p, vv[..., :attempt, :])
             if attempt == nk or not torch.isnan(o).any():
                 break  # a NaN row reads every key in eager (and in the gold)
@@ -526,7 +554,7 @@ def reference_backward(dout, q, k, v, aux, spec) -> tuple[Tensor, Tensor, Tensor
     qq, kk, vv = _operands(q, k, v, spec, backward=True)
     acc = qq.dtype
     do = dout.to(acc)
-    nk = kk.shape[-2]
+    nq, nk = qq.shape[-2], kk.shape[-2]
     dq = torch.empty(qq.shape, dtype=acc)
     dk = torch.zeros(kk.shape, dtype=acc)
     dv = torch.zeros(vv.shape, dtype=acc)
@@ -539,7 +567,7 @@ def reference_backward(dout, q, k, v, aux, spec) -> tuple[Tensor, Tensor, Tensor
                 qq[..., rows, :],
                 do[..., rows, :],
             )
-            p, _, filled, factor = _probs(qb, kb, a, sp, with_grad=True)
+            p, _, filled, factor = _probs(qb, kb, a, sp, (rows.start, nq, nk), with_grad=True)
             if attempt == nk or not torch.isnan(p).any():
                 break
         dv[..., :attempt, :] += torch.matmul(p.transpose(-2, -1), dob)

@@ -91,6 +91,9 @@ class Site:
     mask_nodes: set = dataclasses.field(default_factory=set)  # read back as predicates
     # the per-axis window of a neighborhood site (``recognize.neighborhood``), for the report
     neighborhood: object = None
+    # a token order the op runs in (``recognize.neighborhood.Layout``): q, k, v are put in
+    # it before the op and the output back after; None: the program's order
+    layout: object = None
 
     @property
     def operand_nodes(self) -> list[fx.Node]:

@@ -39,6 +39,16 @@ def emit_call(graph: fx.Graph, site: Site, lookup: Callable[[fx.Node], fx.Node])
         q = graph.call_function(
             operator.truediv if m.transform == "reciprocal" else operator.mul, (q, t)
         )
+    lay = site.layout
+    if lay is not None:  # multi-dimensional tiles: q, k, v in tiled token order
+        sizes, perm = lay.to_tiled()
+
+        def tiled(x):
+            x = graph.call_method("unflatten", (x, 2, sizes))
+            x = graph.call_method("permute", (x, *perm))
+            return graph.call_method("flatten", (x, 2, 1 + len(sizes)))
+
+        q, k, v = tiled(q), tiled(k), tiled(v)
     aux = []
     for a in site.aux:
         n = lookup(a.node)
@@ -50,6 +60,11 @@ def emit_call(graph: fx.Graph, site: Site, lookup: Callable[[fx.Node], fx.Node])
             n = graph.call_method("unsqueeze", (n, 1))
         aux.append(n)
     out = graph.call_function(ops.site_attention, (q, k, v, aux, site.spec.key))
+    if lay is not None:  # ... and the output back in the program's order
+        sizes, perm = lay.to_row_major()
+        out = graph.call_method("unflatten", (out, 2, sizes))
+        out = graph.call_method("permute", (out, *perm))
+        out = graph.call_method("flatten", (out, 2, 1 + len(sizes)))
     if site.rank3:
         out = graph.call_method("squeeze", (out, 1))
     return out

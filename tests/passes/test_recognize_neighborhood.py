@@ -4,6 +4,8 @@ of a token grid, an interval of keys around each query are reported as kind
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import sympy
 import torch
@@ -169,3 +171,68 @@ def test_causal_and_tensor_masks_stay_softmax():
     keep |= torch.eye(32, dtype=torch.bool)
     rep = attnfx.explain(TensorMask(), *_qkv(), keep, options={"cpu": "always"})
     assert rep.rewritten[0].kind == "softmax"
+
+
+# ---------------------------------------------------------------------------------------
+# The tiled token order (multi-dimensional tiles)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lengths, tile", [((8, 16), (4, 8)), ((4, 8, 6), (2, 4, 3))])
+def test_layout_index_and_permutations_agree(lengths, tile):
+    """``Layout.index`` (what the predicate is rewritten with) is the order the graph's
+    unflatten/permute/flatten puts tokens in, and ``to_row_major`` undoes it."""
+    from attnfx.passes.recognize.neighborhood import Layout
+
+    lay = Layout(lengths, tile)
+    n = math.prod(lengths)
+    x = torch.arange(n).view(1, 1, n, 1)
+    sizes, perm = lay.to_tiled()
+    tiled = x.unflatten(2, sizes).permute(perm).flatten(2, 1 + len(sizes))
+    assert torch.equal(tiled.flatten(), lay.index(torch.arange(n)))
+    sizes, perm = lay.to_row_major()
+    back = tiled.unflatten(2, sizes).permute(perm).flatten(2, 1 + len(sizes))
+    assert torch.equal(back, x)
+    i = sympy.Symbol("i", integer=True, nonnegative=True)
+    expr = lay.index(i)
+    assert [int(expr.subs(i, v)) for v in range(n)] == lay.index(torch.arange(n)).tolist()
+
+
+def test_tiled_order_visits_exactly_the_2d_tile_pairs(monkeypatch):
+    """A wide grid (8 x 64, k=5): in row-major order a 64-query kernel tile is one image
+    row and its keys span 5 rows; in the tiled order it is an 8 x 8 block.  Where the op
+    runs the generated kernels the site takes the tiled order: its density is the exact
+    count of (8x8 query block, 8x8 key block) pairs with a kept pair, and the rewritten
+    graph (q, k, v reordered, the predicate rewritten, the output put back) computes
+    eager's output.  (The CPU path runs here, as if it were the kernels': the interpreter
+    takes minutes on this predicate.)"""
+    from attnfx.codegen.plan import configs
+    from attnfx.nn.neighborhood import neighborhood_mask
+    from attnfx.passes.recognize import neighborhood
+
+    monkeypatch.setattr(neighborhood, "_runs_kernels", lambda device: True)
+    torch.manual_seed(0)
+    m = NeighborhoodAttention2D(C, H, 5).eval()
+    x = torch.randn(1, 8, 64, C)
+    with torch.no_grad():
+        attnfx.reset_counters()
+        torch._dynamo.reset()
+        assert_rewrites_match_eager(m, [x], kind="neighborhood")
+        rep = attnfx.explain(m, x)
+    (site,) = rep.rewritten
+    assert site.mask == "neighborhood 2-D 8x64 k=(5,5)"
+    cfg = configs(site.spec.resolved(C // H, C // H))["fwd"][0]
+    bm, bn = cfg.BLOCK_M, cfg.BLOCK_N
+    # the exact count, independently: tokens in 8x8 blocks, then kernel tiles of that order
+    n = 8 * 64
+    order = torch.arange(n).view(1, 8, 8, 8).permute(0, 2, 1, 3).flatten()
+    keep = neighborhood_mask((8, 64), 5)
+    pairs = keep[order][:, order].view(n // bm, bm, n // bn, bn).any(3).any(1)
+    assert site.density == pytest.approx(pairs.float().mean().item())
+    raster = keep.view(n // bm, bm, n // bn, bn).any(3).any(1)
+    assert site.density < 0.75 * raster.float().mean().item()
+    # without the kernels (the CPU paths), the program's order
+    monkeypatch.setattr(neighborhood, "_runs_kernels", lambda device: False)
+    with torch.no_grad():
+        (plain,) = attnfx.explain(m, x).rewritten
+    assert plain.density == pytest.approx(raster.float().mean().item())

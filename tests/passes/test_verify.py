@@ -451,22 +451,27 @@ def test_temperature_gradient_is_checked_and_accepted(monkeypatch, verdicts):
     assert any(ctx.startswith("gradient of l_tau_") and ok for ctx, ok in contexts)
 
 
-def test_temperature_gradient_dropped_is_rejected(monkeypatch, verdicts):
-    """A candidate that detaches the temperature moved onto q loses its gradient."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_temperature_gradient_dropped_is_rejected(monkeypatch, verdicts, dtype):
+    """A candidate that detaches the temperature loses its gradient: moved onto q (a
+    bfloat16 site) or kept on the scores as an aux tensor (a float32 site)."""
     real = rewrite.emit_call
+    moved = []
 
     def detaching(graph, site, lookup):
-        moved = {m.node for m in site.q_mul}
+        tau = {m.node for m in site.q_mul} | {a.node for a in site.aux}
+        moved.append(bool(site.q_mul))
 
         def look(n):
             x = lookup(n)
-            return graph.call_method("detach", (x,)) if n in moved else x
+            return graph.call_method("detach", (x,)) if n in tau else x
 
         return real(graph, site, look)
 
     monkeypatch.setattr(rewrite, "emit_call", detaching)
-    tau = _tau().requires_grad_(True)
-    torch.compile(RowTemperature(), backend="attnfx")(*_qkv(), tau)
+    tau = _tau().to(dtype).requires_grad_(True)
+    torch.compile(RowTemperature(), backend="attnfx")(*(t.to(dtype) for t in _qkv()), tau)
+    assert moved and all(m == (dtype != torch.float32) for m in moved)
     (vd,) = verdicts
     assert not vd.ok and "gradient of l_tau_" in vd.message
     assert attnfx.counters["kept.verifier rejected the rewrite"] == 1

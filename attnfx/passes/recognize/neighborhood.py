@@ -15,7 +15,7 @@ How a predicate is read.  Write the flattened index as coordinates on a grid who
 are the divisors ``s`` of ``floor(Q / s)`` (and ``floor(K / s)``) in the predicate; at the
 site's lengths (self-attention, NQ = NK = N, N a multiple of every stride) the predicate
 is a neighborhood when it is the AND of per-axis masks ``M_a[q_a, k_a]`` — checked on
-every query row for N ≤ 4096, on 512 rows (the borders and a random draw) beyond — and
+every query row for N ≤ 1024, on 512 rows (the borders and a random draw) beyond — and
 each query's kept keys on each axis are an arithmetic run (an interval of its dilation
 group).  This is a label: it changes what the report says and which tiles suit the site,
 never what the kernels compute (their tile maps come from the predicate itself).
@@ -37,7 +37,7 @@ import torch
 from attnfx.predicate import K, MaskPredicate, Q, floor_fraction
 
 KIND = "neighborhood"
-_EXHAUSTIVE = 4096  # up to this length every query row is checked
+_EXHAUSTIVE = 1024  # up to this length every query row is checked
 _SAMPLED_ROWS = 512
 
 
@@ -197,7 +197,8 @@ def _hint(x) -> int | None:
 
 
 def label(sites) -> None:
-    """Relabel matched softmax / temperature sites whose mask is a neighborhood."""
+    """Relabel matched softmax / temperature sites whose mask is a neighborhood, and give
+    2-D/3-D ones the tiled token order where it visits fewer tiles."""
     for s in sites:
         nb = of_site(s)
         if nb is None:
@@ -205,3 +206,136 @@ def label(sites) -> None:
         s.kind = KIND
         s.spec = dataclasses.replace(s.spec, kind=KIND)
         s.neighborhood = nb
+        _choose_layout(s, nb)
+
+
+# ---------------------------------------------------------------------------------------
+# Token order: multi-dimensional tiles as a layout of the flattened index
+# ---------------------------------------------------------------------------------------
+
+# Tile shape (tokens per axis, outermost first) of the tiled token order, per grid rank:
+# 64 tokens, a kernel tile (or half of a 128-query one), as NATTEN's Hopper configs for
+# D <= 64 take (8x8 in 2-D; 4x4x4 in 3-D).
+TILE = {2: (8, 8), 3: (4, 4, 4)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The tiled token order of a grid: tokens reordered so that each run of
+    ``prod(tile)`` consecutive positions is one ``tile``-shaped block of the grid (blocks in
+    row-major order).  The op runs on q, k, v in this order with the predicate rewritten
+    for it (``permuted``), and its output is put back in row-major order: the kernel's
+    1-D tiles are then multi-dimensional tiles of the grid."""
+
+    lengths: tuple[int, ...]
+    tile: tuple[int, ...]
+
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        return tuple(ln // t for ln, t in zip(self.lengths, self.tile))
+
+    def to_tiled(self) -> tuple[tuple[int, ...], list[int]]:
+        """(unflatten sizes, permutation) taking a (B, H, N, D) row-major tensor to tiled
+        order: ``x.unflatten(2, sizes).permute(perm).flatten(2, 2 + 2r - 1)``."""
+        r = len(self.lengths)
+        sizes = tuple(x for nb, t in zip(self.blocks, self.tile) for x in (nb, t))
+        perm = [0, 1, *(2 + 2 * a for a in range(r)), *(3 + 2 * a for a in range(r)), 2 + 2 * r]
+        return sizes, perm
+
+    def to_row_major(self) -> tuple[tuple[int, ...], list[int]]:
+        """(unflatten sizes, permutation) taking a tiled-order tensor back."""
+        sizes, perm = self.to_tiled()
+        tiled_sizes = tuple(sizes[p - 2] for p in perm[2:-1])
+        inverse = [perm.index(i) for i in range(len(perm))]
+        return tiled_sizes, inverse
+
+    def index(self, i):
+        """The row-major index of tiled position ``i`` (a sympy expression or an integer
+        tensor)."""
+        floor = (lambda a, b: sympy.floor(a / b)) if isinstance(i, sympy.Basic) else (
+            lambda a, b: a // b
+        )  # fmt: skip
+        per_tile = math.prod(self.tile)
+        within, block = i % per_tile, floor(i, per_tile)
+        out = 0
+        for a, (t, nb) in enumerate(zip(self.tile, self.blocks)):
+            inner = math.prod(self.tile[a + 1 :])
+            outer = math.prod(self.blocks[a + 1 :])
+            coord = (floor(block, outer) % nb) * t + floor(within, inner) % t
+            out = out + coord * math.prod(self.lengths[a + 1 :])
+        return out
+
+    def permuted(self, pred_key: str) -> str:
+        """The predicate on tiled positions: ``P(index(Q), index(K))``."""
+        expr = MaskPredicate.from_key(pred_key).expr
+        return MaskPredicate(expr.xreplace({Q: self.index(Q), K: self.index(K)})).to_key()
+
+
+def _layout_spec(spec, layout: Layout):
+    ops = tuple(
+        dataclasses.replace(op, pred=layout.permuted(op.pred)) if op.pred is not None else op
+        for op in spec.score_ops
+    )
+    return dataclasses.replace(spec, score_ops=ops)
+
+
+def _choose_layout(site, nb: Neighborhood) -> None:
+    """Use the tiled token order when the op runs the generated kernels, the grid divides
+    into ``TILE`` blocks and the forward kernel then visits at least 10% fewer (query tile,
+    key tile) pairs; sites with aux tensors (biases over the scores) keep row-major
+    order."""
+    from attnfx.passes import graph as G
+    from attnfx.report import site_density
+
+    tile = TILE.get(len(nb.axes))
+    lengths = tuple(a.length for a in nb.axes)
+    if tile is None or site.aux or site.rank3:
+        return
+    ev = G.example_value(site.q.node)
+    if not isinstance(ev, torch.Tensor) or not _runs_kernels(ev.device):
+        return  # the CPU paths evaluate the predicate on every pair: tiles buy them nothing
+    if any(ln % t for ln, t in zip(lengths, tile)) or all(ln == t for ln, t in zip(lengths, tile)):
+        return
+    n = math.prod(lengths)
+    d, dv = (_hint(G.shape(o.node)[-1]) for o in (site.q, site.v))
+    if d is None or dv is None:
+        return
+    layout = Layout(lengths, tile)
+    try:
+        from attnfx.codegen.plan import configs
+
+        before = site_density(site.spec, n, n, d, dv)
+        cfg = configs(site.spec.resolved(d, dv))["fwd"][0]
+        (pred,) = [op.pred for op in site.spec.score_ops if op.pred is not None]
+        after = tiled_density(pred, layout, cfg.BLOCK_M, cfg.BLOCK_N)
+    except Exception:  # noqa: BLE001 - no density: keep the row-major order
+        return
+    if before is None or after > 0.9 * before:
+        return
+    site.spec, site.layout = _layout_spec(site.spec, layout), layout
+
+
+def _runs_kernels(device) -> bool:
+    from attnfx import ops
+
+    return ops.use_triton(device)
+
+
+def tiled_density(pred_key: str, layout: Layout, bm: int, bn: int) -> float:
+    """The share of (query tile, key tile) pairs with a kept pair, in the tiled token order,
+    for kernel tiles of ``bm`` queries and ``bn`` keys: what the forward kernel of the
+    permuted predicate visits (counted here from the predicate on the permuted indices,
+    without building the permuted expression)."""
+    pred = MaskPredicate.from_key(pred_key)
+    n = math.prod(layout.lengths)
+    cols = layout.index(torch.arange(n))
+    rows_t, cols_t = -(-n // bm), -(-n // bn)
+    pad = cols_t * bn - n
+    seen = 0
+    for r in range(rows_t):
+        rows = layout.index(torch.arange(r * bm, min(n, (r + 1) * bm)))
+        keep = torch.as_tensor(pred.evaluate(rows[:, None], cols[None, :], n, n))
+        keep = keep.expand(rows.numel(), n).any(0)
+        keep = torch.nn.functional.pad(keep, (0, pad))
+        seen += int(keep.view(cols_t, bn).any(1).sum())
+    return seen / (rows_t * cols_t)

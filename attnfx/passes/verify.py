@@ -146,6 +146,46 @@ def capture_inputs(
     return values
 
 
+def concrete_inputs(example_inputs) -> list:
+    """The example inputs, with each fake tensor replaced by a real one of its shape,
+    strides, dtype and device.
+
+    A compiler is normally given real inputs; DDP's graph splitting (``DDPOptimizer``)
+    gives each piece fake ones (nothing real exists when it compiles).  Verification
+    then runs on values drawn from the metadata: floating tensors standard normal,
+    scaled by 1/sqrt(last dim) when 2-D or more (a weight keeps a projection's output
+    at unit scale, as initialization does); bool tensors random; integer tensors 0
+    (always a valid index).  Deterministic (seed 0)."""
+    from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+
+    if not any(isinstance(x, FakeTensor) for x in example_inputs):
+        return list(example_inputs)
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    with unset_fake_temporarily():
+        for x in example_inputs:
+            if not isinstance(x, FakeTensor):
+                out.append(x)
+                continue
+            shape = [G.sym_hint(s) for s in x.shape]
+            stride = [G.sym_hint(s) for s in x.stride()]
+            if x.is_floating_point():
+                r = torch.randn(shape, generator=gen, dtype=torch.float32)
+                if len(shape) >= 2 and shape[-1] > 0:
+                    r = r / math.sqrt(shape[-1])
+            elif x.dtype == torch.bool:
+                r = torch.rand(shape, generator=gen) < 0.5
+            else:
+                r = torch.zeros(shape, dtype=torch.long)
+            real = torch.empty_strided(shape, stride, dtype=x.dtype, device=x.device)
+            try:
+                real.copy_(r)
+            except RuntimeError:  # an overlapping (expanded) layout cannot be written
+                real = r.to(dtype=x.dtype, device=x.device)
+            out.append(real)
+    return out
+
+
 def _mutates(gm: fx.GraphModule) -> bool:
     """Whether any node may write into a tensor: ``x.add_``, ``x[i] = y``, ``x += y``,
     ``out=`` arguments."""

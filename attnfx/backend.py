@@ -119,7 +119,9 @@ def rewrite_graph(
     example_inputs = verify.concrete_inputs(example_inputs)
     # Sites inside higher-order ops' subgraphs (checkpointed blocks, cond branches) first:
     # ``base`` is ``gm`` with those subgraphs rewritten.
-    base, sub_records = subgraphs.rewrite_subgraphs(gm, example_inputs, options, rewrite_graph)
+    base, sub_records = subgraphs.rewrite_subgraphs(
+        gm, example_inputs, options, rewrite_graph, reraise=(VerificationError,)
+    )
     new = G.copy_module(base)
     canonicalize(new)
     sites = find_sites(new)

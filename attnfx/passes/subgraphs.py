@@ -136,9 +136,11 @@ def _capture(gm: fx.GraphModule, example_inputs, todo: list[_Call]) -> dict:
 
 
 def rewrite_subgraphs(
-    gm: fx.GraphModule, example_inputs, options, rewrite_graph
+    gm: fx.GraphModule, example_inputs, options, rewrite_graph, reraise: tuple = ()
 ) -> tuple[fx.GraphModule, list[report.SiteRecord]]:
-    """Run ``rewrite_graph`` on every subgraph of a higher-order op call of ``gm``.
+    """Run ``rewrite_graph`` on every subgraph of a higher-order op call of ``gm``; an
+    exception of a ``reraise`` type leaves (``VerificationError`` under
+    ``on_mismatch="raise"``), any other keeps that subgraph, counted as an internal error.
 
     Returns ``gm`` itself when no subgraph changed, else a copy of ``gm`` (the same
     nodes) whose subgraph attributes are the rewritten ones; and the site records of all the
@@ -171,11 +173,9 @@ def rewrite_subgraphs(
         inputs = [_value(x, captured) for x in c.operands]
         try:
             new, recs = rewrite_graph(c.module, inputs, options)
-        except Exception as e:
-            from attnfx.backend import VerificationError
-
-            if isinstance(e, VerificationError):
-                raise
+        except reraise:
+            raise
+        except Exception as e:  # noqa: BLE001 - one subgraph's failure keeps that one only
             log.warning(
                 "attnfx: internal error in the %s subgraph %s, kept as Dynamo gave it: %s: %s",
                 c.hop,
@@ -188,12 +188,18 @@ def rewrite_subgraphs(
         records += recs
         if new is not c.module:
             replaced[c.attr] = new
+    return with_submodules(gm, replaced), records
+
+
+def with_submodules(gm: fx.GraphModule, replaced: dict[str, fx.GraphModule]) -> fx.GraphModule:
+    """``gm`` itself when ``replaced`` is empty, else a copy of it (the same nodes,
+    attributes shared) whose attributes named in ``replaced`` are the given modules."""
     if not replaced:
-        return gm, records
-    out = G.copy_module(gm)  # the same graph; attributes shared until replaced below
+        return gm
+    out = G.copy_module(gm)
     for attr, new in replaced.items():
         _set_submodule(out, attr, new)
-    return out, records
+    return out
 
 
 def _value(x, captured: dict):

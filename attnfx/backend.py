@@ -112,13 +112,20 @@ def rewrite_graph(
     gm: fx.GraphModule, example_inputs, options: Options
 ) -> tuple[fx.GraphModule, list]:
     """Run the attnfx passes on a copy of ``gm``; return it and the site records."""
-    from attnfx.passes import rewrite, verify
+    from attnfx.passes import rewrite, subgraphs, verify
 
     gid = next(_graph_ids)
-    new = G.copy_module(gm)
+    # DDP's graph splitting compiles each piece on fake inputs: verify on drawn ones
+    example_inputs = verify.concrete_inputs(example_inputs)
+    # Sites inside higher-order ops' subgraphs (checkpointed blocks, cond branches) first:
+    # ``base`` is ``gm`` with those subgraphs rewritten.
+    base, sub_records = subgraphs.rewrite_subgraphs(
+        gm, example_inputs, options, rewrite_graph, reraise=(VerificationError,)
+    )
+    new = G.copy_module(base)
     canonicalize(new)
     sites = find_sites(new)
-    records: list[report.SiteRecord] = []
+    records: list[report.SiteRecord] = list(sub_records)
     matched = [s for s in sites if s.spec is not None]
     gnx = G.to_networkx(new.graph) if matched else None
     for s in matched:
@@ -185,11 +192,12 @@ def rewrite_graph(
                 mask=s.neighborhood.describe() if s.neighborhood is not None else None,
             )
         )
-    if not any(r.status == "rewritten" for r in records):
-        # Nothing rewritten: hand on the graph exactly as Dynamo gave it, so that a model
-        # attnfx leaves alone compiles exactly as it would without attnfx (canonical
-        # forms are equal in value, not always in rounding).
-        return gm, records
+    if not any(r.status == "rewritten" for r in records[len(sub_records) :]):
+        # Nothing rewritten here: hand on the graph exactly as Dynamo gave it (with its
+        # rewritten subgraphs, each checked on its own), so that a model attnfx leaves
+        # alone compiles exactly as it would without attnfx (canonical forms are equal
+        # in value, not always in rounding).
+        return base, records
     rewrite.finish(new, replaced)
     return _check_whole_graph(gm, new, example_inputs, sites_out, records, options)
 

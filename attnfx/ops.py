@@ -272,8 +272,29 @@ def attention(
     q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, aux: list[Tensor] | None = None
 ) -> Tensor:
     """Run ``spec`` on (B, H, N, D) tensors through the attnfx custom op."""
-    out, _ = attention_op(q, k, v, broadcast_aux(q, k, aux or [], spec), spec.key)
+    aux = _for_dtensors(q, aux or [])
+    out, _ = attention_op(q, k, v, broadcast_aux(q, k, aux, spec), spec.key)
     return out
+
+
+def _for_dtensors(q: Tensor, aux: list[Tensor]) -> list[Tensor]:
+    """On DTensors (tensor parallelism): the ops' sharding rules registered, and a plain
+    one-element aux tensor (a 0-d scalar DTensor accepts beside DTensors) made a
+    replicated DTensor, which its broadcast to the scores' shape no longer is."""
+    from attnfx import distributed
+
+    if not distributed.is_dtensor(q):
+        return aux
+    distributed.register()
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = q.device_mesh
+    return [
+        DTensor.from_local(a, mesh, [Replicate()] * mesh.ndim, run_check=False)
+        if not distributed.is_dtensor(a) and a.numel() == 1
+        else a
+        for a in aux
+    ]
 
 
 def broadcast_aux(q: Tensor, k: Tensor, aux: list[Tensor], spec: AttentionSpec) -> list[Tensor]:
@@ -287,6 +308,6 @@ def broadcast_aux(q: Tensor, k: Tensor, aux: list[Tensor], spec: AttentionSpec) 
 def site_attention(q: Tensor, k: Tensor, v: Tensor, aux: list[Tensor], spec: str) -> Tensor:
     """What a rewritten site calls: broadcast the aux tensors (stride-0 views) to the
     scores' shape and run the op; returns only the output."""
-    aux = broadcast_aux(q, k, aux, AttentionSpec.from_key(spec))
+    aux = broadcast_aux(q, k, _for_dtensors(q, aux), AttentionSpec.from_key(spec))
     out, _ = attention_op(q, k, v, aux, spec)
     return out

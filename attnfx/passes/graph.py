@@ -362,6 +362,8 @@ def module_path(node: fx.Node) -> str:
         return ""
     path, _ = list(stack.values())[-1]
     path = path.replace("L['self']", "").replace("L['fn']", "")
+    # a module reached through its __dict__ (checkpoint_wrapper's wrapped module)
+    path = path.replace(".__dict__['_modules']['", "._modules['")
     for old, new in (("._modules['", "."), ("']", ""), ("['", "."), ("[", "."), ("]", "")):
         path = path.replace(old, new)
     return path.strip(".") or "<root>"

@@ -57,7 +57,12 @@ def needs_guard(gm: fx.GraphModule) -> list[fx.Node]:
 
 def guard_for_inductor(gm: fx.GraphModule) -> fx.GraphModule:
     """``gm`` itself when nothing needs changing, else a copy with every softmax over a
-    non-last axis written as a transposed last-axis softmax."""
+    non-last axis written as a transposed last-axis softmax, in the subgraphs of its
+    higher-order ops too (inductor inlines a checkpointed block or a cond branch)."""
+    from attnfx.passes.subgraphs import calls, with_submodules
+
+    guarded = {c.attr: guard_for_inductor(c.module) for c in calls(gm)}
+    gm = with_submodules(gm, {a: m for a, m in guarded.items() if m is not gm.get_submodule(a)})
     if not needs_guard(gm):
         return gm
     new = G.copy_module(gm)

@@ -146,6 +146,72 @@ def capture_inputs(
     return values
 
 
+def concrete_inputs(example_inputs) -> list:
+    """The example inputs verification runs on: the compile's own, unless they are fake
+    or DTensors.
+
+    A compiler is normally given real inputs; DDP's graph splitting (``DDPOptimizer``)
+    gives each piece fake ones (nothing real exists when it compiles).  And a graph on
+    DTensors (tensor parallelism) runs collectives: running it at compile time is safe
+    only if every rank runs the same ones, so every decision the checks make must be the
+    same on every rank, which per-rank data does not guarantee.  In both cases every
+    tensor input is drawn from its metadata instead (shape, strides, dtype, device; a
+    DTensor's local shard, with its mesh and placements), deterministically (seed 0), so
+    that all ranks verify on the same values: floating tensors standard normal, scaled
+    by 1/sqrt(last dim) when 2-D or more (a weight then keeps a projection's output at
+    unit scale, as initialization does); bool tensors random; integer tensors 0 (always
+    a valid index)."""
+    from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+
+    from attnfx.distributed import is_dtensor
+
+    if not any(isinstance(x, FakeTensor) or is_dtensor(x) for x in example_inputs):
+        return list(example_inputs)
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    with unset_fake_temporarily():
+        for x in example_inputs:
+            if is_dtensor(x):
+                from torch.distributed.tensor import DTensor
+
+                local = _drawn(x._local_tensor, gen)
+                out.append(
+                    DTensor.from_local(
+                        local,
+                        x.device_mesh,
+                        x.placements,
+                        run_check=False,
+                        shape=x.shape,
+                        stride=x.stride(),
+                    )
+                )
+            elif isinstance(x, torch.Tensor):
+                out.append(_drawn(x, gen))
+            else:
+                out.append(x)
+    return out
+
+
+def _drawn(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A real tensor with ``x``'s metadata and drawn values (``concrete_inputs``)."""
+    shape = [G.sym_hint(s) for s in x.shape]
+    stride = [G.sym_hint(s) for s in x.stride()]
+    if x.is_floating_point():
+        r = torch.randn(shape, generator=gen, dtype=torch.float32)
+        if len(shape) >= 2 and shape[-1] > 0:
+            r = r / math.sqrt(shape[-1])
+    elif x.dtype == torch.bool:
+        r = torch.rand(shape, generator=gen) < 0.5
+    else:
+        r = torch.zeros(shape, dtype=torch.long)
+    real = torch.empty_strided(shape, stride, dtype=x.dtype, device=x.device)
+    try:
+        real.copy_(r)
+    except RuntimeError:  # an overlapping (expanded) layout cannot be written
+        real = r.to(dtype=x.dtype, device=x.device)
+    return real
+
+
 def _mutates(gm: fx.GraphModule) -> bool:
     """Whether any node may write into a tensor: ``x.add_``, ``x[i] = y``, ``x += y``,
     ``out=`` arguments."""
@@ -1073,7 +1139,10 @@ def verify_site(
     nodes, ext = rewrite.site_inputs(gnx, site)
     region, env = _region_module(gm, nodes, ext, site)
     cand = _candidate_module(gm, ext, site)
-    real = [captured[e] for e in ext]
+    # DTensors (tensor parallelism): the site on this rank's shards, as the op's sharding
+    # rules run it (attnfx.distributed); the region and the candidate run locally, with
+    # no collective
+    real = [_local(captured[e]) for e in ext]
     qkv = {site.q.node, site.k.node, site.v.node}
     # Every input of the region that requires grad: a bias, a temperature, a mask too.
     grad_idx = [
@@ -1101,6 +1170,12 @@ def verify_site(
     if planner.why:
         log.debug("attnfx verify %s: slicing fallbacks: %s", site.where, planner.why)
     return Verdict(True, worst, checked="; ".join(checked))
+
+
+def _local(x):
+    from attnfx.distributed import is_dtensor
+
+    return x.to_local() if is_dtensor(x) else x
 
 
 def _trial_inputs(plan: _Plan, sets, real, ext, randomize, gen):

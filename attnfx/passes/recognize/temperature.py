@@ -11,11 +11,11 @@ the softmax.
 * soft-capping ``c · tanh(s / c)`` (Gemma 2).
 
 These share the softmax anchor: the softmax recognizer builds the site, and this module
-(a) moves per-row multipliers onto q in float16/bfloat16 sites — legal when only
-multiplications precede them in the score program, since ``(q·kᵀ)·t = (q·t)·kᵀ`` for t
-constant along keys — so that a learnable τ gets its gradient from autograd outside the
-kernel and the kernel never makes a pass over the scores for it (float32 sites keep τ on
-the scores: see ``move_row_multipliers``); (b) labels the site ``"temperature"``.
+(a) can move per-row multipliers onto q — legal when only multiplications precede them
+in the score program, since ``(q·kᵀ)·t = (q·t)·kᵀ`` for t constant along keys — so that a
+learnable τ gets its gradient from autograd outside the kernel; no dtype does today
+(``MOVE_ONTO_Q``: the rounding of q·τ missed the equivalence rule in float32 and in
+float16), so τ multiplies the float32 scores; (b) labels the site ``"temperature"``.
 
 Edge semantics: a temperature that varies along the key axis, or that is computed from
 the scores themselves, is refused with its reason; τ ≤ 0 is computed as written (a
@@ -41,16 +41,22 @@ def _is(op: ScoreOp, form: str, operand: str | None = None) -> bool:
     return op.entry.form == form and operand in (None, op.entry.operand)
 
 
+# The working dtypes whose sites get their per-row multipliers moved onto q: none.  The
+# rounding of q·τ in the working dtype costs more than eager's own: float32 outputs up
+# to 4x eager's error (|s| ~ 40, D = 160), float16 gradients of q and k 1.8x eager's mean
+# error (D = 111) — both outside the equivalence rule.  On the scores τ multiplies the
+# float32 scores (no rounding of its own); its gradient comes from the aux backward.
+# Moving it back needs the kernels to take τ per row and return dτ = rowsum(q ⊙ dq̃).
+MOVE_ONTO_Q: frozenset = frozenset()
+
+
 def move_row_multipliers(
     ops: list[ScoreOp], aux: list[AuxOperand], anchor: fx.Node, *, dtype=None
 ) -> tuple[list[ScoreOp], list[AuxOperand], list[AuxOperand]]:
-    """Move each per-row ``mul_aux`` that only multiplications precede onto q — for
-    float16/bfloat16 sites.  A float32 site keeps them on the scores, in eager's order:
-    q·τ rounded to float32 errs up to 4x eager's (q·kᵀ)·τ on the output (|s| ~ 40,
-    D = 160), while in half precision the rounding of q·τ is of the order of eager's own
-    rounding of the scores."""
+    """Move each per-row ``mul_aux`` that only multiplications precede onto q, for sites
+    of a dtype in ``MOVE_ONTO_Q``; others keep them on the scores, in eager's order."""
     q_mul: list[AuxOperand] = []
-    if dtype == torch.float32:
+    if dtype not in MOVE_ONTO_Q:
         return ops, aux, q_mul
     moved: set[int] = set()
     prefix_is_mul = True

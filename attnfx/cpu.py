@@ -492,15 +492,23 @@ class _CachedEnv(TorchEnv):
         return _keep(op.pred, self.nq, self.nk, self.r0, self.len_q, self.len_k)
 
 
-def _probs(qb, kb, a, sp, where, *, with_grad):
+def _probs(qb, kb, a, sp, where, *, with_grad, range32=False):
     """(probabilities, log-sum-exp, filled pairs or None, d scores/d raw) of one block,
     in float32: the score program in place on the block's scores (the table's torch
     references: the same ops in the same order as ``reference.apply_score_ops``, so the
-    same values); the derivative is not zeroed on filled pairs (the caller does)."""
+    same values); the derivative is not zeroed on filled pairs (the caller does).
+    ``range32``: float64 scores of a call that may overflow float32 (``_may_overflow``)
+    are rounded to float32 after the product and after the score program, so that a score
+    beyond float32's range is ±inf as in the program's float32 tensors (a finite one keeps
+    its value: the product itself does not overflow on the way)."""
     s = torch.matmul(qb, kb.transpose(-2, -1))
+    if range32:
+        s = s.float().double()
     r0, len_q, len_k = where
     env = _CachedEnv(a, s.shape[-2], s.shape[-1], r0=r0, len_q=len_q, len_k=len_k, inplace=True)
     s, hit, d = score_ops.run(s, sp.score_ops, env, with_grad=with_grad)
+    if range32:
+        s = s.float().double()
     p, lse = probabilities(s, sp, a)  # (a sink joins the normalizer)
     return p, lse, hit, d
 
@@ -528,6 +536,7 @@ def _operands(q, k, v, spec, backward: bool = False):
 def reference_forward(q, k, v, aux, spec) -> tuple[Tensor, Tensor]:
     """The blocked float32 forward: output (``out_dtype``) and float32 log-sum-exp."""
     qq, kk, vv = _operands(q, k, v, spec)
+    range32 = q.dtype != torch.float64 and _may_overflow(q, k)
     b, h, nq, _ = q.shape
     nk = k.shape[-2]
     out = torch.empty((b, h, nq, vv.shape[-1]), dtype=torch_dtype(spec.out_dtype))
@@ -537,8 +546,9 @@ def reference_forward(q, k, v, aux, spec) -> tuple[Tensor, Tensor]:
             a = _aux_block(aux, rows, attempt, nk)
             where = (rows.start, nq, nk)
             p, ls, _, _ = _probs(
-                qq[..., rows, :], kk[..., :attempt, :], a, sp, where, with_grad=False
-            )
+                qq[..., rows, :], kk[..., :attempt, :], a, sp, where, with_grad=False,
+                range32=range32,
+            )  # fmt: skip
             o = torch.matmul(p, vv[..., :attempt, :])
             if attempt == nk or not torch.isnan(o).any():
                 break  # a NaN row reads every key in eager (and in the gold)
@@ -552,6 +562,7 @@ def reference_backward(dout, q, k, v, aux, spec) -> tuple[Tensor, Tensor, Tensor
     query rows; dQ by rows, dK and dV accumulated over the blocks (float32; float64 for a
     float32 site, see ``_work_dtype``)."""
     qq, kk, vv = _operands(q, k, v, spec, backward=True)
+    range32 = q.dtype != torch.float64 and _may_overflow(q, k)
     acc = qq.dtype
     do = dout.to(acc)
     nq, nk = qq.shape[-2], kk.shape[-2]
@@ -567,7 +578,9 @@ def reference_backward(dout, q, k, v, aux, spec) -> tuple[Tensor, Tensor, Tensor
                 qq[..., rows, :],
                 do[..., rows, :],
             )
-            p, _, filled, factor = _probs(qb, kb, a, sp, (rows.start, nq, nk), with_grad=True)
+            p, _, filled, factor = _probs(
+                qb, kb, a, sp, (rows.start, nq, nk), with_grad=True, range32=range32
+            )
             if attempt == nk or not torch.isnan(p).any():
                 break
         dv[..., :attempt, :] += torch.matmul(p.transpose(-2, -1), dob)

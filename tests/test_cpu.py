@@ -395,8 +395,9 @@ def test_float32_scores_that_may_overflow_run_in_float64(name):
     }[name]
     spec = _spec(ops_)
     q, k, v = _inputs(nq=5, nk=5)
-    q, k = q * 1e19, k * 1e19
-    assert cpu._may_overflow(q, k) and not cpu._may_overflow(q / 1e19, k)
+    q, k = q * 1e18, k * 1e18  # scores within float32's range, their bound beyond it
+    assert cpu._may_overflow(q, k) and not cpu._may_overflow(q / 1e18, k)
+    assert (q.double() @ k.double().transpose(-2, -1)).abs().max() < 1e38
     gold, _ = ops.reference_attention(q.double(), k.double(), v.double(), [], spec)
     assert torch.isfinite(gold).all()
     got = ops.attention(q, k, v, spec)
@@ -408,3 +409,18 @@ def test_float32_scores_that_may_overflow_run_in_float64(name):
     )
     torch.testing.assert_close(dv, gv.float(), **TOL)
     assert torch.isfinite(dq).all() and torch.isfinite(dk).all()
+
+
+def test_scores_beyond_float32_range_are_infinite_as_in_eager():
+    """Where the true score exceeds float32's range, the program's float32 score tensor
+    holds ±inf (and its softmax NaN): the float64 path of a call that may overflow rounds
+    its scores to float32 range, so it returns what eager returns, not a finite value."""
+    spec = _spec([])
+    q, k, v = _inputs(nq=4, nk=1)
+    q, k = q * 1e21, k * 1e21
+    s = (q @ k.transpose(-2, -1)) * (1 / math.sqrt(D))
+    eager = torch.softmax(s, -1) @ v
+    assert torch.isnan(eager).any()
+    got = ops.attention(q, k, v, spec)
+    assert torch.equal(torch.isnan(got), torch.isnan(eager))
+    torch.testing.assert_close(got.nan_to_num(), eager.nan_to_num(), **TOL)

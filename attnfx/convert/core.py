@@ -244,7 +244,8 @@ def convert(
         source=str(src_path), destination=None if dry_run else str(out_path), kind=to,
         site_kind=plan.site_kind, architecture=arch.model_type, layers=chosen, seed=seed,
         config_updates={**plan.config_updates, **({CONFIG_KEY: new_cfg.get(CONFIG_KEY)} if CONFIG_KEY in new_cfg else {})},
-        calibration=calib_name, needs_finetuning=plan.needs_finetuning, exact=plan.exact,
+        calibration=calib_name, exact=plan.exact,
+        needs_finetuning=plan.needs_finetuning or (None if not plan.exact else False),
         dry_run=dry_run, notes=list(plan.notes),
     )  # fmt: skip
     if dry_run:
@@ -274,8 +275,8 @@ def convert(
 
             converted = from_pretrained(tmp, dtype=torch.float32)
             measure(report, _source_model(cfg, ckpt), converted, inputs)
-            if not plan.exact and report.output_drift > DRIFT_TOLERANCE:
-                report.needs_finetuning = True
+            if report.needs_finetuning is None:
+                report.needs_finetuning = report.output_drift > DRIFT_TOLERANCE
         (tmp / REPORT_FILE).write_text(report.to_json() + "\n")
         (tmp / "convert_report.txt").write_text(str(report) + "\n")
     return report

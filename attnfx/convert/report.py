@@ -45,7 +45,7 @@ class ConvertReport:
     top1_agreement: float | None = None
     max_logit_diff: float | None = None
     calibration: str = "none"
-    needs_finetuning: bool = False
+    needs_finetuning: bool | None = False  # None: depends on the drift, not measured
     exact: bool = False
     dry_run: bool = False
     notes: list[str] = dataclasses.field(default_factory=list)
@@ -98,9 +98,10 @@ class ConvertReport:
                     f"max |diff| {self.max_logit_diff:.3e}"
                 )
             lines.append(f"  output drift (rel. L2): {self.output_drift:.3e}")
+        verdict = {True: "yes", False: "no", None: "unknown (drift not measured)"}
         lines.append(
             "  fine-tuning needed: "
-            + ("yes" if self.needs_finetuning else "no")
+            + verdict[self.needs_finetuning]
             + (" (outputs equal the source by construction)" if self.exact else "")
         )
         lines += [f"  note: {n}" for n in self.notes]

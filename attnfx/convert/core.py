@@ -65,7 +65,11 @@ def load_calibration(path, config: dict, seed: int, arch) -> tuple[dict, str]:
         obj = {n: f.tensor(n) for n in f.entries}
     else:
         try:
-            rows = [[int(t) for t in line.split()] for line in p.read_text().splitlines() if line.strip()]
+            rows = [
+                [int(t) for t in line.split()]
+                for line in p.read_text().splitlines()
+                if line.strip()
+            ]
         except ValueError as e:
             raise ConvertError(f"--calib {p}: expected token ids, one sequence a line") from e
         if not rows or len({len(r) for r in rows}) != 1:
@@ -81,9 +85,9 @@ def load_calibration(path, config: dict, seed: int, arch) -> tuple[dict, str]:
 
 def _source_model(config: dict, ckpt: io.Checkpoint):
     """The source as transformers builds it (float32), its weights read tensor by tensor."""
-    from attnfx.convert.hf import model_class
-
     import transformers
+
+    from attnfx.convert.hf import model_class
 
     cfg = {k: v for k, v in config.items() if k != CONFIG_KEY}
     conf = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
@@ -107,14 +111,20 @@ def capture_qk(model, layers, arch, inputs: dict) -> dict[int, torch.Tensor]:
 
     seen: dict[int, list[torch.Tensor]] = {}
     pattern = arch.attention_pattern()
-    index = {id(m): int(pattern.search(n).group(1)) for n, m in model.named_modules() if pattern.search(n)}
+    index = {
+        id(m): int(pattern.search(n).group(1))
+        for n, m in model.named_modules()
+        if pattern.search(n)
+    }
 
     def capture(module, query, key, value, attention_mask, **kwargs):
         i = index.get(id(module))
         if i in layers:
             k = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
             for t in (query, k):
-                seen.setdefault(i, []).append(t.transpose(0, 1).reshape(t.shape[1], -1, t.shape[-1]))
+                seen.setdefault(i, []).append(
+                    t.transpose(0, 1).reshape(t.shape[1], -1, t.shape[-1])
+                )
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register("attnfx_capture", capture)
@@ -170,7 +180,10 @@ def _check_untouched(tmp: Path, ckpt: io.Checkpoint, rows: list[TensorRow]) -> N
         if r.status != "untouched":
             continue
         shard = ckpt.where[r.name]
-        if io.digest(written[shard].raw(r.name)) != r.sha256 or io.digest(ckpt.raw(r.name)) != r.sha256:
+        if (
+            io.digest(written[shard].raw(r.name)) != r.sha256
+            or io.digest(ckpt.raw(r.name)) != r.sha256
+        ):
             raise ConvertError(f"untouched tensor {r.name} is not byte-identical after writing")
 
 
@@ -227,7 +240,9 @@ def convert(
 
         _check_loadable("routed")
     out_path = Path(out) if out is not None else None
-    if out_path is not None and (_same_or_inside(src_path, out_path) or _same_or_inside(out_path, src_path)):
+    if out_path is not None and (
+        _same_or_inside(src_path, out_path) or _same_or_inside(out_path, src_path)
+    ):
         raise ConvertError(f"--out {out_path} overlaps the source {src_path}")
     inputs, calib_name = load_calibration(calib, cfg, seed, arch)
     opts = dict(options, to=to)
@@ -252,11 +267,25 @@ def convert(
         for n, info in ckpt.tensors().items():
             if n in plan.changed:
                 c = plan.changed[n]
-                report.tensors.append(TensorRow(n, "changed", str(c.info.dtype), c.info.shape, "", io.digest(ckpt.raw(n)), c.why))
+                report.tensors.append(
+                    TensorRow(
+                        n,
+                        "changed",
+                        str(c.info.dtype),
+                        c.info.shape,
+                        "",
+                        io.digest(ckpt.raw(n)),
+                        c.why,
+                    )
+                )
             else:
-                report.tensors.append(TensorRow(n, "untouched", str(info.dtype), info.shape, io.digest(ckpt.raw(n))))
+                report.tensors.append(
+                    TensorRow(n, "untouched", str(info.dtype), info.shape, io.digest(ckpt.raw(n)))
+                )
         for n, t in sorted(plan.added.items()):
-            report.tensors.append(TensorRow(n, "added", str(t.dtype), tuple(t.shape), io.digest(io.tensor_bytes(t))))
+            report.tensors.append(
+                TensorRow(n, "added", str(t.dtype), tuple(t.shape), io.digest(io.tensor_bytes(t)))
+            )
         return report
 
     bar = io.Progress(len(ckpt.where) + len(plan.added), enabled=progress)
@@ -265,7 +294,10 @@ def convert(
         _check_untouched(tmp, ckpt, report.tensors)
         if io.INDEX in (p.name for p in (src_dir.iterdir() if src_dir else ())):
             index = io.read_json(src_dir / io.INDEX, "shard index")
-            total = sum(os.path.getsize(tmp / s) - io.SafetensorsFile(tmp / s).data_start for s in ckpt.files)
+            total = sum(
+                os.path.getsize(tmp / s) - io.SafetensorsFile(tmp / s).data_start
+                for s in ckpt.files
+            )
             index["metadata"] = {**index.get("metadata", {}), "total_size": total}
             (tmp / io.INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2, sort_keys=True) + "\n")

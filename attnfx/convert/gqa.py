@@ -72,5 +72,7 @@ def plan(src: Source) -> Plan:
     p.attnfx = {"native": True, "kv_heads": kv_new, "group": h // kv_new}
     p.needs_finetuning = group > 1
     if group > 1:
-        p.notes.append(f"{kv} K/V heads pooled to {kv_new}: uptrain (the paper uses 5% of pretraining)")
+        p.notes.append(
+            f"{kv} K/V heads pooled to {kv_new}: uptrain (the paper uses 5% of pretraining)"
+        )
     return p

@@ -227,4 +227,3 @@ def from_pretrained(path, *args, **kwargs) -> nn.Module:
 
 def supported() -> str:
     return ", ".join(ARCHS)
-

@@ -280,7 +280,9 @@ class ShardWriter:
         if name != want:
             raise RuntimeError(f"writer: expected {want!r}, got {name!r}")
         if len(data) != self.sizes[name]:
-            raise RuntimeError(f"writer: {name!r} has {len(data)} bytes, expected {self.sizes[name]}")
+            raise RuntimeError(
+                f"writer: {name!r} has {len(data)} bytes, expected {self.sizes[name]}"
+            )
         self._f.write(data)
         self._next += 1
 

@@ -76,12 +76,27 @@ class ConvertReport:
         for t in self.tensors:
             if t.status == "untouched":
                 continue
-            sha = t.sha256[:12] if t.source_sha256 is None else f"{t.source_sha256[:12]}->{t.sha256[:12]}"
-            rows.append((t.status, t.name, t.dtype.removeprefix("torch."), "x".join(map(str, t.shape)) or "()", sha, t.why or ""))
+            sha = (
+                t.sha256[:12]
+                if t.source_sha256 is None
+                else f"{t.source_sha256[:12]}->{t.sha256[:12]}"
+            )
+            rows.append(
+                (
+                    t.status,
+                    t.name,
+                    t.dtype.removeprefix("torch."),
+                    "x".join(map(str, t.shape)) or "()",
+                    sha,
+                    t.why or "",
+                )
+            )
         n_un = len(self.rows("untouched"))
         if rows:
             widths = [max(len(r[c]) for r in [head, *rows]) for c in range(len(head) - 1)]
-            lines.append("  " + "  ".join(h.ljust(w) for h, w in zip(head, widths)) + "  " + head[-1])
+            lines.append(
+                "  " + "  ".join(h.ljust(w) for h, w in zip(head, widths)) + "  " + head[-1]
+            )
             for r in rows:
                 lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
         lines.append(

@@ -21,7 +21,9 @@ def kmeans(x: torch.Tensor, k: int, seed: int, iters: int = 25) -> torch.Tensor:
     x = x.double()
     m = x.shape[0]
     if m < k:
-        raise ConvertError(f"k-means: {m} calibration vectors for {k} clusters (use a larger --calib)")
+        raise ConvertError(
+            f"k-means: {m} calibration vectors for {k} clusters (use a larger --calib)"
+        )
     g = torch.Generator().manual_seed(seed)
     first = int(torch.randint(m, (1,), generator=g))
     cents = [x[first]]

@@ -146,6 +146,8 @@ def _convert(args) -> int:
         )
     except ConvertError as e:
         raise UsageError(str(e)) from e
+    except OSError as e:  # disk full, permissions: nothing was left behind (atomic output)
+        raise UsageError(f"{e.strerror or e}: {e.filename or args.out}") from e
     print(report.to_json() if args.json else report)
     return 0
 

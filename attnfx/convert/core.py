@@ -137,6 +137,25 @@ def capture_qk(model, layers, arch, inputs: dict) -> dict[int, torch.Tensor]:
     return {i: torch.cat(seen[i], dim=1).float() for i in layers}
 
 
+def _write_shard(w, reader, names, infos, plan: Plan, rows: list, progress) -> None:
+    for n in names:
+        info = infos[n]
+        if n in plan.changed:
+            before = reader.raw(n)
+            new = plan.changed[n].fn(io.from_bytes(before, reader.info(n)))
+            if new.dtype != info.dtype or tuple(new.shape) != info.shape:
+                raise ConvertError(f"internal: {n} came out {new.dtype} {tuple(new.shape)}")
+            data = io.tensor_bytes(new)
+            row = TensorRow(n, "changed", str(info.dtype), info.shape, io.digest(data),
+                            io.digest(before), plan.changed[n].why)  # fmt: skip
+        else:
+            data = reader.raw(n)
+            row = TensorRow(n, "untouched", str(info.dtype), info.shape, io.digest(data))
+        w.write(n, data)
+        rows.append(row)
+        progress.step(n)
+
+
 def _write(tmp: Path, ckpt: io.Checkpoint, plan: Plan, progress) -> list[TensorRow]:
     rows: list[TensorRow] = []
     for shard, reader in ckpt.files.items():
@@ -144,22 +163,8 @@ def _write(tmp: Path, ckpt: io.Checkpoint, plan: Plan, progress) -> list[TensorR
         infos = {n: (plan.changed[n].info if n in plan.changed else reader.info(n)) for n in names}
         meta = reader.metadata if isinstance(reader, io.SafetensorsFile) else {"format": "pt"}
         w = io.ShardWriter(tmp / shard, infos, meta or {"format": "pt"})
-        for n in names:
-            info = infos[n]
-            if n in plan.changed:
-                before = reader.raw(n)
-                new = plan.changed[n].fn(io.from_bytes(before, reader.info(n)))
-                if new.dtype != info.dtype or tuple(new.shape) != info.shape:
-                    raise ConvertError(f"internal: {n} came out {new.dtype} {tuple(new.shape)}")
-                data = io.tensor_bytes(new)
-                row = TensorRow(n, "changed", str(info.dtype), info.shape, io.digest(data),
-                                io.digest(before), plan.changed[n].why)  # fmt: skip
-            else:
-                data = reader.raw(n)
-                row = TensorRow(n, "untouched", str(info.dtype), info.shape, io.digest(data))
-            w.write(n, data)
-            rows.append(row)
-            progress.step(n)
+        with w.closing_on_error():
+            _write_shard(w, reader, names, infos, plan, rows, progress)
         w.close()
     if plan.added:
         infos = {n: TensorInfo(t.dtype, tuple(t.shape)) for n, t in sorted(plan.added.items())}

@@ -286,6 +286,15 @@ class ShardWriter:
         self._f.write(data)
         self._next += 1
 
+    @contextlib.contextmanager
+    def closing_on_error(self):
+        """Close the file (left for the caller to remove) when the block raises."""
+        try:
+            yield self
+        except BaseException:
+            self._f.close()
+            raise
+
     def close(self) -> None:
         self._f.flush()
         os.fsync(self._f.fileno())

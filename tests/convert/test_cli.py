@@ -194,3 +194,35 @@ def test_routed_centroids_from_calibration(sources, tmp_path):
     )
     c = routed.kmeans(pts, 3, seed=0)
     assert sorted(map(tuple, c.round().tolist())) == [(-5.0, -5.0), (0.0, 5.0), (5.0, 0.0)]
+
+
+def test_a_changed_untouched_tensor_fails_the_run(sources, tmp_path, monkeypatch, capsys):
+    real = convert_io.ShardWriter.write
+
+    def flip(self, name, data):
+        if name.endswith("ln_f.weight"):
+            data = bytes([data[0] ^ 1]) + data[1:]
+        return real(self, name, data)
+
+    monkeypatch.setattr(convert_io.ShardWriter, "write", flip)
+    rc, _, err = _run(capsys, sources["gpt2"], "--to", "selective", "--out", tmp_path / "o")
+    assert rc == 2
+    _one_line_error(err, "ln_f.weight is not byte-identical")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_calibration_inputs_from_files(sources, tmp_path):
+    ids = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(2))
+    torch.save({"input_ids": ids}, tmp_path / "calib.pt")
+    (tmp_path / "calib.txt").write_text("\n".join(" ".join(map(str, r)) for r in ids.tolist()))
+    for name in ("calib.pt", "calib.txt"):
+        r = attnfx.convert(sources["gpt2"], to="window", out=tmp_path / name.replace(".", "_"),
+                           window=2, calib=tmp_path / name)  # fmt: skip
+        assert r.calibration == str(tmp_path / name) and r.top1_agreement is not None
+        assert r.needs_finetuning is (r.output_drift > 1e-3)
+    (tmp_path / "bad.txt").write_text("1 2\n3\n")
+    with pytest.raises(attnfx.convert.ConvertError, match="one length"):
+        attnfx.convert(
+            sources["gpt2"], to="selective", out=tmp_path / "x", calib=tmp_path / "bad.txt"
+        )
+    assert not (tmp_path / "x").exists()

@@ -231,11 +231,20 @@ def convert(
     ``{layer: size}``), ``qk_norm`` and ``layerscale`` (sigmoid), ``clusters`` (routed).
     Raises ``ConvertError`` on bad input, with nothing written.
     """
+    # seeded, without touching the caller's random state
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _convert(src, to, out, layers, seed, calib, config, force, dry_run, evaluate,
+                        progress, options)  # fmt: skip
+
+
+def _convert(
+    src, to, out, layers, seed, calib, config, force, dry_run, evaluate, progress, options
+):
     if to not in KINDS:
         raise ConvertError(f"unknown --to {to!r}; choose from {', '.join(KINDS)}")
     if out is None and not dry_run:
         raise ConvertError("--out is required (or --dry-run)")
-    torch.manual_seed(seed)
     src_path = Path(src)
     cfg, ckpt, src_dir = io.open_source(src_path, config)
     arch = arch_of(cfg)

@@ -116,10 +116,15 @@ def attnfx_attention(
             token = torch.tanh((query * w[:, None, :]).sum(-1, keepdim=True))
             tau = 1 + token + lam[:, None, None] * torch.log1p(i)[:, None]
             query = query * tau.to(query.dtype)
+        scores = torch.matmul(query, key.transpose(-2, -1)) * scaling
         if kind in ("window", "neighborhood"):
             win = _window_keep(module, nq, nk, query.device)
-            keep = win if keep is None else keep & win
-        scores = torch.matmul(query, key.transpose(-2, -1)) * scaling
+            if getattr(module, "is_causal", False) and keep is not None:
+                # one predicate with the causal mask: the recognizer reads one window
+                keep = keep & win
+            else:
+                # its own fill: the window stays an index predicate beside a padding tensor
+                scores = scores.masked_fill(~win, float("-inf"))
         if keep is not None:
             scores = scores.masked_fill(~keep, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)

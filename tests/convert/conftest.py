@@ -50,7 +50,12 @@ def example_inputs(arch: str) -> dict:
     g = torch.Generator().manual_seed(1)
     if arch == "vit":
         return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
-    return {"input_ids": torch.randint(0, 64, (2, 12), generator=g)}
+    ids = torch.randint(0, 64, (2, 12), generator=g)
+    if arch == "bert":  # padding in the second sequence: a mask tensor besides the variant's
+        mask = torch.ones(2, 12, dtype=torch.long)
+        mask[1, 9:] = 0
+        return {"input_ids": ids, "attention_mask": mask}
+    return {"input_ids": ids}
 
 
 @pytest.fixture(scope="session")

@@ -38,9 +38,10 @@ def kmeans(x: torch.Tensor, k: int, seed: int, iters: int = 25) -> torch.Tensor:
         d2 = torch.minimum(d2, ((x - x[idx]) ** 2).sum(-1))
     c = torch.stack(cents)
     for _ in range(iters):
-        assign = torch.cdist(x, c).argmin(-1)
-        new = torch.zeros_like(c).index_add_(0, assign, x)
-        count = torch.bincount(assign, minlength=k).to(x.dtype)
+        d2 = (x * x).sum(-1, keepdim=True) - 2 * x @ c.T + (c * c).sum(-1)
+        onehot = torch.nn.functional.one_hot(d2.argmin(-1), k).to(x.dtype)  # (M, k)
+        new = onehot.T @ x
+        count = onehot.sum(0)
         empty = count == 0
         new = torch.where(empty[:, None], c, new / count.clamp(min=1)[:, None])
         if torch.equal(new, c):

@@ -18,7 +18,8 @@ from attnfx.convert.hf import model_class
 CASES = [
     # GPT-2 sigmoid: test_compiled_counters_count_the_new_kind; LLaMA window:
     # test_partial_layers_keep_softmax_elsewhere
-    ("sigmoid", {}, ("llama", "bert", "vit")),
+    # LLaMA sigmoid: test_sigmoid_options_add_qk_norm_and_layerscale
+    ("sigmoid", {}, ("bert", "vit")),
     ("window", {"window": 5}, ("gpt2", "bert", "vit")),
     # decoders: the causal neighborhood is the window (same code path)
     ("neighborhood", {"kernel_size": 3}, ("bert", "vit")),
@@ -85,8 +86,8 @@ def test_selective_reproduces_source(sources, tmp_path, arch, inputs_of):
     inputs = inputs_of(arch)
     with torch.no_grad():
         torch.testing.assert_close(_main(conv(**inputs)), _main(src(**inputs)))
-    if arch == "llama":
-        return  # same masks as GPT-2's (causal): the suite's time goes to the others
+    if arch in ("llama", "bert"):
+        return  # masks as GPT-2's (causal) / covered by BERT's other kinds: suite time
     rep = attnfx.explain(conv, **inputs, options=EXPLAIN)
     assert len(rep.sites) == 2 and not rep.kept, str(rep)
     assert {s.kind for s in rep.sites} == {"temperature"}, str(rep)
@@ -188,6 +189,9 @@ def test_sigmoid_options_add_qk_norm_and_layerscale(sources, tmp_path, inputs_of
     with torch.no_grad():
         a, b = model(**inputs_of("llama")).logits, plain(**inputs_of("llama")).logits
     assert not torch.allclose(a, b)
+    rep = attnfx.explain(model, **inputs_of("llama"), options=EXPLAIN)
+    assert len(rep.sites) == 2 and {s.kind for s in rep.sites} == {"sigmoid"}, str(rep)
+    assert not rep.kept, str(rep)
 
 
 def test_deterministic(sources, tmp_path):

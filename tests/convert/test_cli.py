@@ -226,3 +226,20 @@ def test_calibration_inputs_from_files(sources, tmp_path):
             sources["gpt2"], to="selective", out=tmp_path / "x", calib=tmp_path / "bad.txt"
         )
     assert not (tmp_path / "x").exists()
+
+
+def test_streaming_one_tensor_read_per_write(sharded_llama, tmp_path, monkeypatch):
+    """The writer alternates: each tensor is read from the source (once) and written
+    before the next is read, so at most one tensor's bytes are held."""
+    events = []
+    real_raw, real_write = convert_io.SafetensorsFile.raw, convert_io.ShardWriter.write
+    monkeypatch.setattr(convert_io.SafetensorsFile, "raw",
+                        lambda self, n: (events.append(("r", n)), real_raw(self, n))[1])  # fmt: skip
+    monkeypatch.setattr(convert_io.ShardWriter, "write",
+                        lambda self, n, d: (events.append(("w", n)), real_write(self, n, d))[1])  # fmt: skip
+    attnfx.convert(sharded_llama, to="gqa", out=tmp_path / "o", kv_heads=2, evaluate=False)
+    writes = [e for e in events if e[0] == "w"]
+    assert len(writes) == len(set(writes)) > 10
+    first_check = next(i for i, e in enumerate(events) if e[0] == "r" and ("w", e[1]) in events[:i])
+    streamed = events[:first_check]  # before the read-back check
+    assert streamed == [e for n in (w[1] for w in writes) for e in (("r", n), ("w", n))]

@@ -44,6 +44,22 @@ def test_chunks_are_a_grid_of_blocks():
     assert nb.describe() == "neighborhood 2-D 4x8 k=(1,8)"
 
 
+def test_truncated_band_as_wide_as_the_sequence_is_a_window():
+    """``|Q - K| <= 2`` over 5 tokens keeps 3 keys in the border rows: a window, though
+    2w+1 = N (fuzz: the band was labelled softmax); ``<= 4`` keeps every pair."""
+    assert classify(_key(sympy.Abs(Q - K) <= 2), 5).axes == (Axis(5, 5, 1, False),)
+    assert classify(_key(sympy.Abs(Q - K) <= 4), 5) is None
+    assert classify(_key(sympy.And(K <= Q, K > Q - 4)), 5).axes == (Axis(5, 4, 1, True),)
+    assert classify(_key(sympy.And(K <= Q, K > Q - 5)), 5) is None  # the whole past
+
+
+def test_chunks_with_a_shorter_last_chunk():
+    """``Q // 19 == K // 19`` over 24 tokens: chunks of 19 and 5 (fuzz: labelled softmax,
+    the grid wanted 19 to divide 24); the ragged grid takes no tiled order."""
+    nb = classify(_key(sympy.Eq(sympy.floor(Q / 19), sympy.floor(K / 19))), 24)
+    assert nb.axes == (Axis(2, 1, 1, False), Axis(19, 19, 1, False))
+
+
 @pytest.mark.parametrize(
     "expr",
     [
@@ -236,3 +252,27 @@ def test_tiled_order_visits_exactly_the_2d_tile_pairs(monkeypatch):
     with torch.no_grad():
         (plain,) = attnfx.explain(m, x).rewritten
     assert plain.density == pytest.approx(raster.float().mean().item())
+
+
+def test_ragged_grid_keeps_row_major_order(monkeypatch):
+    """A 5 x 5 window over rows of 64 tokens, 504 tokens (the last row 56 long): an
+    8 x 64 grid with a short last row.  The tiled order (whole 8x8 blocks) would visit
+    fewer tiles but does not apply: the site runs in the program's order (reordering 504
+    tokens as 512 failed inside the compiled graph)."""
+    from attnfx.passes.recognize import neighborhood
+
+    class Window(nn.Module):
+        def forward(self, q, k, v):
+            i = torch.arange(q.shape[-2])
+            r, c = i // 64, i % 64
+            keep = ((r[:, None] - r[None, :]).abs() <= 2) & ((c[:, None] - c[None, :]).abs() <= 2)
+            s = (q @ k.transpose(-2, -1)).masked_fill(~keep, NEG)
+            return s.softmax(-1) @ v
+
+    monkeypatch.setattr(neighborhood, "_runs_kernels", lambda device: True)
+    q, k, v = (torch.randn(1, 1, 504, 16) for _ in range(3))
+    with torch.no_grad():
+        torch._dynamo.reset()
+        assert_rewrites_match_eager(Window(), [q, k, v], kind="neighborhood")
+        (site,) = attnfx.explain(Window(), q, k, v).rewritten
+    assert site.mask == "neighborhood 2-D 8x64 k=(5,5)"

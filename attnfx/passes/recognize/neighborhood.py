@@ -48,10 +48,6 @@ class Axis:
     dilation: int
     causal: bool
 
-    @property
-    def full(self) -> bool:
-        return self.kernel >= self.length and self.dilation == 1
-
 
 @dataclasses.dataclass(frozen=True)
 class Neighborhood:
@@ -78,13 +74,14 @@ def _strides(expr) -> list[int]:
 
 
 def _grid(strides: list[int], n: int) -> tuple[list[int], list[int]] | None:
-    """(lengths, strides) of the axes, outermost first, or None when the strides do not
-    nest (each a multiple of the previous) or do not divide ``n``."""
+    """(lengths, strides) of the axes, outermost first (strides that do not nest, each a
+    multiple of the previous, are left out).  The outermost axis may be ragged: chunks of
+    ``c`` over a length that is no multiple of ``c`` end with a shorter chunk."""
     chain = [1]
     for s in strides:
-        if s % chain[-1] == 0 and n % s == 0:
+        if s % chain[-1] == 0 and s < n:
             chain.append(s)
-    lengths = [chain[i + 1] // chain[i] for i in range(len(chain) - 1)] + [n // chain[-1]]
+    lengths = [chain[i + 1] // chain[i] for i in range(len(chain) - 1)] + [-(-n // chain[-1])]
     if any(ln < 1 for ln in lengths):
         return None
     return lengths[::-1], chain[::-1]
@@ -123,9 +120,15 @@ def _classify(pred_key: str, n: int) -> Neighborhood | None:
     mc = pred.mask_class
     if mc.kind == "window" and mc.prefix is None and mc.left is not None and mc.right is not None:
         left, right = (sympy.sympify(x).subs({"NQ": n, "NK": n}) for x in (mc.left, mc.right))
-        if left.is_Integer and right.is_Integer and int(left) + int(right) + 1 < n:
-            return Neighborhood((Axis(n, int(left) + int(right) + 1, 1, int(right) <= 0),))
-        return None
+        if not (left.is_Integer and right.is_Integer):
+            return None
+        lo, hi = min(int(left), n - 1), min(int(right), n - 1)
+        # a band as wide as the sequence on the left keeps every pair (or, ending at the
+        # query, the whole past: causal); narrower, it is a window even when 2w+1 >= n (a
+        # truncated band still cuts the border rows)
+        if lo == n - 1 and hi in (0, n - 1):
+            return None
+        return Neighborhood((Axis(n, min(lo + hi + 1, n), 1, hi <= 0),))
     if mc.kind != "predicate" or n < 2:
         return None
     grid = _grid(_strides(pred.expr), n)
@@ -139,8 +142,12 @@ def _classify(pred_key: str, n: int) -> Neighborhood | None:
         m = torch.as_tensor(pred.evaluate(c[:, None], c[None, :], n, n)).expand(ln, ln)
         axes_masks.append(m.to(torch.bool))
     axes = [_axis(m) for m in axes_masks]
-    if any(a is None for a in axes) or all(a.full for a in axes):
-        return None
+    if any(a is None for a in axes) or all(bool(m.all()) for m in axes_masks):
+        return None  # not a window per axis, or every pair kept
+    if len(axes_masks) == 1 and torch.equal(
+        axes_masks[0], torch.ones(n, n, dtype=torch.bool).tril()
+    ):
+        return None  # the whole past: causal, not a window
     # the predicate must be the AND of the per-axis masks: check query rows
     if n <= _EXHAUSTIVE:
         rows = torch.arange(n)
@@ -294,9 +301,11 @@ def _choose_layout(site, nb: Neighborhood) -> None:
     ev = G.example_value(site.q.node)
     if not isinstance(ev, torch.Tensor) or not _runs_kernels(ev.device):
         return  # the CPU paths evaluate the predicate on every pair: tiles buy them nothing
+    n = math.prod(lengths)
+    if n != _hint(G.shape(site.q.node)[-2]):
+        return  # a ragged grid (a shorter last chunk): no whole tiles
     if any(ln % t for ln, t in zip(lengths, tile)) or all(ln == t for ln, t in zip(lengths, tile)):
         return
-    n = math.prod(lengths)
     d, dv = (_hint(G.shape(o.node)[-1]) for o in (site.q, site.v))
     if d is None or dv is None:
         return

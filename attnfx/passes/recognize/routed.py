@@ -146,6 +146,30 @@ def anchors(node: fx.Node) -> list:
     return [match] if is_anchor(node) else []
 
 
+_METADATA_USES = {
+    "new_zeros",
+    "new_ones",
+    "new_full",
+    "new_empty",
+    "size",
+    "dim",
+}
+_METADATA_FNS = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like}
+
+
+def _value_users(x: fx.Node) -> list[fx.Node]:
+    """Live users of ``x`` that read its values (not only its shape, dtype or device, as
+    ``x.new_zeros(...)`` or ``torch.ones_like(x)`` do)."""
+    return [
+        u
+        for u in G.live_users(x)
+        if not (
+            (u.op == "call_method" and u.target in _METADATA_USES and u.args[0] is x)
+            or (u.op == "call_function" and u.target in _METADATA_FNS and u.args[0] is x)
+        )
+    ]
+
+
 def _one_user(x: fx.Node, what: str, anchor) -> fx.Node:
     users = G.live_users(x)
     if len(users) != 1:
@@ -304,17 +328,17 @@ def match(node: fx.Node) -> Site:
             p = u[0]
             continue
         break
-    users = G.live_users(p)
-    if len(users) != 1 or not _call(users[0], (torch.matmul,)) or users[0].args[0] is not p:
+    pvs = [u for u in G.live_users(p) if _call(u, (torch.matmul,)) and u.args[0] is p]
+    if len(pvs) != 1:
         raise NoMatch("probabilities not multiplied by values")
-    pv = users[0]
+    pv = pvs[0]
     gv = _gather(pv.args[1])
     if gv is None:
         raise NoMatch("values not gathered")
     o = pv
-    while len(G.live_users(o)) == 1 and _is_view(G.live_users(o)[0]):
-        o = G.live_users(o)[0]
-    users = G.live_users(o)
+    while len(_value_users(o)) == 1 and _is_view(_value_users(o)[0]):
+        o = _value_users(o)[0]
+    users = _value_users(o)
     sc = _scatter_add(users[0]) if len(users) == 1 else None
     if sc is None or sc[3] is not o:
         raise NoMatch("outputs not scattered back")
@@ -322,6 +346,8 @@ def match(node: fx.Node) -> Site:
     # -- from here on, it is routed attention: refusals carry a reason -------------------
     for n, what in ((mm, "scores"), (node, "probabilities"), (pv, "cluster outputs")):
         _one_user(n, what, anchor)
+    if p is not node:
+        _one_user(p, "probabilities", anchor)
     for n in scores_chain:
         _one_user(n, "scores", anchor)
     (q, _, qidx, _), (k, _, kidx, _), (v, _, vidx, _) = gq, gk, gv

@@ -88,7 +88,7 @@ def _blocks(r: Routing, clusters: int, bh: int):
         yield c0, c1
 
 
-def _segment_sum(values: Tensor, idx: Tensor, n: int) -> Tensor:
+def segment_sum(values: Tensor, idx: Tensor, n: int) -> Tensor:
     """values (B, H, M, D) summed onto n tokens by idx (B, H, M) → (B, H, n, D):
     a stable sort of the flat indices, then one segment sum per token in that order."""
     b, h, m, d = values.shape
@@ -100,6 +100,19 @@ def _segment_sum(values: Tensor, idx: Tensor, n: int) -> Tensor:
         values.reshape(-1, d)[order], "sum", lengths=lengths, axis=0, unsafe=True
     )
     return out.view(b, h, n, d)
+
+
+def combine(slot_o: Tensor, qi: Tensor, n: int, spec: AttentionSpec) -> Tensor:
+    """Slot outputs (B, H, S, Dv) onto the n tokens: summed per token through the sorted
+    indices, divided by the count (``Routing.eps``); in slot_o's dtype."""
+    den = denominator(qi, n, spec.routing, slot_o.dtype)
+    return segment_sum(slot_o, qi, n) / den.unsqueeze(-1)
+
+
+def slot_gradient(dout: Tensor, qi: Tensor, n: int, r: Routing) -> Tensor:
+    """dO of each query slot (B, H, S, Dv), float32: the token's dO divided by its count."""
+    do = dout.float() / denominator(qi, n, r, torch.float32).unsqueeze(-1)
+    return _rows(do, qi, torch.float32).contiguous()
 
 
 def denominator(qi: Tensor, n: int, r: Routing, dt: torch.dtype) -> Tensor:
@@ -136,7 +149,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, qi: Tensor, ki: Tensor, spec: Atten
         slot_lse.append(lse.flatten(2, 3))
     o = torch.cat(slot_o, dim=2)
     lse = torch.cat(slot_lse, dim=2)
-    out = _segment_sum(o, qi, n) / denominator(qi, n, r, dt).unsqueeze(-1)
+    out = combine(o, qi, n, spec)
     return out.to(v.dtype), o.float(), lse.float()
 
 
@@ -187,9 +200,9 @@ def backward(
         dqs.append((ds @ kg).flatten(2, 3))
         dks.append((ds.transpose(-1, -2) @ qg).flatten(2, 3))
         dvs.append((p.transpose(-1, -2) @ dog).flatten(2, 3))
-    dq = _segment_sum(torch.cat(dqs, dim=2), qi, n)
-    dk = _segment_sum(torch.cat(dks, dim=2), ki, nk)
-    dv = _segment_sum(torch.cat(dvs, dim=2), ki, nk)
+    dq = segment_sum(torch.cat(dqs, dim=2), qi, n)
+    dk = segment_sum(torch.cat(dks, dim=2), ki, nk)
+    dv = segment_sum(torch.cat(dvs, dim=2), ki, nk)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

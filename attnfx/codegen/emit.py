@@ -704,6 +704,10 @@ def backward_source(spec: AttentionSpec) -> str:
 
 
 def source(spec: AttentionSpec, part: str) -> str:
+    if spec.routing is not None:  # the gather schedule: clusters of indexed rows
+        from attnfx.codegen import routed
+
+        return routed.source(spec, part)
     if part == "fwd":
         return forward_source(spec)
     if part == "bwd":

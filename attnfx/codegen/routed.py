@@ -1,0 +1,264 @@
+"""Routed sparse attention kernels (``spec.routing``): the templates' holes filled
+(``templates.ROUTED_FWD``, ``ROUTED_DQ``, ``ROUTED_DKDV``) and their launches.
+
+The kernels read q, k, v rows through the slots' token indices — never a gathered copy —
+one program per (block of a cluster's query slots, batch·head·cluster) for the forward
+and dQ, per (block of key slots, batch·head·cluster) for dK/dV.  The fills compare the
+tokens' positions (``tq``, ``tk``).  With a causal fill (``pos_q < pos_k`` → -inf, no
+later fill that can undo it) a tile whose first key comes after its last query is
+skipped: with members sorted by position (as routing code sorts them) that is about half
+of them; any order stays correct, only fewer tiles are skipped.
+
+The forward writes each slot's output and lse (float32); the host combines them onto
+the tokens deterministically (``attnfx.routed``: a stable sort of the flat indices, one
+segment sum per token, divided by the count).  The backward gathers dO to the slots
+divided by the count, takes rowsum(dO·O) per slot, runs dQ and dK/dV on the gathered
+tiles, and sums dq / dk / dv per token through the same sorted indices.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from attnfx import routed
+from attnfx.codegen import templates
+from attnfx.spec import AttentionSpec
+
+_COMMON = [
+    "Q, K, V, QI, KI,",
+    "stride_qb, stride_qh, stride_qn, stride_qd,",
+    "stride_kb, stride_kh, stride_kn, stride_kd,",
+    "stride_vb, stride_vh, stride_vn, stride_vd,",
+    "stride_qib, stride_qih, stride_qis,",
+    "stride_kib, stride_kih, stride_kis,",
+    "H, C, N_K, SLOTS, KSLOTS,",
+    "W: tl.constexpr, WK: tl.constexpr,",
+    "HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,",
+    "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,",
+    "BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,",
+]
+_PARAMS = {
+    "fwd": ["SlotO, SlotLse,"] + _COMMON,
+    "dq": ["SlotLse, DOs, Delta, DQs,"] + _COMMON + ["DSCALE: tl.constexpr,"],
+    "dkdv": ["SlotLse, DOs, Delta, DKs, DVs,"] + _COMMON + ["DSCALE: tl.constexpr,"],
+}
+_OPS = {"lt": "<", "le": "<=", "eq": "==", "ne": "!=", "ge": ">=", "gt": ">"}
+# relations that can hold when pos_q < pos_k: a later fill of one of them may undo -inf
+_MAY_HOLD_BEFORE = {"lt", "le", "ne"}
+
+
+def _num(x: float) -> str:
+    if math.isinf(x):
+        return 'float("-inf")' if x < 0 else 'float("inf")'
+    return repr(float(x))
+
+
+def _prec(spec: AttentionSpec) -> str:
+    return ', input_precision="ieee"' if spec.dtype == "float32" else ""
+
+
+def _score_program(spec: AttentionSpec) -> list[str]:
+    lines = []
+    for op in spec.score_ops:
+        if op.op == "mul":
+            lines.append(f"s = s * {_num(op.value)}")
+        elif op.op == "add":
+            lines.append(f"s = s + {_num(op.value)}")
+        else:
+            raise ValueError(f"routed kernels: score op {op.op} not supported")
+    return lines
+
+
+def _fills(spec: AttentionSpec, bwd: bool) -> list[str]:
+    lines = []
+    for rel, value in spec.routing.fills:
+        cond = f"tq[:, None] {_OPS[rel]} tk[None, :]"
+        if bwd:
+            lines += [
+                f"hit = {cond}",
+                f"s = tl.where(hit, {_num(value)}, s)",
+                "filled = filled | hit",
+            ]
+        else:
+            lines.append(f"s = tl.where({cond}, {_num(value)}, s)")
+    return lines
+
+
+def causal_skip(spec: AttentionSpec) -> bool:
+    """Whether a tile with every key after every query is empty: a ``lt`` -inf fill that
+    no later fill can undo there."""
+    fills = spec.routing.fills
+    for i, (rel, value) in enumerate(fills):
+        if rel == "lt" and value == -math.inf:
+            return not any(r in _MAY_HOLD_BEFORE for r, _ in fills[i + 1 :])
+    return False
+
+
+_Q_LAST = "q_last = tl.reduce(tl.where(m_valid, tq, -1), 0, _max_combine)"
+_K_FIRST = "k_first = -tl.reduce(tl.where(n_valid, -tk, -N_K), 0, _max_combine)"
+
+
+def source(spec: AttentionSpec, part: str) -> str:
+    """The generated module: ``part`` "fwd" (forward) or "bwd" (dQ and dK/dV)."""
+    skip = causal_skip(spec)
+    rows = {
+        "row_bound": [_Q_LAST] if skip else [],
+        "visit": f"if {_K_FIRST.split(' = ', 1)[1]} <= q_last:" if skip else "if True:",
+    }
+    common = {"prec": _prec(spec), "score_program": _score_program(spec)}
+    head = templates.HEADER.format(
+        describe=spec.describe(),
+        key=spec.kernel_key,
+        schedule="gather (routed clusters)" + (", causal tiles skipped" if skip else ""),
+        helpers="#   _max_combine, _sum_combine, _online_softmax",
+    )
+    if part == "fwd":
+        body = templates.fill(
+            templates.ROUTED_FWD,
+            params=["    " + p for p in _PARAMS["fwd"]],
+            fills=_fills(spec, False),
+            **rows,
+            **common,
+        )
+        return head + "\n\n" + body
+    if part != "bwd":
+        raise ValueError(part)
+    dq = templates.fill(
+        templates.ROUTED_DQ,
+        params=["    " + p for p in _PARAMS["dq"]],
+        fills_bwd=_fills(spec, True),
+        **rows,
+        **common,
+    )
+    cols = {
+        "col_bound": [_K_FIRST] if skip else [],
+        "visit": f"if {_Q_LAST.split(' = ', 1)[1]} >= k_first:" if skip else "if True:",
+    }
+    dkdv = templates.fill(
+        templates.ROUTED_DKDV,
+        params=["    " + p for p in _PARAMS["dkdv"]],
+        fills_bwd=_fills(spec, True),
+        **cols,
+        **common,
+    )
+    return head + "\n\n" + dq + "\n\n" + dkdv
+
+
+# ---------------------------------------------------------------------------------------
+# Launch
+# ---------------------------------------------------------------------------------------
+
+
+def _blocks(spec: AttentionSpec, interpret: bool) -> dict:
+    r = spec.routing
+    d, dv = spec.head_dim, spec.head_dim_v
+    bm = 16 if interpret else 64
+    bn = 16 if interpret else 64
+    return {
+        "BLOCK_M": min(bm, max(16, triton_next_pow2(r.window))),
+        "BLOCK_N": min(bn, max(16, triton_next_pow2(r.key_window))),
+        "BLOCK_D": max(16, triton_next_pow2(d)),
+        "BLOCK_DV": max(16, triton_next_pow2(dv)),
+    }
+
+
+def triton_next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _common_args(spec, q, k, v, qi, ki):
+    b, h, _, _ = q.shape
+    r = spec.routing
+    clusters = qi.shape[-1] // r.window
+    args = [q, k, v, qi, ki, *q.stride(), *k.stride(), *v.stride(), *qi.stride(), *ki.stride()]
+    args += [h, clusters, k.shape[2], qi.shape[-1], ki.shape[-1]]
+    consts = {"W": r.window, "WK": r.key_window, "HEAD_D": q.shape[-1], "HEAD_DV": v.shape[-1]}
+    return args, consts, b * h * clusters
+
+
+def _module(spec: AttentionSpec, part: str, interpret: bool):
+    from attnfx.codegen import cache
+
+    return cache.load_module(spec, part, interpret)
+
+
+def _run(fn, grid, args, consts, interpret):
+    kw = {} if interpret else {"num_warps": 4, "num_stages": 2}
+    fn[grid](*args, **consts, **kw)
+
+
+def run_forward(spec: AttentionSpec, q, k, v, qi, ki):
+    """(out, slot_out, slot_lse) as ``attnfx.routed.forward`` returns them."""
+    from attnfx.codegen.launch import _INTERPRETER_LOCK, _interpret
+
+    qi, ki = routed.flat_index(qi), routed.flat_index(ki)
+    routed.check(q, k, v, qi, ki, spec)
+    interpret = _interpret(q)
+    b, h, n, _ = q.shape
+    dv = v.shape[-1]
+    slots = qi.shape[-1]
+    slot_o = torch.empty((b, h, slots, dv), dtype=torch.float32, device=q.device)
+    slot_lse = torch.empty((b, h, slots), dtype=torch.float32, device=q.device)
+    args, consts, bhc = _common_args(spec, q, k, v, qi, ki)
+    blocks = _blocks(spec, interpret)
+    grid = (triton_cdiv(spec.routing.window, blocks["BLOCK_M"]), bhc)
+    with _INTERPRETER_LOCK if interpret else _null():
+        mod = _module(spec, "fwd", interpret)
+        _run(mod._attn_routed_fwd, grid, [slot_o, slot_lse, *args], {**consts, **blocks}, interpret)
+    out = routed.combine(slot_o, qi, n, spec)
+    return out.to(v.dtype), slot_o, slot_lse
+
+
+def run_backward(spec: AttentionSpec, dout, q, k, v, qi, ki, slot_o, slot_lse):
+    """(dq, dk, dv) as ``attnfx.routed.backward`` returns them."""
+    from attnfx.codegen.launch import _INTERPRETER_LOCK, _interpret
+
+    qi, ki = routed.flat_index(qi), routed.flat_index(ki)
+    interpret = _interpret(q)
+    b, h, n, d = q.shape
+    nk = k.shape[2]
+    r = spec.routing
+    dos = routed.slot_gradient(dout, qi, n, r)  # (B, H, S, Dv) float32, / count
+    delta = (dos * slot_o).sum(-1).contiguous()
+    dqs = torch.empty(qi.shape + (d,), dtype=torch.float32, device=q.device)
+    dks = torch.empty(ki.shape + (d,), dtype=torch.float32, device=q.device)
+    dvs = torch.empty(ki.shape + (v.shape[-1],), dtype=torch.float32, device=q.device)
+    args, consts, bhc = _common_args(spec, q, k, v, qi, ki)
+    consts["DSCALE"] = float(spec.scale)
+    blocks = _blocks(spec, interpret)
+    with _INTERPRETER_LOCK if interpret else _null():
+        mod = _module(spec, "bwd", interpret)
+        grid = (triton_cdiv(r.window, blocks["BLOCK_M"]), bhc)
+        _run(
+            mod._attn_routed_dq,
+            grid,
+            [slot_lse, dos, delta, dqs, *args],
+            {**consts, **blocks},
+            interpret,
+        )
+        grid = (triton_cdiv(r.key_window, blocks["BLOCK_N"]), bhc)
+        _run(
+            mod._attn_routed_dkdv,
+            grid,
+            [slot_lse, dos, delta, dks, dvs, *args],
+            {**consts, **blocks},
+            interpret,
+        )
+    dq = routed.segment_sum(dqs, qi, n)
+    dk = routed.segment_sum(dks, ki, nk)
+    dv = routed.segment_sum(dvs, ki, nk)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

@@ -151,11 +151,22 @@ def source(spec: AttentionSpec, part: str) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-def _blocks(spec: AttentionSpec, interpret: bool) -> dict:
+def _blocks(spec: AttentionSpec, interpret: bool, part: str = "fwd") -> dict:
     r = spec.routing
     d, dv = spec.head_dim, spec.head_dim_v
-    bm = 16 if interpret else 64
-    bn = 16 if interpret else 64
+    wide = max(d, dv) > 64 or spec.dtype == "float32"
+    # GPU: tiles sized so that the gathered rows' pointer tiles (64-bit, one per element)
+    # fit in registers without spilling at 8 warps on sm_90 (test_routed_kernels):
+    # 64 × 64 up to D 64 in 16 bits; 64 × 32 forward and 32 × 32 backward beyond;
+    # 32 × 32 in float32
+    if interpret:
+        bm = bn = 16
+    elif not wide:
+        bm = bn = 64
+    elif spec.dtype == "float32":
+        bm = bn = 32
+    else:
+        bm, bn = (64, 32) if part == "fwd" else (32, 32)
     return {
         "BLOCK_M": min(bm, max(16, triton_next_pow2(r.window))),
         "BLOCK_N": min(bn, max(16, triton_next_pow2(r.key_window))),
@@ -178,6 +189,9 @@ def _common_args(spec, q, k, v, qi, ki):
     return args, consts, b * h * clusters
 
 
+LAUNCH = {"num_warps": 8, "num_stages": 2}  # checked for spills at sm_90 (test_routed_kernels)
+
+
 def _module(spec: AttentionSpec, part: str, interpret: bool):
     from attnfx.codegen import cache
 
@@ -185,7 +199,7 @@ def _module(spec: AttentionSpec, part: str, interpret: bool):
 
 
 def _run(fn, grid, args, consts, interpret):
-    kw = {} if interpret else {"num_warps": 4, "num_stages": 2}
+    kw = {} if interpret else dict(LAUNCH)
     fn[grid](*args, **consts, **kw)
 
 
@@ -227,7 +241,7 @@ def run_backward(spec: AttentionSpec, dout, q, k, v, qi, ki, slot_o, slot_lse):
     dvs = torch.empty(ki.shape + (v.shape[-1],), dtype=torch.float32, device=q.device)
     args, consts, bhc = _common_args(spec, q, k, v, qi, ki)
     consts["DSCALE"] = float(spec.scale)
-    blocks = _blocks(spec, interpret)
+    blocks = _blocks(spec, interpret, "bwd")
     with _INTERPRETER_LOCK if interpret else _null():
         mod = _module(spec, "bwd", interpret)
         grid = (triton_cdiv(r.window, blocks["BLOCK_M"]), bhc)
@@ -262,3 +276,68 @@ class _null:
 
     def __exit__(self, *a):
         return False
+
+
+# ---------------------------------------------------------------------------------------
+# Ahead-of-time targets (sm_90 compile checks without a GPU)
+# ---------------------------------------------------------------------------------------
+
+_PTR_TYPES = {
+    "Q": "qkv",
+    "K": "qkv",
+    "V": "qkv",
+    "QI": "i64",
+    "KI": "i64",
+}
+
+
+def kernel_targets(spec: AttentionSpec):
+    """(name, ASTSource, launch options) of each GPU kernel of ``spec`` with the GPU
+    block sizes, as launched on contiguous (B, H, N, D) tokens and (B, H, S) indices."""
+    from triton.compiler import ASTSource
+
+    from attnfx.codegen import cache
+    from attnfx.codegen.launch import _tt
+
+    fwd = cache.load_module(spec, "fwd", interpret=False)
+    bwd = cache.load_module(spec, "bwd", interpret=False)
+    r = spec.routing
+    base = {
+        "W": r.window,
+        "WK": r.key_window,
+        "HEAD_D": spec.head_dim,
+        "HEAD_DV": spec.head_dim_v,
+        "DSCALE": float(spec.scale),
+    }
+    out = []
+    for name, fn in (
+        ("routed_fwd", fwd._attn_routed_fwd),
+        ("routed_dq", bwd._attn_routed_dq),
+        ("routed_dkdv", bwd._attn_routed_dkdv),
+    ):
+        sig, cx = {}, {}
+        consts = {**base, **_blocks(spec, False, "fwd" if name == "routed_fwd" else "bwd")}
+        for arg in fn.arg_names:
+            if arg in consts:
+                sig[arg], cx[arg] = "constexpr", consts[arg]
+            elif (
+                arg.endswith("d")
+                and arg.startswith("stride_")
+                or arg in ("stride_qis", "stride_kis")
+            ):
+                sig[arg], cx[arg] = "constexpr", 1  # innermost strides of contiguous inputs
+            elif arg in ("H", "C", "N_K", "SLOTS", "KSLOTS"):
+                sig[arg] = "i32"
+            elif arg[0].isupper():
+                kind = _PTR_TYPES.get(arg, "fp32")
+                sig[arg] = "*" + (_tt(spec.dtype) if kind == "qkv" else kind)
+            else:
+                sig[arg] = "i32"
+        out.append(
+            (
+                name,
+                ASTSource(fn=fn, signature=sig, constexprs=cx),
+                dict(LAUNCH),
+            )
+        )
+    return out

@@ -129,3 +129,31 @@ def test_generated_source_reads_through_indices_and_skips_causal_tiles():
     # a later fill that may hold before the diagonal undoes the skip
     assert not routed_codegen.causal_skip(_spec("float16", CAUSAL + (("ne", 0.0),)))
     assert routed_codegen.causal_skip(_spec("float16", CAUSAL + SELF))
+
+
+@pytest.mark.parametrize("dtype,d", [("bfloat16", 64), ("float16", 128), ("float32", 64)])
+def test_kernels_compile_for_sm90_without_spills(dtype, d):
+    from attnfx.codegen import sass
+
+    if not sass.available():
+        pytest.skip("triton's CUDA backend tools missing")
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    spec = AttentionSpec(
+        kind="routed",
+        score_ops=(ScoreOp("mul", value=d**-0.5),),
+        aux_dtypes=("int64", "int64"),
+        head_dim=d,
+        head_dim_v=d,
+        dtype=dtype,
+        out_dtype=dtype,
+        routing=Routing(window=512, key_window=512, fills=CAUSAL + SELF),
+    )
+    targets = routed_codegen.kernel_targets(spec)
+    assert [t[0] for t in targets] == ["routed_fwd", "routed_dq", "routed_dkdv"]
+    for name, src, opts in targets:
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+        use = sass.resource_usage(k.asm["cubin"])
+        assert use["local"] == 0 and use["stack"] == 0, (name, use)  # no spills
+        assert k.metadata.shared <= 227 * 1024, (name, k.metadata.shared)

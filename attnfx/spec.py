@@ -290,6 +290,9 @@ class AttentionSpec:
     @property
     def mask_class(self) -> MaskClass:
         """The mask as the report shows it: none, causal, window, predicate or tensor."""
+        if self.routing is not None:  # fills on the members' positions, inside clusters
+            causal = ("lt", -math.inf) in self.routing.fills
+            return MaskClass("routed causal" if causal else "routed")
         has_tensor = any(op.entry.tensor_mask for op in self.score_ops)
         preds = self.predicates
         if len(preds) == 1 and not has_tensor:

@@ -54,7 +54,7 @@ VARIANTS: tuple[Variant, ...] = (
         activation="softmax",
         recognizer="attnfx.passes.recognize.routed",
         reference="attnfx.nn.routed:RoutedAttention",
-        grammar=None,
+        grammar="attnfx.fuzz.routed",
         benchmarks=(),
     ),
     Variant(

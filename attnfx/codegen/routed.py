@@ -205,7 +205,7 @@ def _run(fn, grid, args, consts, interpret):
 
 def run_forward(spec: AttentionSpec, q, k, v, qi, ki):
     """(out, slot_out, slot_lse) as ``attnfx.routed.forward`` returns them."""
-    from attnfx.codegen.launch import _INTERPRETER_LOCK, _interpret
+    from attnfx.codegen.launch import _INTERPRETER_LOCK, LAUNCHES, _interpret
 
     qi, ki = routed.flat_index(qi), routed.flat_index(ki)
     routed.check(q, k, v, qi, ki, spec)
@@ -221,13 +221,14 @@ def run_forward(spec: AttentionSpec, q, k, v, qi, ki):
     with _INTERPRETER_LOCK if interpret else _null():
         mod = _module(spec, "fwd", interpret)
         _run(mod._attn_routed_fwd, grid, [slot_o, slot_lse, *args], {**consts, **blocks}, interpret)
+    LAUNCHES["routed_fwd"] += 1
     out = routed.combine(slot_o, qi, n, spec)
     return out.to(v.dtype), slot_o, slot_lse
 
 
 def run_backward(spec: AttentionSpec, dout, q, k, v, qi, ki, slot_o, slot_lse):
     """(dq, dk, dv) as ``attnfx.routed.backward`` returns them."""
-    from attnfx.codegen.launch import _INTERPRETER_LOCK, _interpret
+    from attnfx.codegen.launch import _INTERPRETER_LOCK, LAUNCHES, _interpret
 
     qi, ki = routed.flat_index(qi), routed.flat_index(ki)
     interpret = _interpret(q)
@@ -260,6 +261,7 @@ def run_backward(spec: AttentionSpec, dout, q, k, v, qi, ki, slot_o, slot_lse):
             {**consts, **blocks},
             interpret,
         )
+    LAUNCHES["routed_bwd"] += 1
     dq = routed.segment_sum(dqs, qi, n)
     dk = routed.segment_sum(dks, ki, nk)
     dv = routed.segment_sum(dvs, ki, nk)

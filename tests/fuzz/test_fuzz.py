@@ -5,7 +5,7 @@ The lanes have targeted tests too: the interpreter lane (sites through the gener
 Triton kernels), fully ``-inf`` additive-mask rows in a later call, in-place ops around a
 site.
 
-Budget: FUZZ_EXAMPLES (default 80, drawn from every kind: softmax, sigmoid, temperature)
+Budget: FUZZ_EXAMPLES (default 80, drawn from every kind: routed, softmax, sigmoid, temperature)
 keeps this file near 3–4 minutes on 2 CPU cores; the ``nightly`` hypothesis profile
 (HYPOTHESIS_PROFILE=nightly) runs 8x more.
 """
@@ -30,7 +30,7 @@ EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", 640 if NIGHTLY else 80))
 SEED = int(os.environ.get("FUZZ_SEED", 1))
 
 
-KINDS = ("sigmoid", "softmax", "temperature")
+KINDS = ("routed", "sigmoid", "softmax", "temperature")
 
 
 def test_fuzz_fixed_seed_finds_no_failure():

@@ -165,8 +165,8 @@ def backward(
     spec: AttentionSpec,
 ):
     """(dq, dk, dv), contiguous, in q's, k's and v's dtypes: dO gathered to the slots and
-    divided by the count, the softmax backward per cluster (its row sums from the slot
-    outputs recomputed in float64, not from the float32 ``slot_o``), and dq / dk / dv summed back
+    divided by the count, the softmax backward per cluster (its row sums as eager's
+    softmax backward forms them, rowsum(p·dP), not from the float32 ``slot_o``), and dq / dk / dv summed back
     onto the tokens through the sorted indices."""
     qi, ki = flat_index(qi), flat_index(ki)
     r = spec.routing
@@ -190,9 +190,10 @@ def backward(
             qg, kg, qidx.unflatten(2, (cb, r.window)), kidx.unflatten(2, (cb, r.key_window)), spec
         )
         p = torch.softmax(s, dim=-1)
-        og = p @ vg  # recomputed at full precision (slot_o is float32)
         dp = dog @ vg.transpose(-1, -2)
-        delta = (dog * og).sum(-1, keepdim=True)
+        # rowsum(p·dP) (= rowsum(dO·O)), as eager's softmax backward forms it: a row whose
+        # weight is all on one key then gets exactly dS = 0 there, as in eager
+        delta = (p * dp).sum(-1, keepdim=True)
         ds = p * (dp - delta)
         if filled is not None:
             ds = ds.masked_fill(filled, 0.0)  # a filled score has no gradient

@@ -108,14 +108,14 @@ class RoutedAttention(nn.Module):
         training forwards since the last call; call it outside the compiled forward."""
         if not self._pending:
             return
-        x = F.normalize(torch.cat(self._pending, dim=0).float(), dim=-1)  # (B·, Hr, N, D)
-        self._pending.clear()
-        assign = torch.einsum("bhnd,hcd->bhnc", x, self.means.float()).argmax(dim=-1)
         hr, c, d = self.means.shape
+        # every recorded (B, Hr, N, D) as (Hr, B·N, D): forwards of any batch and length
+        x = torch.cat([t.transpose(0, 1).reshape(hr, -1, d) for t in self._pending], dim=1)
+        x = F.normalize(x.float(), dim=-1)
+        self._pending.clear()
+        idx = torch.einsum("hmd,hcd->hmc", x, self.means.float()).argmax(dim=-1)  # nearest
         sums = torch.zeros(hr, c, d, dtype=torch.float32, device=x.device)
-        idx = assign.permute(1, 0, 2).reshape(hr, -1)
-        vecs = x.permute(1, 0, 2, 3).reshape(hr, -1, d)
-        sums.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, d), vecs)
+        sums.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, d), x)
         used = torch.zeros(hr, c, dtype=torch.float32, device=x.device)
         used.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float32))
         new = F.normalize(sums, dim=-1)

@@ -109,17 +109,31 @@ def test_causal_needs_shared_qk_and_heads_are_checked():
 
 
 def test_update_kmeans_and_commitment_loss():
-    m = _module().train()
+    m = _module(shared_qk=True).train()  # records q only (with separate keys: q and k)
     before = m.means.clone()
     m.update_kmeans()  # nothing recorded: nothing moves
     assert torch.equal(m.means, before)
     m(_x())
     assert m.aux_loss is not None and m.aux_loss.requires_grad and m.aux_loss > 0
-    m.ema_decay = 0.5
+    m(_x(seed=1, n=16, b=1))  # forwards of other lengths and batches are recorded too
+    m.ema_decay = 0.0  # the new centroids: the normalized mean of their members
+    q = torch.cat(
+        [
+            _heads(m, _x()).__getitem__(0).detach().transpose(0, 1).reshape(HEADS, -1, 32),
+            _heads(m, _x(seed=1, n=16, b=1))[0].detach().transpose(0, 1).reshape(HEADS, -1, 32),
+        ],
+        1,
+    )
+    xn = F.normalize(q, dim=-1)
+    nearest = torch.einsum("hmd,hcd->hmc", xn, before).argmax(-1)
     m.update_kmeans()
-    assert not torch.equal(m.means, before)
-    torch.testing.assert_close(m.means.norm(dim=-1), torch.ones(HEADS, 4))
     assert not m._pending
+    for h in range(HEADS):
+        for c in range(4):
+            members = xn[h][nearest[h] == c]
+            want = F.normalize(members.sum(0), dim=0) if len(members) else before[h, c]
+            torch.testing.assert_close(m.means[h, c], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m.means.norm(dim=-1), torch.ones(HEADS, 4))
 
 
 def _check_compiled(m, x, kinds):

@@ -117,13 +117,8 @@ def test_update_kmeans_and_commitment_loss():
     assert m.aux_loss is not None and m.aux_loss.requires_grad and m.aux_loss > 0
     m(_x(seed=1, n=16, b=1))  # forwards of other lengths and batches are recorded too
     m.ema_decay = 0.0  # the new centroids: the normalized mean of their members
-    q = torch.cat(
-        [
-            _heads(m, _x()).__getitem__(0).detach().transpose(0, 1).reshape(HEADS, -1, 32),
-            _heads(m, _x(seed=1, n=16, b=1))[0].detach().transpose(0, 1).reshape(HEADS, -1, 32),
-        ],
-        1,
-    )
+    recorded = [_heads(m, _x())[0], _heads(m, _x(seed=1, n=16, b=1))[0]]
+    q = torch.cat([t.detach().transpose(0, 1).reshape(HEADS, -1, 32) for t in recorded], 1)
     xn = F.normalize(q, dim=-1)
     nearest = torch.einsum("hmd,hcd->hmc", xn, before).argmax(-1)
     m.update_kmeans()

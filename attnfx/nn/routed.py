@@ -29,7 +29,7 @@ Edge semantics, as this module computes them (and the ``routed`` rewrite preserv
   (the reference code prepends learned memory keys for that); this module refuses it.
 * Routing is not differentiable: the gradient flows through the gathered q, k, v only.
   In training the module records its routed vectors; ``update_kmeans()``, called outside
-  the compiled forward (after ``backward``, like the optimizer step), moves each centroid
+  the compiled forward (after each ``backward``, like the optimizer step), moves each centroid
   by an exponential moving average toward the normalized mean of the vectors assigned to
   it (nearest centroid).  ``aux_loss`` holds the commitment loss of the last training
   forward (``commitment · MSE(x̂, sg(μ_assigned))``), to be added to the model's loss.
@@ -90,7 +90,7 @@ class RoutedAttention(nn.Module):
         means = F.normalize(torch.randn(routed, num_clusters, self.head_dim), dim=-1)
         self.register_buffer("means", means)
         self.aux_loss: torch.Tensor | None = None
-        self._pending: list[torch.Tensor] = []
+        self._recorded: torch.Tensor | None = None  # the last training forward's vectors
 
     # -- k-means ---------------------------------------------------------------------------
     def _similarity(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,15 +104,16 @@ class RoutedAttention(nn.Module):
 
     @torch.no_grad()
     def update_kmeans(self) -> None:
-        """One EMA step of every routed head's centroids toward the vectors recorded by the
-        training forwards since the last call; call it outside the compiled forward."""
-        if not self._pending:
+        """One EMA step of every routed head's centroids toward the vectors the last training
+        forward recorded (its routed queries, and keys unless shared); call it outside the
+        compiled forward, after each backward.  A no-op when nothing was recorded since."""
+        if self._recorded is None:
             return
         hr, c, d = self.means.shape
-        # every recorded (B, Hr, N, D) as (Hr, B·N, D): forwards of any batch and length
-        x = torch.cat([t.transpose(0, 1).reshape(hr, -1, d) for t in self._pending], dim=1)
+        # the recorded (B, Hr, N, D) as (Hr, B·N, D)
+        x = self._recorded.transpose(0, 1).reshape(hr, -1, d)
         x = F.normalize(x.float(), dim=-1)
-        self._pending.clear()
+        self._recorded = None
         idx = torch.einsum("hmd,hcd->hmc", x, self.means.float()).argmax(dim=-1)  # nearest
         sums = torch.zeros(hr, c, d, dtype=torch.float32, device=x.device)
         sums.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, d), x)
@@ -177,7 +178,9 @@ class RoutedAttention(nn.Module):
         routed_q, routed_k = q[:, lh:], k[:, lh:]
         if self.training:
             xr = torch.cat([routed_q, routed_k], dim=2) if not self.shared_qk else routed_q
-            self._pending.append(xr.detach())
+            # one attribute replaced per forward (a growing list would be a guard that
+            # recompiles the compiled forward at every step)
+            self._recorded = xr.detach()
             xn = F.normalize(xr, dim=-1)
             sim = torch.einsum("bhnd,hcd->bhnc", xn.detach(), self.means.to(xn.dtype))
             nearest = self.means.to(xn.dtype)[

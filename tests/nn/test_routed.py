@@ -115,14 +115,13 @@ def test_update_kmeans_and_commitment_loss():
     assert torch.equal(m.means, before)
     m(_x())
     assert m.aux_loss is not None and m.aux_loss.requires_grad and m.aux_loss > 0
-    m(_x(seed=1, n=16, b=1))  # forwards of other lengths and batches are recorded too
+    m(_x(seed=1, n=16, b=1))  # the last forward's vectors count
     m.ema_decay = 0.0  # the new centroids: the normalized mean of their members
-    recorded = [_heads(m, _x())[0], _heads(m, _x(seed=1, n=16, b=1))[0]]
-    q = torch.cat([t.detach().transpose(0, 1).reshape(HEADS, -1, 32) for t in recorded], 1)
+    q = _heads(m, _x(seed=1, n=16, b=1))[0].detach().transpose(0, 1).reshape(HEADS, -1, 32)
     xn = F.normalize(q, dim=-1)
     nearest = torch.einsum("hmd,hcd->hmc", xn, before).argmax(-1)
     m.update_kmeans()
-    assert not m._pending
+    assert m._recorded is None
     for h in range(HEADS):
         for c in range(4):
             members = xn[h][nearest[h] == c]
@@ -175,3 +174,17 @@ def _check_compiled(m, x, kinds):
 )
 def test_compiled_module(kw, kinds):
     _check_compiled(_module(seed=3, **kw), _x(seed=4), kinds)
+
+
+def test_training_steps_compile_once_and_update_the_centroids():
+    m = _module(seed=5, causal=True).train()
+    cm = torch.compile(m, backend="attnfx", options={"inner": "eager"}, dynamic=True)
+    for n in (24, 32, 24):
+        x = _x(seed=n, n=n).requires_grad_(True)
+        (cm(x).square().mean() + m.aux_loss).backward()
+        before = m.means.clone()
+        m.update_kmeans()
+        assert not torch.equal(m.means, before)
+    counters = dict(attnfx.counters)
+    assert counters.get("rewritten.routed") == 1, counters  # no recompile per step or length
+    assert not [k for k in counters if k.startswith("kept.")], counters

@@ -40,6 +40,7 @@ from attnfx.passes.match import (
     dtype_name,
     static_dim,
 )
+from attnfx.passes.scalars import as_float, scalar_expr
 from attnfx.spec import AttentionSpec, Routing, ScoreOp
 
 KIND = "routed"
@@ -177,12 +178,21 @@ def _one_user(x: fx.Node, what: str, anchor) -> fx.Node:
     return users[0]
 
 
+def _value(x) -> float | None:
+    """A constant: a number, a 0-d constant tensor, or a float Dynamo made a graph input
+    under ``dynamic=True`` (reading it guards the graph on its value: ``scalars``)."""
+    v = G.constant_value(x)
+    if v is None and isinstance(x, fx.Node):
+        v = as_float(scalar_expr(x, None, None))
+    return v
+
+
 def _fill(cur: fx.Node):
     """(scores, mask, value) of a ``masked_fill(s, m, v)`` / ``where(m, v, s)``."""
     if cur.op == "call_function" and cur.target is torch.masked_fill:
-        return cur.args[0], cur.args[1], G.constant_value(cur.args[2])
+        return cur.args[0], cur.args[1], _value(cur.args[2])
     if cur.op == "call_function" and cur.target is torch.where and len(cur.args) == 3:
-        return cur.args[2], cur.args[0], G.constant_value(cur.args[1])
+        return cur.args[2], cur.args[0], _value(cur.args[1])
     return None
 
 
@@ -212,7 +222,8 @@ def _scale(cur: fx.Node):
     if cur.op != "call_function" or cur.target not in (operator.mul, operator.truediv):
         return None
     a, b = cur.args[:2]
-    ca, cb = G.constant_value(a), G.constant_value(b)
+    ca = _value(a) if not _reaches_scores(a) else None
+    cb = _value(b) if not _reaches_scores(b) else None
     if cur.target is operator.mul and cb is not None and isinstance(a, fx.Node):
         return a, cb
     if cur.target is operator.mul and ca is not None and isinstance(b, fx.Node):
@@ -220,6 +231,10 @@ def _scale(cur: fx.Node):
     if cur.target is operator.truediv and cb is not None and isinstance(a, fx.Node) and cb != 0:
         return a, 1.0 / cb
     return None
+
+
+def _reaches_scores(x) -> bool:
+    return isinstance(x, fx.Node) and (G.shape(x) or ()) != ()
 
 
 def _zeros(x) -> bool:

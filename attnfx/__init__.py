@@ -20,17 +20,19 @@ from attnfx.spec import AttentionSpec, ScoreOp
 
 __version__ = "0.1.0"
 
-_LAZY = ("codegen", "fuzz", "cli")
+_LAZY = ("codegen", "fuzz", "cli", "convert")
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         return importlib.import_module(f"attnfx.{name}")
+    if name == "from_pretrained":  # a converted checkpoint (``attnfx convert``)
+        return importlib.import_module("attnfx.convert").from_pretrained
     raise AttributeError(f"module 'attnfx' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | {"from_pretrained"})
 
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""``attnfx explain FILE.py``, ``attnfx fuzz``, ``attnfx --version``.
+"""``attnfx explain FILE.py``, ``attnfx fuzz``, ``attnfx convert``, ``attnfx --version``.
 
 A usage error (a missing file, a bad option value, no CUDA for ``--device cuda``) is one
 line on stderr and exit status 2, never a traceback.
@@ -98,6 +98,60 @@ def _fuzz(args) -> int:
     return 0 if summary.ok else 1
 
 
+def _sizes(text: str) -> int | dict[int, int]:
+    """``7`` (every converted layer) or ``0:7,1:9`` (per layer)."""
+    try:
+        if ":" not in text:
+            n = int(text)
+            if n < 1:
+                raise ValueError
+            return n
+        out = {}
+        for part in text.split(","):
+            layer, _, size = part.partition(":")
+            out[int(layer)] = int(size)
+            if out[int(layer)] < 1:
+                raise ValueError
+        return out
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a size or layer:size pairs (e.g. 7 or 0:7,1:9), got {text!r}"
+        ) from None
+
+
+def _convert(args) -> int:
+    from attnfx.convert import ConvertError
+    from attnfx.convert.core import convert
+
+    options = {}
+    for name in ("kv_heads", "window", "kernel_size", "clusters", "layerscale"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    if args.qk_norm:
+        options["qk_norm"] = True
+    try:
+        report = convert(
+            args.src,
+            args.to,
+            args.out,
+            layers=args.layers,
+            seed=args.seed,
+            calib=args.calib,
+            config=args.config,
+            force=args.force,
+            dry_run=args.dry_run,
+            evaluate=not args.no_eval,
+            progress=True if args.progress else None,
+            **options,
+        )
+    except ConvertError as e:
+        raise UsageError(str(e)) from e
+    except OSError as e:  # disk full, permissions: nothing was left behind (atomic output)
+        raise UsageError(f"{e.strerror or e}: {e.filename or args.out}") from e
+    print(report.to_json() if args.json else report)
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         n = int(text)
@@ -142,6 +196,36 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--no-shrink", action="store_true", help="write failures unminimized")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.set_defaults(func=_fuzz)
+    c = sub.add_parser(
+        "convert",
+        help="convert a checkpoint to another attention variant (writes a model directory)",
+    )
+    c.add_argument("src", help="a transformers model directory, a .safetensors or a .pt state dict")
+    c.add_argument(
+        "--to",
+        required=True,
+        choices=("sigmoid", "selective", "gqa", "neighborhood", "window", "routed"),
+    )
+    c.add_argument("--out", default=None, help="the directory to write (refused if it exists)")
+    c.add_argument("--layers", default=None, help="layers to convert: all (default), 0-3,6, -1")
+    c.add_argument("--seed", type=int, default=0, help="seeds the synthetic batch and k-means")
+    c.add_argument("--calib", default=None, help="calibration inputs (.pt/.safetensors, or ids)")
+    c.add_argument("--config", default=None, help="config.json for a single-file SRC")
+    c.add_argument("--force", action="store_true", help="replace an existing --out")
+    c.add_argument("--dry-run", action="store_true", help="report the plan, write nothing")
+    c.add_argument("--no-eval", action="store_true", help="skip loading and measuring drift")
+    c.add_argument("--progress", action="store_true", help="progress bar even without a tty")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    g = c.add_argument_group("variant options")
+    g.add_argument("--kv-heads", type=_positive_int, default=None, help="gqa: K/V heads to keep")
+    g.add_argument("--window", type=_sizes, default=None, help="window: W or layer:W,...")
+    g.add_argument(
+        "--kernel-size", type=_sizes, default=None, help="neighborhood: K or layer:K,..."
+    )
+    g.add_argument("--qk-norm", action="store_true", help="sigmoid: add QK RMS norms")
+    g.add_argument("--layerscale", type=float, default=None, help="sigmoid: LayerScale init")
+    g.add_argument("--clusters", type=_positive_int, default=None, help="routed: centroids")
+    c.set_defaults(func=_convert)
     return p
 
 

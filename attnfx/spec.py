@@ -35,6 +35,7 @@ from attnfx.score_ops import TABLE, ScoreOpKind
 SCORE_OPS = tuple(TABLE)  # the score-op table's entries, by name (attnfx.score_ops)
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 AUX_DTYPES = DTYPES + ("bool", "int32", "int64", "uint8")
+AUX_BROADCASTS = ("full", "row", "col", "one")  # AttentionSpec.aux_bcast
 
 
 # The head dim as a symbol.  Under ``torch.compile(dynamic=True)`` the head dim is a
@@ -182,6 +183,13 @@ class AttentionSpec:
     # that joins the softmax normalizer and is then dropped:
     # ``p = softmax(cat(s, sink))[..., :NK]``.  None: no sink.
     sink: int | None = None
+    # How each aux tensor varies over the score tile, by index; empty: every one "full".
+    # "full": (B, H, NQ, NK); "row": constant along keys (a per-query temperature);
+    # "col": constant along queries (a key-padding mask); "one": one value per (batch,
+    # head).  The launcher sets it from the tensors' strides when the kernels run
+    # (``attnfx.codegen.launch.with_aux_broadcast``): a "row" operand is then read once
+    # per query row, not once per score.  The passes and the CPU path leave it empty.
+    aux_bcast: tuple[str, ...] = ()
     # Routed sparse attention (``Routing``): attention inside clusters of rows gathered
     # through index tensors (aux 0 and 1), outputs averaged back onto the tokens; the
     # kind ``routed``.  None: dense attention over all keys.
@@ -205,6 +213,11 @@ class AttentionSpec:
             )
         if self.out_layout not in ("bhnd", "bnhd"):
             raise ValueError(f"out_layout must be 'bhnd' or 'bnhd', not {self.out_layout!r}")
+        if self.aux_bcast and len(self.aux_bcast) != len(self.aux_dtypes):
+            raise ValueError("aux_bcast names one pattern per aux tensor, or none")
+        for b in self.aux_bcast:
+            if b not in AUX_BROADCASTS:
+                raise ValueError(f"unknown aux broadcast {b!r}; known: {AUX_BROADCASTS}")
         if self.gqa_group < 1:
             raise ValueError("gqa_group must be >= 1")
         if self.sink is not None:
@@ -225,6 +238,10 @@ class AttentionSpec:
                 raise ValueError("routed attention reads its indices from aux tensors 0 and 1")
             if any(op.aux is not None for op in self.score_ops):
                 raise ValueError("routed attention takes no aux score operand")
+
+    def aux_broadcast(self, i: int) -> str:
+        """How aux tensor ``i`` varies over the score tile (``aux_bcast``)."""
+        return self.aux_bcast[i] if self.aux_bcast else "full"
 
     @property
     def act(self) -> Activation:
@@ -252,6 +269,7 @@ class AttentionSpec:
         d = json.loads(key)
         d["score_ops"] = tuple(ScoreOp(**o) for o in d["score_ops"])
         d["aux_dtypes"] = tuple(d["aux_dtypes"])
+        d["aux_bcast"] = tuple(d.get("aux_bcast", ()))
         return AttentionSpec(**d)
 
     # -- a symbolic head dim ------------------------------------------------------------

@@ -90,8 +90,9 @@ def compare(
     gfin = torch.isfinite(g)
     # Rule 2: non-finite classes.  A coordinate where cand is exactly base is eager's own
     # value: gold's class does not count against it (gold can be NaN where the program
-    # reads its dtype, e.g. a ``finfo(dtype).min`` fill that overflows in float64).
-    differs = c != b
+    # reads its dtype, e.g. a ``finfo(dtype).min`` fill that overflows in float64).  A NaN
+    # where eager has NaN is eager's value too (NaN != NaN).
+    differs = (c != b) & ~(torch.isnan(c) & torch.isnan(b))
     checks = (
         (torch.isnan(g) & ~torch.isnan(c) & differs, "gold is NaN, cand is not"),
         (torch.isinf(g) & (c != g) & differs, "gold is infinite, cand differs"),

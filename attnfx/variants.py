@@ -86,7 +86,7 @@ VARIANTS: tuple[Variant, ...] = (
         activation="softmax",
         recognizer=None,  # labelled on the softmax anchor: attnfx.passes.recognize.neighborhood
         reference="attnfx.nn.neighborhood:NeighborhoodAttention1D",
-        grammar=None,
+        grammar="attnfx.fuzz.neighborhood",
         benchmarks=(),
     ),
 )

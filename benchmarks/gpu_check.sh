@@ -5,10 +5,11 @@
 #
 #     bash benchmarks/gpu_check.sh             # writes to ${OUT:-benchmarks/out}
 #
-# Stage limits (seconds) add up to < 8 minutes; override with the variables below.
+# Stage limits (seconds) add up to < 10 minutes; override with the variables below.
 #   GPU_TEST_TIMEOUT (210)  GPU_TEST_SHARDS (4: parallel pytest processes; 1 = one process)
 #   BENCH_TIMEOUT (270)     BENCH_BUDGET (140: measuring)  BENCH_PREWARM (12 processes)
 #   BENCH_PREWARM_TIMEOUT (110)  BENCH_ARGS (extra arguments for bench_attention.py)
+#   NA_TIMEOUT (100)        NA_ARGS (extra arguments for bench_neighborhood.py, e.g. --bwd)
 #   ROUTED_TIMEOUT (100: routed attention, benchmarks/bench_routed.py; 0 skips it)
 #   ROUTED_ARGS (extra arguments for bench_routed.py)
 set -u
@@ -26,6 +27,7 @@ BENCH_TIMEOUT="${BENCH_TIMEOUT:-270}"
 BENCH_BUDGET="${BENCH_BUDGET:-140}"
 BENCH_PREWARM="${BENCH_PREWARM:-12}"
 BENCH_PREWARM_TIMEOUT="${BENCH_PREWARM_TIMEOUT:-110}"
+NA_TIMEOUT="${NA_TIMEOUT:-100}"
 elapsed() { echo $(( $(date +%s) - T0 )); }
 
 echo "=== [0] environment ($(date -u +%FT%TZ))"
@@ -105,9 +107,15 @@ if [ "$BENCH_RC" -ne 0 ]; then
   echo "benchmark rc=$BENCH_RC ($([ "$BENCH_RC" -eq 124 ] && echo "timed out" || echo failed)); last lines:"
   tail -n 30 "$OUT/bench.log"
 fi
+echo "=== [3] neighborhood benchmark (limit ${NA_TIMEOUT}s) t=$(elapsed)s"
+# shellcheck disable=SC2086
+timeout "$NA_TIMEOUT" "$PY" benchmarks/bench_neighborhood.py --json "$OUT/neighborhood.json" \
+  ${NA_ARGS:-} >"$OUT/neighborhood.txt" 2>"$OUT/neighborhood.log"
+NA_RC=$?
+[ "$NA_RC" -ne 0 ] && { echo "neighborhood benchmark rc=$NA_RC"; tail -n 15 "$OUT/neighborhood.log"; }
 ROUTED_TIMEOUT="${ROUTED_TIMEOUT:-100}"
 if [ "$ROUTED_TIMEOUT" -gt 0 ]; then
-  echo "=== [3] routed attention benchmark (limit ${ROUTED_TIMEOUT}s) t=$(elapsed)s"
+  echo "=== [4] routed attention benchmark (limit ${ROUTED_TIMEOUT}s) t=$(elapsed)s"
   # shellcheck disable=SC2086
   TORCHINDUCTOR_COMPILE_THREADS="${TORCHINDUCTOR_COMPILE_THREADS:-4}" timeout "$ROUTED_TIMEOUT" \
     "$PY" benchmarks/bench_routed.py --cases 16384:512,65536:1024 --rep-ms 30 \
@@ -117,6 +125,7 @@ if [ "$ROUTED_TIMEOUT" -gt 0 ]; then
   grep -E "^\[routed\]|^N=|^  " "$OUT/bench_routed.log" | awk '!seen[$0]++' | tail -n 40
 fi
 echo "$TEST_SUMMARY"
+echo "neighborhood: rc=$NA_RC"
 echo "benchmark: rc=$BENCH_RC, files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ') total t=$(elapsed)s"
 echo "=== table"
 if [ -s "$OUT/bench.txt" ]; then
@@ -137,3 +146,5 @@ print("(partial: rebuilt from bench.json)\n" + b.FLOP_CONVENTION + "\n" + b.form
 print(b.format_targets(b.targets(rs)))
 EOF
 fi
+echo "=== neighborhood table"
+cat "$OUT/neighborhood.txt" 2>/dev/null || echo "no neighborhood results"

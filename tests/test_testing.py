@@ -232,3 +232,17 @@ def test_all_non_finite_gold_passes_when_classes_match():
     gold = torch.tensor([NAN, INF, -INF], dtype=torch.float64)
     base = gold.float()
     assert compare(base.clone(), base, gold).ok
+
+
+def test_cand_nan_where_eager_is_nan_and_gold_infinite_passes():
+    """A NaN where eager has NaN is eager's value (fuzz seed 7340033 #110: a log_softmax
+    near-miss left alone, eager and attnfx NaN, gold +inf); a NaN where eager is finite
+    or infinite is not."""
+    gold, base = _triple()
+    gold[0, 1], base[0, 1] = INF, NAN
+    cand = gold.float()
+    cand[0, 1] = NAN
+    assert compare(cand, base, gold).ok
+    base[0, 1] = INF
+    res = compare(cand, base, gold)
+    assert not res.ok and "gold is infinite" in res.message

@@ -96,6 +96,23 @@ class _ScoreEmitter:
             self.scale_grad(op.value)
         self.out.extend(self.body)
 
+    def vector_product(self, pair, idx: int, folded: bool) -> None:
+        """A constant multiplier and a vector ``mul_aux`` (``_vector_products``): the
+        vector is scaled (by log2(e) too where the scores enter log2 units here), then
+        the tile."""
+        self.idx, self.body = idx, []
+        (vec,) = [op for op in pair if op.entry.operand == "aux"]
+        (c,) = [op.value for op in pair if op.entry.operand == "const"]
+        a = f"a{vec.aux}.to(tl.float32)"
+        if self.s is not None:
+            k = c * LOG2E if folded else c
+            note = f"{c!r} * log2(e)" if folded else f"{c!r}"
+            self.line(f"{self.s} = {self.s} * ({a} * {_lit(k)})  # aux{vec.aux} * {note}")
+        if self.grad is not None:
+            self.scale_grad(c)
+            self.set_grad(f"{self.grad} * {a}")
+        self.out.extend(self.body)
+
     def emit(self, op, idx: int, guarded: bool) -> None:
         self.idx, self.body = idx, []
         if guarded and self.grad is not None:
@@ -133,14 +150,21 @@ def score_program(
     out = e.out
     fold = s is not None and plan.fold_log2e
     for i in plan.aux_used:
-        out.append(
-            f"a{i} = tl.load(A{i} + {t.m} * stride_a{i}m + {t.n} * stride_a{i}n, "
-            f"mask=({t.m} < N_Q) & ({t.n} < N_K), other=0)"
-        )
+        out.append(_aux_load(i, spec.aux_broadcast(i), t))
     if keep is not None:
         out.append(f"{keep} = ({t.m} >= 0) & ({t.n} < N_K)")
+    pairs = _vector_products(spec, plan if guard_skip else None)
     for idx, op in enumerate(spec.score_ops):
         e.L = LOG2E if e.scaled else 1.0
+        if idx - 1 in pairs:
+            continue  # the second op of a pair, emitted with the first
+        if idx in pairs:
+            # a constant and a per-query (or per-key) multiplier in a row: their product
+            # is taken on the vector, and the tile is multiplied once
+            folded = s is not None and fold and not e.scaled and idx + 1 >= plan.fold_start
+            e.scaled = e.scaled or folded
+            e.vector_product(spec.score_ops[idx : idx + 2], idx, folded)
+            continue
         if s is not None and fold and not e.scaled and idx >= plan.fold_start:
             e.scaled = True
             if defer_scale and idx == 0 and plan.scale_in_exp is not None:
@@ -160,9 +184,48 @@ def score_program(
     return out
 
 
+def _vector_products(spec: AttentionSpec, plan: Plan | None) -> set[int]:
+    """Indices ``i`` where ops ``i`` and ``i + 1`` are a constant ``mul`` and a ``mul_aux``
+    whose aux is a vector (``aux_bcast`` row, col or one), in either order, neither of them
+    the skip op when ``plan`` is given: one multiply of the tile for both."""
+    ops = spec.score_ops
+    out: set[int] = set()
+    i = 0
+    while i + 1 < len(ops):
+        kinds = {(op.entry.form, op.entry.operand) for op in ops[i : i + 2]}
+        vec = [op for op in ops[i : i + 2] if op.entry.operand == "aux"]
+        skip = plan is not None and plan.skip_op in (i, i + 1)
+        if (
+            kinds == {("mul", "const"), ("mul", "aux")}
+            and spec.aux_broadcast(vec[0].aux) != "full"
+            and not skip
+        ):
+            out.add(i)
+            i += 2
+        else:
+            i += 1
+    return out
+
+
 # ---------------------------------------------------------------------------------------
 # Loads and masks
 # ---------------------------------------------------------------------------------------
+
+
+def _aux_load(i: int, bcast: str, t: _Tile) -> str:
+    """Aux tensor ``i`` over the tile, read as it varies (``AttentionSpec.aux_bcast``): a
+    tile, a column of per-query values, a row of per-key values, or one value."""
+    a = f"A{i}"
+    if bcast == "row":
+        return f"a{i} = tl.load({a} + {t.m} * stride_a{i}m, mask={t.m} < N_Q, other=0)  # per query"
+    if bcast == "col":
+        return f"a{i} = tl.load({a} + {t.n} * stride_a{i}n, mask={t.n} < N_K, other=0)  # per key"
+    if bcast == "one":
+        return f"a{i} = tl.load({a})  # one value per (batch, head)"
+    return (
+        f"a{i} = tl.load({a} + {t.m} * stride_a{i}m + {t.n} * stride_a{i}n, "
+        f"mask=({t.m} < N_Q) & ({t.n} < N_K), other=0)"
+    )
 
 
 def _aux_bases(plan: Plan, head: str) -> list[str]:

@@ -79,6 +79,22 @@ def _aux_arg(a: torch.Tensor) -> torch.Tensor:
     return a.view(torch.uint8) if a.dtype == torch.bool else a
 
 
+def aux_broadcast(a: torch.Tensor) -> str:
+    """How an aux tensor (B, H, NQ, NK) varies over the score tile (``AttentionSpec.aux_bcast``),
+    read from its shape and strides: a size-1 or stride-0 dim is constant along it."""
+    row = a.shape[-1] == 1 or a.stride(-1) == 0
+    col = a.shape[-2] == 1 or a.stride(-2) == 0
+    return ("full", "col", "row", "one")[2 * row + col]
+
+
+def with_aux_broadcast(spec: AttentionSpec, aux: list[torch.Tensor]) -> AttentionSpec:
+    """``spec`` with each aux tensor's broadcast pattern: the kernels then read a per-query
+    or per-key operand as a vector, not as a tile of repeated values."""
+    if not aux:
+        return spec
+    return dataclasses.replace(spec, aux_bcast=tuple(aux_broadcast(a) for a in aux))
+
+
 def _shape_consts(spec: AttentionSpec, plan: Plan, interpret: bool) -> dict:
     """The constexprs every kernel may declare, but the launch config's (each kernel
     picks its own through its signature)."""
@@ -209,6 +225,7 @@ def run_forward(spec: AttentionSpec, q, k, v, aux) -> tuple[torch.Tensor, torch.
     from attnfx.layout import empty_output
 
     spec = spec.resolved(q.shape[-1], v.shape[-1])  # one kernel per concrete head dim
+    spec = with_aux_broadcast(spec, aux)
     _check(spec, q, k, v)
     interpret = _interpret(q)
     plan = make_plan(spec)
@@ -251,6 +268,7 @@ def run_forward(spec: AttentionSpec, q, k, v, aux) -> tuple[torch.Tensor, torch.
 def run_backward(spec: AttentionSpec, dout, q, k, v, aux, out, lse):
     """(dq, dk, dv), contiguous, in the dtypes of q, k, v."""
     spec = spec.resolved(q.shape[-1], v.shape[-1])
+    spec = with_aux_broadcast(spec, aux)
     _check(spec, q, k, v)
     interpret = _interpret(q)
     plan = make_plan(spec)

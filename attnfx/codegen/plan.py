@@ -349,14 +349,20 @@ _LEAN = {
 }
 
 
+def _tile_aux(spec: AttentionSpec) -> bool:
+    """Whether a score op reads an aux tensor as a whole tile (``aux_bcast`` "full"): a
+    per-query or per-key vector costs a few registers, a tile as many as the scores."""
+    return any(op.aux is not None and spec.aux_broadcast(op.aux) == "full" for op in spec.score_ops)
+
+
 def _lean(spec: AttentionSpec) -> bool:
-    """No aux tensor, sink or GQA, and at most one mask, causal or none."""
+    """No aux tile, sink or GQA, and at most one mask, causal or none."""
     from attnfx.predicate import classify
 
     if spec.sink is not None or spec.gqa_group != 1:
         return False
     fills = [op for op in spec.score_ops if op.entry.operand == "pred"]
-    if any(op.aux is not None for op in spec.score_ops) or len(fills) > 1:
+    if _tile_aux(spec) or len(fills) > 1:
         return False
     return all(classify(op.predicate.expr).kind in ("none", "causal") for op in fills)
 
@@ -370,7 +376,7 @@ def configs(spec: AttentionSpec, interpret: bool = False) -> dict[str, list[Conf
     d = max(32, _padded(spec.head_dim), _padded(spec.head_dim_v))
     d = min(c for c in _FP16_CONFIGS if c >= d) if d <= 256 else 256
     table = {k: list(v) for k, v in _FP16_CONFIGS[d].items()}
-    if d <= 128 and any(op.aux is not None for op in spec.score_ops):
+    if d <= 128 and _tile_aux(spec):
         table["fwd"] = list(_AUX_FWD[d])
     if d in _LEAN and _lean(spec):
         plain = spec.act.normalized and not any(

@@ -346,7 +346,7 @@ def sample_spec(kind: str, d: int, dtype: str = "bfloat16"):
     from attnfx.spec import AttentionSpec, ScoreOp
 
     causal = ScoreOp("fill_pred", -math.inf, pred=MaskPredicate(sympy.Le(K, Q)).to_key())
-    ops, act, aux = [ScoreOp("mul", d**-0.5)], "softmax", ()
+    ops, act, aux, bcast = [ScoreOp("mul", d**-0.5)], "softmax", (), ()
     if kind == "causal":
         ops.append(causal)
     elif kind == "sigmoid":
@@ -355,6 +355,7 @@ def sample_spec(kind: str, d: int, dtype: str = "bfloat16"):
     elif kind == "temperature":
         ops.append(ScoreOp("mul_aux", aux=0))
         aux = ("float32",)
+        bcast = ("row",)  # one temperature per query row, as the launcher reads it
     elif kind == "softcap":
         ops += [ScoreOp("mul", 1 / 30), ScoreOp("tanh"), ScoreOp("mul", 30.0), causal]
     elif kind != "softmax":
@@ -363,6 +364,7 @@ def sample_spec(kind: str, d: int, dtype: str = "bfloat16"):
         activation=act,
         score_ops=tuple(ops),
         aux_dtypes=aux,
+        aux_bcast=bcast,
         head_dim=d,
         head_dim_v=d,
         dtype=dtype,

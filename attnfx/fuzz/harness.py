@@ -22,13 +22,15 @@ each failure is ``(category, message)`` with category one of
     recompile             a dynamic-shape rerun compiled more graphs than expected
     kernel not run        an ``INTERPRET`` program rewrote sites but no generated kernel ran
 
-An output that fails the rule is first checked for ill-conditioning: the program is run
-again with every rewritten site computed *exactly* (float64, from the same working-dtype
-inputs, by the reference implementation as it was before any planted bug).  If even that
-exact evaluation misses the rule, yet lands within 4x of eager's own error, the miss is
-the conditioning of the working-dtype inputs, not the rewrite: eager's extra roundings
-happened to land nearer gold.  The output is then held to the exact evaluation instead
-(``ill-conditioned``, counted, not a failure).  Likewise a labelled site the runtime
+An output or input gradient that fails the rule is first checked for ill-conditioning:
+the program is run again with every rewritten site computed *exactly* (float64, from the
+same working-dtype inputs and cotangent; the forward by the reference implementation as it
+was before any planted bug, the backward by the blocked float64 reference; each result
+rounded once to its dtype).  If even that exact evaluation misses the rule, yet lands
+within 4x of eager's own error, the miss is the conditioning of the working-dtype inputs,
+not the rewrite: eager's extra roundings happened to land nearer gold.  The output or
+gradient is then held to the exact evaluation instead (``ill-conditioned``, counted, not
+a failure).  Likewise a labelled site the runtime
 verifier kept is not a label mismatch when the program with its sites forced through
 (``verify="off"``) passes every check: the verifier's side of the same rule on the same
 inputs (``verifier conservative``, counted).
@@ -36,6 +38,7 @@ inputs (``verifier conservative``, counted).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
@@ -122,31 +125,78 @@ def _idempotence(gm, example_inputs) -> str | None:
     return None
 
 
-def _exact_candidate(ns, model, inputs, device):
-    """The attnfx-compiled program with each rewritten site evaluated in float64 from its
-    working-dtype inputs (output rounded to the site's dtype) by the pristine reference."""
+@contextlib.contextmanager
+def _exact_sites():
+    """Every rewritten site evaluated exactly: the op's forward by the pristine reference
+    in float64 from its working-dtype inputs, its backward (q, k, v and learnable aux) by
+    the blocked reference in float64 from the same inputs and cotangent, each result rounded once to its dtype.
+    The op reads ``attnfx.cpu``'s functions at each call, so patching them (and keeping the
+    Triton path out) reaches every site."""
+    import attnfx.cpu as cpu
 
-    def exact(q, k, v, aux, spec):
-        up = [a.double() if a.is_floating_point() else a for a in aux]
-        out, lse = _PRISTINE_REFERENCE(q.double(), k.double(), v.double(), up, spec)
-        return out.to(ops.torch_dtype(spec.out_dtype)), lse
+    def up(t):
+        return t.detach().double() if t.is_floating_point() else t
 
-    saved, env = ops.reference_attention, os.environ.pop("ATTNFX_INTERPRET", None)
-    ops.reference_attention = exact
+    def forward(q, k, v, aux, spec, *a, **kw):
+        out, lse = _PRISTINE_REFERENCE(up(q), up(k), up(v), [up(x) for x in aux], spec)
+        return out.to(ops.torch_dtype(spec.out_dtype)), lse.float()
+
+    def backward(dout, q, k, v, aux, spec, *a, **kw):
+        # eager's formulas in float64 (no autograd here: the op's implementation runs
+        # below the autograd dispatch keys)
+        grads = blocked(up(dout), up(q), up(k), up(v), [up(x) for x in aux], spec)
+        return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
+
+    def aux_backward(dout, q, k, v, aux, spec, which, *a, **kw):
+        grads = aux_blocked(up(dout), up(q), up(k), up(v), [up(x) for x in aux], spec, which)
+        return [g.to(aux[i].dtype) for g, i in zip(grads, which)]
+
+    saved = (cpu.forward, cpu.backward, cpu.reference_aux_backward, ops.use_triton)
+    blocked, aux_blocked = cpu.reference_backward, cpu.reference_aux_backward
+    env = os.environ.pop("ATTNFX_INTERPRET", None)
+    cpu.forward, cpu.backward, cpu.reference_aux_backward = forward, backward, aux_backward
+    ops.use_triton = lambda device: False
     try:
-        torch._dynamo.reset()
-        with torch.no_grad():
-            out = torch.compile(
+        yield
+    finally:
+        cpu.forward, cpu.backward, cpu.reference_aux_backward, ops.use_triton = saved
+        if env is not None:
+            os.environ["ATTNFX_INTERPRET"] = env
+
+
+def _exact_candidate(ns, model, inputs, *, cotangent=None):
+    """The attnfx-compiled program with every rewritten site evaluated exactly
+    (``_exact_sites``): its outputs, or, given ``cotangent`` (for output 0), the gradients
+    of ``inputs`` (each None where the input gets none)."""
+    torch._dynamo.reset()
+    try:
+        with _exact_sites():
+            compiled = torch.compile(
                 model,
                 backend="attnfx",
                 options={"verify": "off", "inner": "eager", "cpu": "always"},
-            )(*inputs)
+            )
+            if cotangent is None:
+                with torch.no_grad():
+                    return [o.detach() for o in _flat(compiled(*inputs))]
+            _flat(compiled(*inputs))[0].backward(cotangent)
+            return [t.grad if isinstance(t, torch.Tensor) else None for t in inputs]
     finally:
-        ops.reference_attention = saved
-        if env is not None:
-            os.environ["ATTNFX_INTERPRET"] = env
         torch._dynamo.reset()
-    return [o.detach() for o in _flat(out)]
+
+
+def _held_to_exact(c, b, g, exact, *, grad, tr) -> bool:
+    """The rule's verdict for a candidate that missed it, given the exact evaluation: True
+    when even the exact evaluation misses the rule, lands within 4x of eager's own error,
+    and the candidate meets the rule against it (the inputs' conditioning, not the
+    rewrite)."""
+    if compare(exact, b, g, grad=grad, transcendental=tr, check_strides=False).ok:
+        return False  # the exact evaluation meets the rule: the candidate must too
+    e_err = (exact.double() - g.double()).abs().nan_to_num(0).max().item()
+    b_err = (b.double() - g.double()).abs().nan_to_num(0).max().item()
+    if e_err > 4 * b_err + 1e-6:
+        return False  # far from eager: not conditioning (e.g. a wrong match)
+    return compare(c, exact, g, grad=grad, transcendental=tr, check_strides=False).ok
 
 
 def _ill_conditioned(ns, model, c, b, g, i, tr, device, later=False) -> bool:
@@ -155,16 +205,21 @@ def _ill_conditioned(ns, model, c, b, g, i, tr, device, later=False) -> bool:
     never feed its outputs, so this is the model as it was before any call).
     ``later``: the miss is on the later call's inputs."""
     try:
-        exact = _exact_candidate(ns, model, _inputs(ns, device, later=later), device)[i]
+        exact = _exact_candidate(ns, model, _inputs(ns, device, later=later))[i]
     except Exception:  # noqa: BLE001 - no verdict: the miss stays a mismatch
         return False
-    if compare(exact, b, g, transcendental=tr).ok:
-        return False  # the exact evaluation meets the rule: the candidate must too
-    e_err = (exact.double() - g.double()).abs().nan_to_num(0).max().item()
-    b_err = (b.double() - g.double()).abs().nan_to_num(0).max().item()
-    if e_err > 4 * b_err + 1e-6:
-        return False  # far from eager: not conditioning (e.g. a wrong match)
-    return compare(c, exact, g, transcendental=tr).ok
+    return _held_to_exact(c, b, g, exact, grad=False, tr=tr)
+
+
+def _ill_conditioned_grad(ns, model, c, b, g, i, cot, tr, device, later=False) -> bool:
+    """Whether input ``i``'s gradient miss is the inputs' conditioning: as
+    ``_ill_conditioned``, with the exact evaluation's backward under the same cotangent."""
+    try:
+        ins = _inputs(ns, device, grad=True, later=later)
+        exact = _exact_candidate(ns, model, ins, cotangent=cot)[i]
+    except Exception:  # noqa: BLE001 - no verdict: the miss stays a mismatch
+        return False
+    return exact is not None and _held_to_exact(c, b, g, exact, grad=True, tr=tr)
 
 
 def _check_outputs(failures, stats, outs, *, tr, what, ill=None) -> None:
@@ -182,8 +237,10 @@ def _check_outputs(failures, stats, outs, *, tr, what, ill=None) -> None:
             failures.append(("mismatch", res.message))
 
 
-def _check_grads(failures, ns, outs, ins, *, tr, what) -> None:
-    """Backward of output 0 under one cotangent; each input gradient under the equivalence rule."""
+def _check_grads(failures, stats, ns, outs, ins, *, tr, what, ill=None) -> None:
+    """Backward of output 0 under one cotangent; each input gradient under the equivalence
+    rule.  ``ill(c, b, g, i, cot)``: whether a miss of input ``i``'s gradient is the
+    inputs' conditioning (then counted, not failed)."""
     cand, base, gold = (_flat(o) for o in outs)
     c_in, b_in, g_in = ins
     gen = torch.Generator().manual_seed(7)
@@ -217,7 +274,9 @@ def _check_grads(failures, ns, outs, ins, *, tr, what) -> None:
             check_strides=False,
             context=f"{what}grad of input {i}",
         )
-        if not res.ok:
+        if not res.ok and ill is not None and ill(gc, gb, gg, i, cot):
+            stats["ill_conditioned"] = stats.get("ill_conditioned", 0) + 1
+        elif not res.ok:
             failures.append(("mismatch", res.message))
 
 
@@ -420,9 +479,25 @@ def _check_program(ns, *, options, device, exact_backend, idempotence, interp):
 
         return judge
 
+    def ill_grad(later):
+        def judge(c, b, g, i, cot):
+            m = copy.deepcopy(pristine)
+            return _ill_conditioned_grad(ns, m, c, b, g, i, cot, tr, device, later=later)
+
+        return judge
+
     _check_outputs(failures, stats, (cand, base, gold), tr=tr, what="", ill=ill(False))
     if grads:
-        _check_grads(failures, ns, (cand, base, gold), (c_in, b_in, g_in), tr=tr, what="")
+        _check_grads(
+            failures,
+            stats,
+            ns,
+            (cand, base, gold),
+            (c_in, b_in, g_in),
+            tr=tr,
+            what="",
+            ill=ill_grad(False),
+        )
 
     # A later call on inputs the sites were neither compiled nor verified on.
     if ns.get("LATER"):
@@ -442,7 +517,16 @@ def _check_program(ns, *, options, device, exact_backend, idempotence, interp):
             what = "later call: "
             _check_outputs(failures, stats, outs, tr=tr, what=what, ill=ill(True))
             if grads:
-                _check_grads(failures, ns, outs, (c2_in, b2_in, g2_in), tr=tr, what=what)
+                _check_grads(
+                    failures,
+                    stats,
+                    ns,
+                    outs,
+                    (c2_in, b2_in, g2_in),
+                    tr=tr,
+                    what=what,
+                    ill=ill_grad(True),
+                )
 
     # Dynamic-shape rerun: at most one recompile (to a dynamic graph) per graph.
     if ns["RERUN"]:

@@ -38,7 +38,7 @@ pytestmark = pytest.mark.skipif(not sass.available(), reason="triton's CUDA back
 
 def _spec(d, dtype, kind):
     ops_ = [ScoreOp("mul", d**-0.5)]
-    aux, act, group, sink = (), "softmax", 1, None
+    aux, act, group, sink, bcast = (), "softmax", 1, None, ()
     if kind == "causal":
         ops_.append(ScoreOp("fill_pred", -math.inf, pred=CAUSAL))
     elif kind == "mask":
@@ -47,6 +47,12 @@ def _spec(d, dtype, kind):
     elif kind == "hfmask":  # additive finfo.min mask + causal: the backward's row_norm path
         ops_ += [ScoreOp("add_aux", aux=0), ScoreOp("fill_pred", -math.inf, pred=CAUSAL)]
         aux = ("float32",)
+    elif kind == "kpad":  # a key-padding mask (B, 1, 1, NK): read per key
+        ops_.append(ScoreOp("fill_aux", -math.inf, aux=0))
+        aux, bcast = ("bool",), ("col",)
+    elif kind == "temp":  # a per-query temperature (B, H, NQ, 1): read per query
+        ops_.append(ScoreOp("mul_aux", aux=0))
+        aux, bcast = ("float32",), ("row",)
     elif kind == "gqa":
         ops_.append(ScoreOp("fill_pred", -math.inf, pred=CAUSAL))
         group = 4
@@ -89,6 +95,7 @@ def _spec(d, dtype, kind):
         dtype=dtype,
         out_dtype=dtype,
         sink=sink,
+        aux_bcast=bcast,
     )
 
 
@@ -101,6 +108,7 @@ CASES += [(64, "float16", "softcap"), (128, "bfloat16", "softcap"), (256, "float
 CASES += [(128, "float16", "tanh"), (64, "bfloat16", "alibi")]
 CASES += [(64, "bfloat16", "sink"), (64, "bfloat16", "sinkmask"), (128, "float16", "stream")]
 CASES += [(128, "float16", "chunk"), (64, "bfloat16", "sinkwin")]  # the tiles schedule
+CASES += [(64, "float16", "temp"), (128, "bfloat16", "temp"), (64, "float16", "kpad")]
 IDS = [f"{d}-{t}-{k}" for d, t, k in CASES]
 # cases whose every candidate config is compiled (the others: the default configs)
 FULL = {(64, "float16", "causal"), (256, "float16", "causal"), (128, "bfloat16", "softcap")}
@@ -179,11 +187,13 @@ def test_sm90_compiles_without_spills(case, compiled):
     assert not bad, "\n".join(bad)
 
 
-# Lean score programs (no aux tensor, GQA or sink; causal or no mask): the launch configs
+# Lean score programs (no aux tile, GQA or sink; causal or no mask): the launch configs
 # chosen for them from the static report (attnfx.codegen.plan._LEAN).
 LEAN = [(64, "float16", "causal"), (128, "float16", "causal"), (128, "bfloat16", "none")]
 LEAN += [(64, "bfloat16", "sigmoid"), (128, "float16", "sigmoid")]
 LEAN += [(64, "float16", "softcap"), (128, "bfloat16", "softcap")]
+# per-query or per-key aux operands (a temperature, a key-padding mask) are read as vectors
+LEAN += [(64, "float16", "temp"), (128, "bfloat16", "temp"), (64, "float16", "kpad")]
 
 
 @pytest.mark.parametrize("case", LEAN, ids=[f"{d}-{t}-{k}" for d, t, k in LEAN])
@@ -212,3 +222,17 @@ def test_softmax_forward_loop_meets_the_hand_counted_bound(case, compiled):
     bound = sass.softmax_forward_bound(c.BLOCK_M, c.BLOCK_N, c.num_warps, d, d)["total"]
     got = sass.arithmetic(fwd["unmasked"])
     assert got <= 1.05 * bound, (got, bound, fwd["unmasked"].counts)
+
+
+@pytest.mark.parametrize("case", [(64, "float16", "temp"), (128, "bfloat16", "temp")])
+def test_temperature_forward_loop_near_the_bound(case, compiled):
+    """A per-query temperature costs the default forward's unmasked loop one multiply per
+    score over the online softmax's own arithmetic (the constant scale is folded into the
+    temperature vector, and the scale can no longer ride in the exp2): within 20 % of
+    ``sass.softmax_forward_bound``.  Read as a tile of repeated values with the small
+    aux configs, it was 2.2x (D64) and 2.5x (D128) at one CTA per SM."""
+    (fwd,) = [r for r in compiled[case] if r["kernel"] == "fwd" and r["index"] == 0]
+    c, d = fwd["config"], case[0]
+    bound = sass.softmax_forward_bound(c.BLOCK_M, c.BLOCK_N, c.num_warps, d, d)["total"]
+    got = sass.arithmetic(fwd["unmasked"])
+    assert got <= 1.2 * bound, (got, bound, fwd["unmasked"].counts)

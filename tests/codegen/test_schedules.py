@@ -304,3 +304,55 @@ def test_op_runs_tiles_schedule_through_autograd():
     want = ops.reference_attention_backward(dout, q, k, v, [], spec)
     for got, w in zip(grads, want, strict=True):
         torch.testing.assert_close(got, w, atol=1e-4, rtol=1e-3)
+
+
+def test_aux_operands_are_read_as_they_vary():
+    """The launcher reads each aux tensor's broadcast from its strides (a per-query
+    temperature, a key-padding mask, a length scalar, a full bias), and the kernels load a
+    vector where it is one: a row of repeated values per score was as costly as the scores
+    (static report: the temperature forward at 2.2x the softmax bound, 1 CTA per SM)."""
+    import torch
+
+    from attnfx import ops
+    from attnfx.codegen import cache
+    from attnfx.codegen.launch import aux_broadcast, with_aux_broadcast
+    from attnfx.spec import AttentionSpec, ScoreOp
+
+    q, k = torch.zeros(2, 3, 5, 8), torch.zeros(2, 3, 7, 8)
+    shapes = {"row": (2, 3, 5, 1), "col": (2, 1, 1, 7), "one": (), "full": (1, 1, 5, 7)}
+    spec = AttentionSpec(
+        score_ops=tuple(ScoreOp("add_aux", aux=i) for i in range(4)),
+        aux_dtypes=("float32",) * 4,
+        head_dim=8,
+        head_dim_v=8,
+    )
+    aux = ops.broadcast_aux(q, k, [torch.zeros(s) for s in shapes.values()], spec)
+    assert [aux_broadcast(a) for a in aux] == list(shapes)
+    spec = with_aux_broadcast(spec, aux)
+    assert spec.aux_bcast == tuple(shapes)
+    assert AttentionSpec.from_key(spec.key) == spec
+    src = cache.get_source(spec, "fwd")
+    assert "a0 = tl.load(A0 + offs_m[:, None] * stride_a0m, mask" in src
+    assert "a1 = tl.load(A1 + offs_n[None, :] * stride_a1n, mask" in src
+    assert "a2 = tl.load(A2)" in src
+    assert "a3 = tl.load(A3 + offs_m[:, None] * stride_a3m + offs_n[None, :] * stride_a3n" in src
+    with pytest.raises(ValueError, match="one pattern per aux"):
+        AttentionSpec(aux_dtypes=("float32",), aux_bcast=("row", "col"))
+
+
+def test_a_constant_and_a_vector_multiplier_multiply_the_tile_once():
+    """``s * c * tau`` with tau per query: the product c * tau (and log2(e)) is taken on
+    the vector; the tile is multiplied once."""
+    from attnfx.codegen import cache
+    from attnfx.spec import AttentionSpec, ScoreOp
+
+    for order in (
+        (ScoreOp("mul", 0.125), ScoreOp("mul_aux", aux=0)),
+        (ScoreOp("mul_aux", aux=0), ScoreOp("mul", 0.125)),
+    ):
+        spec = AttentionSpec(score_ops=order, aux_dtypes=("float32",), aux_bcast=("row",))
+        src = cache.get_source(spec, "fwd")
+        assert "s = s * (a0.to(tl.float32) * 0.18033688011112042)" in src, src
+        assert "s = s * 0.18033688011112042" not in src
+        full = cache.get_source(AttentionSpec(score_ops=order, aux_dtypes=("float32",)), "fwd")
+        assert "s = s * (a0" not in full  # a tile of aux values: two multiplies, as before

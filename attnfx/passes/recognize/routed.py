@@ -133,8 +133,8 @@ def _gather(x: fx.Node):
     if shp is None or gshp is None or not isinstance(dim, int) or len(shp) not in (3, 4):
         return None
     dim = G.resolve_dim(dim, len(shp))
-    if dim != len(shp) - 2 or not isinstance(index, fx.Node):
-        return None
+    if dim != len(shp) - 2 or not isinstance(index, fx.Node) or gshp[-1] != shp[-1]:
+        return None  # not whole rows of the tokens
     return src, dim, index, g
 
 

@@ -4,6 +4,10 @@ One generic op per family, registered once; the kernel is chosen by the spec str
 
     attnfx::attention(q, k, v, aux[], spec) -> (out, lse)
     attnfx::attention_backward(dout, q, k, v, aux[], out, lse, spec) -> (dq, dk, dv)
+    attnfx::routed_attention(q, k, v, qi, ki, spec) -> (out, slot_out, slot_lse)
+    attnfx::routed_attention_backward(dout, q, k, v, qi, ki, slot_out, slot_lse, spec)
+
+(the routed family: ``spec.routing``, below).
 
 ``q`` is (B, Hq, NQ, D), ``k`` (B, Hk, NK, D), ``v`` (B, Hk, NK, Dv), any strides; each
 aux tensor is broadcast (stride-0 views) to (B, Hq, NQ, NK).  ``out`` is (B, Hq, NQ, Dv)

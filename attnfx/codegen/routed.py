@@ -12,8 +12,9 @@ of them; any order stays correct, only fewer tiles are skipped.
 The forward writes each slot's output and lse (float32); the host combines them onto
 the tokens deterministically (``attnfx.routed``: a stable sort of the flat indices, one
 segment sum per token, divided by the count).  The backward gathers dO to the slots
-divided by the count, takes rowsum(dO·O) per slot, runs dQ and dK/dV on the gathered
-tiles, and sums dq / dk / dv per token through the same sorted indices.
+divided by the count; dQ forms rowsum(P·dP) per slot in a first pass over the keys (as
+eager's softmax backward does: a row whose weight is on one key gets exactly dS = 0) and
+writes it for dK/dV; dq / dk / dv are summed per token through the same sorted indices.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def run_backward(spec: AttentionSpec, dout, q, k, v, qi, ki, slot_o, slot_lse):
     nk = k.shape[2]
     r = spec.routing
     dos = routed.slot_gradient(dout, qi, n, r)  # (B, H, S, Dv) float32, / count
-    delta = (dos * slot_o).sum(-1).contiguous()
+    delta = torch.empty_like(slot_lse)  # rowsum(P·dP): written by dQ, read by dK/dV
     dqs = torch.empty(qi.shape + (d,), dtype=torch.float32, device=q.device)
     dks = torch.empty(ki.shape + (d,), dtype=torch.float32, device=q.device)
     dvs = torch.empty(ki.shape + (v.shape[-1],), dtype=torch.float32, device=q.device)

@@ -364,8 +364,35 @@ def _attn_routed_dq(
         other=0.0,
     ).to(V.dtype.element_ty)
     lse = tl.load(SlotLse + slot, mask=m_valid, other=0.0)
-    delta = tl.load(Delta + slot, mask=m_valid, other=0.0)
     {row_bound}
+    # -- pass 1: delta = rowsum(P·dP), as eager's softmax backward forms it (a row whose
+    # weight is on one key then gets exactly dS = 0 there); dK/dV read it back
+    delta = tl.full([BLOCK_M], 0, dtype=tl.float32)
+    for start_n in range(0, WK, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < WK
+        tk = tl.load(KI_blk + offs_n.to(tl.int64) * stride_kis, mask=n_valid, other=0).to(tl.int64)
+        {visit}
+            kT = tl.load(
+                K_blk + tk[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                mask=n_valid[None, :] & (offs_d[:, None] < HEAD_D),
+                other=0.0,
+            )
+            vT = tl.load(
+                V_blk + tk[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
+                mask=n_valid[None, :] & (offs_dv[:, None] < HEAD_DV),
+                other=0.0,
+            )
+            s = tl.dot(q, kT{prec})
+            {score_program}
+            filled = ~n_valid[None, :]
+            {fills_bwd}
+            p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
+            p = tl.where(n_valid[None, :], p, 0.0)
+            dp = tl.dot(do, vT{prec})
+            delta += tl.reduce(p * dp, 1, _sum_combine)
+    tl.store(Delta + slot, delta, mask=m_valid)
+    # -- pass 2: dS and dQ
     dq = tl.full([BLOCK_M, BLOCK_D], 0, dtype=tl.float32)
     for start_n in range(0, WK, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)

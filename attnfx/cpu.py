@@ -73,8 +73,8 @@ def profitable(spec: AttentionSpec, needs_grad: bool) -> bool:
     soft-capping, other fills, learnable biases, the blocked backward) does not — inductor
     fuses those eager forms better.  The backend keeps unprofitable CPU sites (option
     ``cpu="auto"``, the default) so that attnfx never makes a CPU model slower."""
-    if _sdpa_plan(spec) is None:
-        return False
+    if spec.routing is not None or _sdpa_plan(spec) is None:
+        return False  # routed: the gathers cost what inductor's code costs (bench_routed)
     return not needs_grad or spec.fully_masked == "zero"
 
 

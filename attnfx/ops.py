@@ -4,6 +4,10 @@ One generic op per family, registered once; the kernel is chosen by the spec str
 
     attnfx::attention(q, k, v, aux[], spec) -> (out, lse)
     attnfx::attention_backward(dout, q, k, v, aux[], out, lse, spec) -> (dq, dk, dv)
+    attnfx::routed_attention(q, k, v, qi, ki, spec) -> (out, slot_out, slot_lse)
+    attnfx::routed_attention_backward(dout, q, k, v, qi, ki, slot_out, slot_lse, spec)
+
+(the routed family: ``spec.routing``, below).
 
 ``q`` is (B, Hq, NQ, D), ``k`` (B, Hk, NK, D), ``v`` (B, Hk, NK, Dv), any strides; each
 aux tensor is broadcast (stride-0 views) to (B, Hq, NQ, NK).  ``out`` is (B, Hq, NQ, Dv)
@@ -57,6 +61,9 @@ __all__ = [
     "reference_attention_backward",
     "reference_aux_gradients",
     "reference_gradients",
+    "routed_attention",
+    "routed_attention_backward_op",
+    "routed_attention_op",
     "site_attention",
     "sink_gradient",
     "torch_dtype",
@@ -264,6 +271,106 @@ def _check_inputs(q, k, v, aux, spec: AttentionSpec):
 
 
 # ---------------------------------------------------------------------------------------
+# Routed sparse attention (``AttentionSpec.routing``)
+# ---------------------------------------------------------------------------------------
+#
+#   attnfx::routed_attention(q, k, v, qi, ki, spec) -> (out, slot_out, slot_lse)
+#   attnfx::routed_attention_backward(dout, q, k, v, qi, ki, slot_out, slot_lse, spec)
+#       -> (dq, dk, dv)
+#
+# q, k, v are the tokens (B, H, N, D) — never gathered copies; qi / ki the slot → token
+# indices (B, H, S[, D]) (``spec.Routing``).  ``out`` (B, H, N, Dv) is contiguous in v's
+# dtype; ``slot_out`` (B, H, S, Dv) and ``slot_lse`` (B, H, S) are each query slot's
+# output and log-sum-exp, float32, saved for the backward.
+
+
+def _routed_forward_impl(q, k, v, qi, ki, s: AttentionSpec):
+    if use_triton(q.device):
+        from attnfx.codegen import routed as routed_kernels
+
+        return routed_kernels.run_forward(s, q, k, v, qi, ki)
+    from attnfx import routed
+
+    return routed.forward(q, k, v, qi, ki, s)
+
+
+@torch.library.custom_op("attnfx::routed_attention", mutates_args=())
+def routed_attention_op(
+    q: Tensor, k: Tensor, v: Tensor, qi: Tensor, ki: Tensor, spec: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    s = AttentionSpec.from_key(spec).resolved(q.shape[-1], v.shape[-1])
+    out, slot_o, slot_lse = _routed_forward_impl(q, k, v, qi, ki, s)
+    return out.contiguous(), slot_o.contiguous(), slot_lse.contiguous()
+
+
+@routed_attention_op.register_fake
+def _(q, k, v, qi, ki, spec):
+    b, h, n, _ = q.shape
+    slots = qi.shape[2]
+    dv = v.shape[-1]
+    return (
+        q.new_empty((b, h, n, dv), dtype=v.dtype),
+        q.new_empty((b, h, slots, dv), dtype=torch.float32),
+        q.new_empty((b, h, slots), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("attnfx::routed_attention_backward", mutates_args=())
+def routed_attention_backward_op(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    qi: Tensor,
+    ki: Tensor,
+    slot_out: Tensor,
+    slot_lse: Tensor,
+    spec: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    s = AttentionSpec.from_key(spec).resolved(q.shape[-1], v.shape[-1])
+    if use_triton(q.device):
+        from attnfx.codegen import routed as routed_kernels
+
+        grads = routed_kernels.run_backward(s, dout, q, k, v, qi, ki, slot_out, slot_lse)
+    else:
+        from attnfx import routed
+
+        grads = routed.backward(dout, q, k, v, qi, ki, slot_out, slot_lse, s)
+    return tuple(g.contiguous() for g in grads)
+
+
+@routed_attention_backward_op.register_fake
+def _(dout, q, k, v, qi, ki, slot_out, slot_lse, spec):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _routed_setup_context(ctx, inputs, output):
+    q, k, v, qi, ki, spec = inputs
+    _, slot_o, slot_lse = output
+    ctx.spec = spec
+    ctx.save_for_backward(q, k, v, qi, ki, slot_o, slot_lse)
+
+
+def _routed_backward(ctx, dout, dslot_o, dslot_lse):
+    q, k, v, qi, ki, slot_o, slot_lse = ctx.saved_tensors
+    dq, dk, dv = routed_attention_backward_op(
+        dout.contiguous(), q, k, v, qi, ki, slot_o, slot_lse, ctx.spec
+    )
+    return dq, dk, dv, None, None, None
+
+
+routed_attention_op.register_autograd(_routed_backward, setup_context=_routed_setup_context)
+
+
+def routed_attention(
+    q: Tensor, k: Tensor, v: Tensor, qi: Tensor, ki: Tensor, spec: AttentionSpec
+) -> Tensor:
+    """Run a routed ``spec`` on (B, H, N, D) tokens and (B, H, S) slot indices."""
+    out, _, _ = routed_attention_op(q, k, v, qi, ki, spec.key)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
 # Functional API
 # ---------------------------------------------------------------------------------------
 
@@ -307,7 +414,11 @@ def broadcast_aux(q: Tensor, k: Tensor, aux: list[Tensor], spec: AttentionSpec) 
 
 def site_attention(q: Tensor, k: Tensor, v: Tensor, aux: list[Tensor], spec: str) -> Tensor:
     """What a rewritten site calls: broadcast the aux tensors (stride-0 views) to the
-    scores' shape and run the op; returns only the output."""
+    scores' shape and run the op; returns only the output.  A routed spec's aux tensors
+    are its slot indices: the routed op."""
+    if AttentionSpec.from_key(spec).routing is not None:
+        out, _, _ = routed_attention_op(q, k, v, aux[0], aux[1], spec)
+        return out
     aux = broadcast_aux(q, k, _for_dtensors(q, aux), AttentionSpec.from_key(spec))
     out, _ = attention_op(q, k, v, aux, spec)
     return out

@@ -67,6 +67,8 @@ def site_density(spec: AttentionSpec, nq: int, nk: int, d: int, dv: int) -> floa
     when the kernels cannot say (e.g. a float64 site, which keeps no kernel)."""
     from attnfx.codegen import tiles
 
+    if spec.routing is not None:  # clusters: w·wk of NQ·NK pairs per cluster
+        return None
     try:
         return tiles.density(spec.resolved(d, dv), nq, nk)
     except (TypeError, ValueError):

@@ -112,6 +112,47 @@ class ScoreOp:
 
 _OPERAND_NAMES = {"aux": "an aux index", "pred": "a predicate", "expr": "an expression"}
 
+# Position relations a routed fill compares: ``pos_q REL pos_k`` (True: filled).
+ROUTED_RELATIONS = ("lt", "le", "eq", "ne", "ge", "gt")
+
+
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """Routed sparse attention (Routing Transformer; ``attnfx.nn.RoutedAttention``).
+
+    The op's aux tensors 0 and 1 are int64 token indices of q's and k's (and v's) rows,
+    ``qi`` (B, Hq, S) and ``ki`` (B, Hk, Sk) — each may carry a trailing stride-0 dim, as
+    a ``gather`` index does — in slot order: cluster ``c``'s query slot ``i`` is
+    ``qi[..., c·window + i]``, its key slot ``j`` is ``ki[..., c·key_window + j]``, so
+    C = S / window clusters.  Per cluster::
+
+        s = (q[qi_c] @ k[ki_c]ᵀ)  then the score program (``score_ops``: the scale)
+        s = where(qi_c[:, None] REL ki_c[None, :], value, s)   for each fill, in order
+        o_c = softmax(s) @ v[ki_c]                              (rows as eager: -inf rows NaN)
+        out[t] = Σ_{slots of t} o_c / den(count_t)              out of an unchosen token: 0
+
+    with ``den = count + eps``, or ``max(count, 1)`` when ``eps`` is None; ``out`` is
+    (B, Hq, N, Dv) with N = q's length.  ``window`` and ``key_window`` are the program's
+    top-w constants (sizes of the clusters, not of the sequence).
+    """
+
+    window: int
+    key_window: int
+    fills: tuple[tuple[str, float], ...] = ()  # (relation, value), applied in order
+    eps: float | None = None
+
+    def __post_init__(self):
+        if self.window < 1 or self.key_window < 1:
+            raise ValueError("cluster windows must be >= 1")
+        for rel, _ in self.fills:
+            if rel not in ROUTED_RELATIONS:
+                raise ValueError(f"unknown routed relation {rel!r}")
+
+    def describe(self) -> str:
+        fills = ",".join(f"q{r}k:{v:g}" for r, v in self.fills)
+        den = "max(n,1)" if self.eps is None else f"n+{self.eps:g}"
+        return f"routed(w={self.window}/{self.key_window} fills=[{fills}] mean/{den})"
+
 
 @dataclasses.dataclass(frozen=True)
 class AttentionSpec:
@@ -149,6 +190,10 @@ class AttentionSpec:
     # (``attnfx.codegen.launch.with_aux_broadcast``): a "row" operand is then read once
     # per query row, not once per score.  The passes and the CPU path leave it empty.
     aux_bcast: tuple[str, ...] = ()
+    # Routed sparse attention (``Routing``): attention inside clusters of rows gathered
+    # through index tensors (aux 0 and 1), outputs averaged back onto the tokens; the
+    # kind ``routed``.  None: dense attention over all keys.
+    routing: Routing | None = None
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -182,6 +227,17 @@ class AttentionSpec:
                 raise ValueError(f"sink reads a missing aux tensor {self.sink}")
             if any(op.aux == self.sink for op in self.score_ops):
                 raise ValueError("the sink's aux tensor is not a score operand")
+        if self.routing is not None:
+            if isinstance(self.routing, dict):  # from ``from_key``
+                r = dict(self.routing)
+                r["fills"] = tuple((rel, float(v)) for rel, v in r["fills"])
+                object.__setattr__(self, "routing", Routing(**r))
+            if self.activation != "softmax" or self.sink is not None:
+                raise ValueError("routed attention is a softmax without a sink")
+            if self.aux_dtypes[:2] != ("int64", "int64"):
+                raise ValueError("routed attention reads its indices from aux tensors 0 and 1")
+            if any(op.aux is not None for op in self.score_ops):
+                raise ValueError("routed attention takes no aux score operand")
 
     def aux_broadcast(self, i: int) -> str:
         """How aux tensor ``i`` varies over the score tile (``aux_bcast``)."""
@@ -252,6 +308,9 @@ class AttentionSpec:
     @property
     def mask_class(self) -> MaskClass:
         """The mask as the report shows it: none, causal, window, predicate or tensor."""
+        if self.routing is not None:  # fills on the members' positions, inside clusters
+            causal = ("lt", -math.inf) in self.routing.fills
+            return MaskClass("routed causal" if causal else "routed")
         has_tensor = any(op.entry.tensor_mask for op in self.score_ops)
         preds = self.predicates
         if len(preds) == 1 and not has_tensor:
@@ -266,6 +325,7 @@ class AttentionSpec:
         ops = " ".join(op.describe() for op in self.score_ops) or "-"
         gqa = f" gqa={self.gqa_group}" if self.gqa_group > 1 else ""
         gqa += f" sink=aux{self.sink}" if self.sink is not None else ""
+        gqa += f" {self.routing.describe()}" if self.routing is not None else ""
         return (
             f"{self.activation} D={self.head_dim if self.head_dim is not None else 'sym'}"
             + (f"/{self.head_dim_v}" if self.head_dim_v != self.head_dim else "")

@@ -46,6 +46,17 @@ class Variant:
 
 
 VARIANTS: tuple[Variant, ...] = (
+    # First: a routed site is anchored on the softmax of its gathered scores, and is the
+    # more specific reading of it (its recognizer says NoMatch unless the scores come
+    # from gathered rows and the outputs are scattered back).
+    Variant(
+        kind="routed",
+        activation="softmax",
+        recognizer="attnfx.passes.recognize.routed",
+        reference="attnfx.nn.routed:RoutedAttention",
+        grammar="attnfx.fuzz.routed",
+        benchmarks=(),
+    ),
     Variant(
         kind="softmax",
         activation="softmax",

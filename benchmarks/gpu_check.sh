@@ -10,6 +10,8 @@
 #   BENCH_TIMEOUT (270)     BENCH_BUDGET (140: measuring)  BENCH_PREWARM (12 processes)
 #   BENCH_PREWARM_TIMEOUT (110)  BENCH_ARGS (extra arguments for bench_attention.py)
 #   NA_TIMEOUT (100)        NA_ARGS (extra arguments for bench_neighborhood.py, e.g. --bwd)
+#   ROUTED_TIMEOUT (100: routed attention, benchmarks/bench_routed.py; 0 skips it)
+#   ROUTED_ARGS (extra arguments for bench_routed.py)
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -111,6 +113,17 @@ timeout "$NA_TIMEOUT" "$PY" benchmarks/bench_neighborhood.py --json "$OUT/neighb
   ${NA_ARGS:-} >"$OUT/neighborhood.txt" 2>"$OUT/neighborhood.log"
 NA_RC=$?
 [ "$NA_RC" -ne 0 ] && { echo "neighborhood benchmark rc=$NA_RC"; tail -n 15 "$OUT/neighborhood.log"; }
+ROUTED_TIMEOUT="${ROUTED_TIMEOUT:-100}"
+if [ "$ROUTED_TIMEOUT" -gt 0 ]; then
+  echo "=== [4] routed attention benchmark (limit ${ROUTED_TIMEOUT}s) t=$(elapsed)s"
+  # shellcheck disable=SC2086
+  TORCHINDUCTOR_COMPILE_THREADS="${TORCHINDUCTOR_COMPILE_THREADS:-4}" timeout "$ROUTED_TIMEOUT" \
+    "$PY" benchmarks/bench_routed.py --cases 16384:512,65536:1024 --rep-ms 30 \
+    --json "$OUT/bench_routed.json" ${ROUTED_ARGS:-} >"$OUT/bench_routed.log" 2>&1
+  ROUTED_RC=$?
+  echo "routed benchmark: rc=$ROUTED_RC$([ "$ROUTED_RC" -eq 124 ] && echo " (timed out: rows so far)")"
+  grep -E "^\[routed\]|^N=|^  " "$OUT/bench_routed.log" | awk '!seen[$0]++' | tail -n 40
+fi
 echo "$TEST_SUMMARY"
 echo "neighborhood: rc=$NA_RC"
 echo "benchmark: rc=$BENCH_RC, files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ') total t=$(elapsed)s"

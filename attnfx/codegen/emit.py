@@ -767,6 +767,10 @@ def backward_source(spec: AttentionSpec) -> str:
 
 
 def source(spec: AttentionSpec, part: str) -> str:
+    if spec.routing is not None:  # the gather schedule: clusters of indexed rows
+        from attnfx.codegen import routed_source
+
+        return routed_source.source(spec, part)
     if part == "fwd":
         return forward_source(spec)
     if part == "bwd":

@@ -257,6 +257,255 @@ def _attn_bwd_dq(
 """
 
 # ---------------------------------------------------------------------------------------
+# Routed sparse attention (spec.routing): one program per (query block, batch * head *
+# cluster); q, k, v rows read through the slots' token indices (no gathered copies), the
+# fills compare the tokens' positions; per-slot outputs and lse, combined on the host.
+# ---------------------------------------------------------------------------------------
+
+ROUTED_FWD = """\
+@triton.jit
+def _attn_routed_fwd(
+{params}
+):
+    pid_m = tl.program_id(0)
+    pid_bhc = tl.program_id(1)
+    # -- int64 offsets of this (batch, head) and of its cluster's slots
+    off_bh = (pid_bhc // C).to(tl.int64)
+    off_c = (pid_bhc % C).to(tl.int64)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    Q_blk = Q + off_b * stride_qb + off_h * stride_qh
+    K_blk = K + off_b * stride_kb + off_h * stride_kh
+    V_blk = V + off_b * stride_vb + off_h * stride_vh
+    QI_blk = QI + off_b * stride_qib + off_h * stride_qih + off_c * W * stride_qis
+    KI_blk = KI + off_b * stride_kib + off_h * stride_kih + off_c * WK * stride_kis
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_valid = offs_m < W
+    # -- the query slots' tokens, and q's rows read through them; stays on chip
+    tq = tl.load(QI_blk + offs_m.to(tl.int64) * stride_qis, mask=m_valid, other=0).to(tl.int64)
+    q = tl.load(
+        Q_blk + tq[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+        mask=m_valid[:, None] & (offs_d[None, :] < HEAD_D),
+        other=0.0,
+    )
+    {row_bound}
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.full([BLOCK_M], 0, dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_DV], 0, dtype=tl.float32)
+    for start_n in range(0, WK, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < WK
+        tk = tl.load(KI_blk + offs_n.to(tl.int64) * stride_kis, mask=n_valid, other=0).to(tl.int64)
+        {visit}
+            kT = tl.load(
+                K_blk + tk[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                mask=n_valid[None, :] & (offs_d[:, None] < HEAD_D),
+                other=0.0,
+            )
+            v = tl.load(
+                V_blk + tk[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                mask=n_valid[:, None] & (offs_dv[None, :] < HEAD_DV),
+                other=0.0,
+            )
+            s = tl.dot(q, kT{prec})
+            # -- score program, then the fills on the tokens' positions, in order
+            {score_program}
+            {fills}
+            s = tl.where(n_valid[None, :], s, float("-inf"))
+            m_new, p, alpha = _online_softmax(m_i, s, False)
+            l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v{prec})
+            m_i = m_new
+    # a row with no kept key: 0 / 0 = NaN, as eager's softmax of all -inf
+    o = acc / l_i[:, None]
+    lse = m_i + tl.log(l_i)
+    slot = off_bh * SLOTS + off_c * W + offs_m.to(tl.int64)
+    tl.store(
+        SlotO + slot[:, None] * HEAD_DV + offs_dv[None, :],
+        o,
+        mask=m_valid[:, None] & (offs_dv[None, :] < HEAD_DV),
+    )
+    tl.store(SlotLse + slot, lse, mask=m_valid)
+"""
+
+ROUTED_DQ = """\
+@triton.jit
+def _attn_routed_dq(
+{params}
+):
+    pid_m = tl.program_id(0)
+    pid_bhc = tl.program_id(1)
+    off_bh = (pid_bhc // C).to(tl.int64)
+    off_c = (pid_bhc % C).to(tl.int64)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    Q_blk = Q + off_b * stride_qb + off_h * stride_qh
+    K_blk = K + off_b * stride_kb + off_h * stride_kh
+    V_blk = V + off_b * stride_vb + off_h * stride_vh
+    QI_blk = QI + off_b * stride_qib + off_h * stride_qih + off_c * W * stride_qis
+    KI_blk = KI + off_b * stride_kib + off_h * stride_kih + off_c * WK * stride_kis
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_valid = offs_m < W
+    tq = tl.load(QI_blk + offs_m.to(tl.int64) * stride_qis, mask=m_valid, other=0).to(tl.int64)
+    q = tl.load(
+        Q_blk + tq[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+        mask=m_valid[:, None] & (offs_d[None, :] < HEAD_D),
+        other=0.0,
+    )
+    # dO of the slots (gathered and divided by the count on the host), lse, rowsum(dO·O)
+    slot = off_bh * SLOTS + off_c * W + offs_m.to(tl.int64)
+    do = tl.load(
+        DOs + slot[:, None] * HEAD_DV + offs_dv[None, :],
+        mask=m_valid[:, None] & (offs_dv[None, :] < HEAD_DV),
+        other=0.0,
+    ).to(V.dtype.element_ty)
+    lse = tl.load(SlotLse + slot, mask=m_valid, other=0.0)
+    {row_bound}
+    # -- pass 1: delta = rowsum(P·dP), as eager's softmax backward forms it (a row whose
+    # weight is on one key then gets exactly dS = 0 there); dK/dV read it back
+    delta = tl.full([BLOCK_M], 0, dtype=tl.float32)
+    for start_n in range(0, WK, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < WK
+        tk = tl.load(KI_blk + offs_n.to(tl.int64) * stride_kis, mask=n_valid, other=0).to(tl.int64)
+        {visit}
+            kT = tl.load(
+                K_blk + tk[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                mask=n_valid[None, :] & (offs_d[:, None] < HEAD_D),
+                other=0.0,
+            )
+            vT = tl.load(
+                V_blk + tk[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
+                mask=n_valid[None, :] & (offs_dv[:, None] < HEAD_DV),
+                other=0.0,
+            )
+            s = tl.dot(q, kT{prec})
+            {score_program}
+            filled = ~n_valid[None, :]
+            {fills_bwd}
+            p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
+            p = tl.where(n_valid[None, :], p, 0.0)
+            dp = tl.dot(do, vT{prec})
+            delta += tl.reduce(p * dp, 1, _sum_combine)
+    tl.store(Delta + slot, delta, mask=m_valid)
+    # -- pass 2: dS and dQ
+    dq = tl.full([BLOCK_M, BLOCK_D], 0, dtype=tl.float32)
+    for start_n in range(0, WK, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < WK
+        tk = tl.load(KI_blk + offs_n.to(tl.int64) * stride_kis, mask=n_valid, other=0).to(tl.int64)
+        {visit}
+            kT = tl.load(
+                K_blk + tk[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                mask=n_valid[None, :] & (offs_d[:, None] < HEAD_D),
+                other=0.0,
+            )
+            vT = tl.load(
+                V_blk + tk[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
+                mask=n_valid[None, :] & (offs_dv[:, None] < HEAD_DV),
+                other=0.0,
+            )
+            s = tl.dot(q, kT{prec})
+            {score_program}
+            filled = ~n_valid[None, :]
+            {fills_bwd}
+            p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
+            dp = tl.dot(do, vT{prec})
+            # a filled score has no gradient
+            ds = tl.where(filled, 0.0, p * (dp - delta[:, None]))
+            dq += tl.dot(ds.to(kT.dtype), tl.trans(kT){prec})
+    dq = dq * DSCALE
+    tl.store(
+        DQs + slot[:, None] * HEAD_D + offs_d[None, :],
+        dq,
+        mask=m_valid[:, None] & (offs_d[None, :] < HEAD_D),
+    )
+"""
+
+ROUTED_DKDV = """\
+@triton.jit
+def _attn_routed_dkdv(
+{params}
+):
+    pid_n = tl.program_id(0)
+    pid_bhc = tl.program_id(1)
+    off_bh = (pid_bhc // C).to(tl.int64)
+    off_c = (pid_bhc % C).to(tl.int64)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    Q_blk = Q + off_b * stride_qb + off_h * stride_qh
+    K_blk = K + off_b * stride_kb + off_h * stride_kh
+    V_blk = V + off_b * stride_vb + off_h * stride_vh
+    QI_blk = QI + off_b * stride_qib + off_h * stride_qih + off_c * W * stride_qis
+    KI_blk = KI + off_b * stride_kib + off_h * stride_kih + off_c * WK * stride_kis
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    n_valid = offs_n < WK
+    # -- the key slots' tokens, and k's and v's rows read through them; stay on chip
+    tk = tl.load(KI_blk + offs_n.to(tl.int64) * stride_kis, mask=n_valid, other=0).to(tl.int64)
+    k = tl.load(
+        K_blk + tk[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+        mask=n_valid[:, None] & (offs_d[None, :] < HEAD_D),
+        other=0.0,
+    )
+    v = tl.load(
+        V_blk + tk[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+        mask=n_valid[:, None] & (offs_dv[None, :] < HEAD_DV),
+        other=0.0,
+    )
+    {col_bound}
+    dk = tl.full([BLOCK_N, BLOCK_D], 0, dtype=tl.float32)
+    dv = tl.full([BLOCK_N, BLOCK_DV], 0, dtype=tl.float32)
+    for start_m in range(0, W, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < W
+        tq = tl.load(QI_blk + offs_m.to(tl.int64) * stride_qis, mask=m_valid, other=0).to(tl.int64)
+        {visit}
+            q = tl.load(
+                Q_blk + tq[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=m_valid[:, None] & (offs_d[None, :] < HEAD_D),
+                other=0.0,
+            )
+            slot = off_bh * SLOTS + off_c * W + offs_m.to(tl.int64)
+            do = tl.load(
+                DOs + slot[:, None] * HEAD_DV + offs_dv[None, :],
+                mask=m_valid[:, None] & (offs_dv[None, :] < HEAD_DV),
+                other=0.0,
+            ).to(V.dtype.element_ty)
+            lse = tl.load(SlotLse + slot, mask=m_valid, other=0.0)
+            delta = tl.load(Delta + slot, mask=m_valid, other=0.0)
+            s = tl.dot(q, tl.trans(k){prec})
+            {score_program}
+            filled = ~(m_valid[:, None] & n_valid[None, :])
+            {fills_bwd}
+            # (a finite fill keeps its probability: it reaches dV, not dS)
+            p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
+            p = tl.where(m_valid[:, None] & n_valid[None, :], p, 0.0)
+            dv += tl.dot(tl.trans(p).to(do.dtype), do{prec})
+            dp = tl.dot(do, tl.trans(v){prec})
+            ds = tl.where(filled, 0.0, p * (dp - delta[:, None]))
+            dk += tl.dot(tl.trans(ds).to(q.dtype), q{prec})
+    dk = dk * DSCALE
+    kslot = off_bh * KSLOTS + off_c * WK + offs_n.to(tl.int64)
+    tl.store(
+        DKs + kslot[:, None] * HEAD_D + offs_d[None, :],
+        dk,
+        mask=n_valid[:, None] & (offs_d[None, :] < HEAD_D),
+    )
+    tl.store(
+        DVs + kslot[:, None] * HEAD_DV + offs_dv[None, :],
+        dv,
+        mask=n_valid[:, None] & (offs_dv[None, :] < HEAD_DV),
+    )
+"""
+
+
+# ---------------------------------------------------------------------------------------
 # Filling
 # ---------------------------------------------------------------------------------------
 

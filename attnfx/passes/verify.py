@@ -958,7 +958,9 @@ def _rows(n: int, count: int, gen: torch.Generator) -> list[int]:
 
 def _length_generic(site: Site) -> bool:
     """Whether the spec computes the same thing on a prefix of the sequence: no score op
-    or mask that reads the lengths."""
+    or mask that reads the lengths, and no routing (its indices are of the real length)."""
+    if site.spec.routing is not None:
+        return False
     return not any(op.entry.reads_lengths(op) for op in site.spec.score_ops)
 
 
@@ -969,6 +971,11 @@ class _Planner:
         self.plans: dict = {}
         self.why: list[str] = []
         self.shapes = None
+        if site.spec.routing is not None:
+            # rows reach a routed region through gathers, which the slicer does not follow:
+            # the full-size check (the region's work is the clusters', not N²)
+            self.why.append("routed site: full size")
+            return
         try:
             rec, _ = _fake_run(region, real)
             inv = {v: k for k, v in env.items()}

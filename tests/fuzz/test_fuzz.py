@@ -6,7 +6,7 @@ Triton kernels), fully ``-inf`` additive-mask rows in a later call, in-place ops
 site.
 
 Budget: FUZZ_EXAMPLES (default 80, drawn from every kind: softmax, sigmoid, temperature,
-neighborhood)
+neighborhood, routed)
 keeps this file near 3–4 minutes on 2 CPU cores; the ``nightly`` hypothesis profile
 (HYPOTHESIS_PROFILE=nightly) runs 8x more.
 """
@@ -31,7 +31,7 @@ EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", 640 if NIGHTLY else 80))
 SEED = int(os.environ.get("FUZZ_SEED", 1))
 
 
-KINDS = ("neighborhood", "sigmoid", "softmax", "temperature")
+KINDS = ("neighborhood", "routed", "sigmoid", "softmax", "temperature")
 
 
 def test_fuzz_fixed_seed_finds_no_failure():

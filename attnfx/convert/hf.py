@@ -80,6 +80,51 @@ def _expand_kv(q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return t if group == 1 else t.repeat_interleave(group, dim=1)
 
 
+def _routed(module, q, k, v, keep, causal: bool, scaling: float) -> torch.Tensor:
+    """Routing attention as the Routing Transformer writes it (``attnfx.nn.RoutedAttention``):
+    each head's C centroids take their ceil(N / C) most similar tokens, attention runs
+    within each cluster (causal on positions), outputs are scattered back and averaged
+    over the clusters that chose a token (0 for a token none chose).  A causal layer routes
+    keys with its queries' clusters, so that each cluster's first member sees itself."""
+    b, h, n, d = q.shape
+    if k.shape[-2] != n:
+        raise NotImplementedError(
+            "routed layers attend over whole sequences: no cached (incremental) decoding"
+        )
+    if keep is not None and not causal:
+        raise NotImplementedError("routed layers take unpadded batches (no attention mask)")
+    cents = F.normalize(module.attnfx_centroids.detach(), dim=-1)  # (H, C, D)
+    c = cents.shape[1]
+    w = min(n, -(-n // c))
+
+    def members(x):
+        xn = F.normalize(x.detach(), dim=-1)
+        sim = torch.einsum("bhnd,hcd->bhcn", xn, cents.to(xn.dtype))
+        return sim.topk(w, dim=-1).indices.sort(dim=-1).values  # (B, H, C, w)
+
+    qi = members(q)
+    ki = qi if causal else members(k)
+
+    def gather(t, idx):
+        flat = idx.reshape(b, h, c * w, 1).expand(b, h, c * w, t.shape[-1])
+        return t.gather(2, flat).reshape(b, h, c, w, t.shape[-1])
+
+    qg, kg, vg = gather(q, qi), gather(k, ki), gather(v, ki)
+    s = torch.matmul(qg, kg.transpose(-1, -2)) * scaling
+    if causal:
+        s = s.masked_fill(qi.unsqueeze(-1) < ki.unsqueeze(-2), float("-inf"))
+    o = torch.matmul(s.softmax(dim=-1), vg)  # (B, H, C, w, Dv)
+    dv = v.shape[-1]
+    flat = qi.reshape(b, h, c * w)
+    out = torch.zeros_like(v).scatter_add(
+        2, flat.unsqueeze(-1).expand(b, h, c * w, dv), o.reshape(b, h, c * w, dv)
+    )
+    count = torch.zeros(b, h, n, dtype=v.dtype, device=v.device).scatter_add(
+        2, flat, torch.ones_like(flat, dtype=v.dtype)
+    )
+    return out / count.clamp(min=1).unsqueeze(-1)
+
+
 def attnfx_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -96,6 +141,11 @@ def attnfx_attention(
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     key, value = _expand_kv(query, key), _expand_kv(query, value)
+    if kind == "routed":
+        causal = bool(getattr(module, "is_causal", False))
+        keep = attention_mask if not causal else None
+        out = _routed(module, query, key, value, keep, causal, scaling)
+        return out.transpose(1, 2).contiguous(), None
     keep = _keep_mask(module, attention_mask, nq, nk, query.device)
 
     if kind == "sigmoid":
@@ -149,13 +199,7 @@ def register() -> None:
 
 
 def _check_loadable(kind: str) -> None:
-    if kind == "routed":
-        import attnfx.nn
-
-        if not hasattr(attnfx.nn, "RoutedAttention"):
-            raise ConvertError(
-                "routed models cannot be loaded yet: attnfx.nn.RoutedAttention does not exist"
-            )
+    """Every kind ``attnfx_attention`` computes loads (a hook for kinds still landing)."""
 
 
 def attach(model: nn.Module, config: dict, added: dict[str, torch.Tensor]) -> int:

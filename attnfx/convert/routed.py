@@ -5,8 +5,9 @@ k-means on calibration activations.
 Per layer and head, the queries and keys the source model computes on the calibration
 batch (unit-normalized, as the routing compares directions) are clustered into
 ``clusters`` centroids by k-means (k-means++ seeding, Lloyd iterations, seeded): the
-layer gains ``centroids`` (H, C, D).  Loading a routed model needs the routed reference
-attention; until it exists a routed conversion is refused before anything is written.
+layer gains ``centroids`` (H, C, D).  A loaded layer routes each head's tokens to its
+centroids and attends within clusters of ceil(N / C) tokens (``attnfx.convert.hf``), the
+form the routed recognizer rewrites; the drift is large until the model is fine-tuned.
 """
 
 from __future__ import annotations

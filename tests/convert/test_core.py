@@ -24,10 +24,13 @@ CASES = [
     # decoders: the causal neighborhood is the window (same code path)
     ("neighborhood", {"kernel_size": 3}, ("bert", "vit")),
     ("gqa", {"kv_heads": 2}, ("llama",)),
+    # decoders (causal: keys routed with their queries' clusters), unpadded inputs
+    ("routed", {"clusters": 3}, ("gpt2", "llama")),
 ]
 MATRIX = [(to, opts, arch) for to, opts, archs in CASES for arch in archs]
-# the rewrite is what is checked (verified on the real inputs): no inductor compile
-EXPLAIN = {"inner": "eager", "random_trials": 0}
+# the rewrite is what is checked (verified on the real inputs): no inductor compile; the op
+# runs on CPU wherever attnfx can (routed sites are kept on CPU by default: inductor wins)
+EXPLAIN = {"inner": "eager", "random_trials": 0, "cpu": "always"}
 
 
 def _source(path):
@@ -58,7 +61,7 @@ def test_converted_sites_rewritten_as_new_kind(sources, tmp_path, to, opts, arch
         assert all(s.mask_text.startswith("neighborhood 1-D") for s in rep.sites), str(rep)
     # the report's verdicts
     assert report.drift is not None and len(report.drift) == 2
-    if to in ("sigmoid", "gqa"):
+    if to in ("sigmoid", "gqa", "routed"):
         assert report.needs_finetuning is True
     data = json.loads((dst / "convert_report.json").read_text())
     assert data["kind"] == to and data["site_kind"] == want

@@ -211,18 +211,11 @@ def _density(site) -> float | None:
             return None
         if o.permute is not None:
             shape = tuple(shape[i] for i in o.permute)
-        shapes.append([_hint(x) for x in shape[-2:]])
+        shapes.append([G.int_hint(x) for x in shape[-2:]])
     (nq, d), (nk, _), (_, dv) = shapes
     if None in (nq, nk, d, dv):
         return None
     return report.site_density(site.spec, nq, nk, d, dv)
-
-
-def _hint(x) -> int | None:
-    if isinstance(x, int):
-        return x
-    hint = getattr(getattr(x, "node", None), "hint", None)
-    return int(hint) if hint is not None else None
 
 
 def _slower_on_cpu(site) -> bool:

@@ -382,3 +382,11 @@ def sym_hint(x):
             x.node.hint if x.node.hint is not None else int(x.node.shape_env.size_hint(x.node.expr))
         )
     return x
+
+
+def int_hint(x) -> int | None:
+    """An int, or a SymInt's recorded hint; None when there is none (an unbacked size)."""
+    if isinstance(x, int):
+        return x
+    hint = getattr(getattr(x, "node", None), "hint", None)
+    return int(hint) if hint is not None else None

@@ -187,20 +187,13 @@ def of_site(site) -> Neighborhood | None:
     (qs, ks) = shapes
     if site.k.permute is not None:
         ks = tuple(ks[i] for i in site.k.permute)
-    nq, nk = (_hint(s[-2]) for s in (qs, ks))
+    nq, nk = (G.int_hint(s[-2]) for s in (qs, ks))
     if nq is None or nq != nk:
         return None
     try:
         return classify(preds[0], nq)
     except Exception:  # noqa: BLE001 - a predicate this reading cannot evaluate: no label
         return None
-
-
-def _hint(x) -> int | None:
-    if isinstance(x, int):
-        return x
-    hint = getattr(getattr(x, "node", None), "hint", None)
-    return int(hint) if hint is not None else None
 
 
 def label(sites) -> None:
@@ -302,11 +295,11 @@ def _choose_layout(site, nb: Neighborhood) -> None:
     if not isinstance(ev, torch.Tensor) or not _runs_kernels(ev.device):
         return  # the CPU paths evaluate the predicate on every pair: tiles buy them nothing
     n = math.prod(lengths)
-    if n != _hint(G.shape(site.q.node)[-2]):
+    if n != G.int_hint(G.shape(site.q.node)[-2]):
         return  # a ragged grid (a shorter last chunk): no whole tiles
     if any(ln % t for ln, t in zip(lengths, tile)) or all(ln == t for ln, t in zip(lengths, tile)):
         return
-    d, dv = (_hint(G.shape(o.node)[-1]) for o in (site.q, site.v))
+    d, dv = (G.int_hint(G.shape(o.node)[-1]) for o in (site.q, site.v))
     if d is None or dv is None:
         return
     layout = Layout(lengths, tile)

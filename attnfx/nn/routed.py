@@ -55,8 +55,8 @@ class RoutedAttention(nn.Module):
         dim: int,
         num_heads: int,
         *,
-        window: int,
-        num_clusters: int,
+        window: int | None = None,
+        num_clusters: int = 4,
         causal: bool = False,
         shared_qk: bool | None = None,
         local_heads: int = 0,
@@ -65,7 +65,9 @@ class RoutedAttention(nn.Module):
         commitment: float = 1e-4,
         qkv_bias: bool = False,
     ):
-        """``window``: members per cluster (w); ``shared_qk=None``: shared when causal."""
+        """``window``: members per cluster (w; None: ceil(N / num_clusters) for a sequence
+        of N tokens, balanced clusters that cover it on average); ``shared_qk=None``:
+        shared when causal."""
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not a multiple of num_heads {num_heads}")
@@ -100,7 +102,9 @@ class RoutedAttention(nn.Module):
 
     def _members(self, x: torch.Tensor) -> torch.Tensor:
         """(B, Hr, C, w): each cluster's top-w tokens, in position order."""
-        return self._similarity(x).topk(self.window, dim=-1).indices.sort(dim=-1).values
+        n = x.shape[-2]
+        w = self.window if self.window else -(-n // self.num_clusters)
+        return self._similarity(x).topk(w, dim=-1).indices.sort(dim=-1).values
 
     @torch.no_grad()
     def update_kmeans(self) -> None:

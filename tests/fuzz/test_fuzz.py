@@ -108,7 +108,13 @@ def test_shrunk_choices_stay_valid(kind):
                     ns["make_model"]()(*ns["make_inputs"]())
 
 
-PLANT_KINDS = {"drop-scale": None, "accept-query-softmax": None, "sigmoid-bias": ["sigmoid"]}
+# The kinds each plant's fuzz draws: a wrong softmax match is the softmax grammar's
+# near-miss (query_axis), which a mix of every kind draws too rarely in 100 examples.
+PLANT_KINDS = {
+    "drop-scale": None,
+    "accept-query-softmax": ["softmax"],
+    "sigmoid-bias": ["sigmoid"],
+}
 
 
 @pytest.mark.parametrize("plant", list(PLANT_KINDS))

@@ -12,8 +12,9 @@ this module relabels the ones whose (-inf filled) predicate is a neighborhood, w
 per-axis shape for the report (``Neighborhood.describe``).
 
 How a predicate is read.  Write the flattened index as coordinates on a grid whose strides
-are the divisors ``s`` of ``floor(Q / s)`` (and ``floor(K / s)``) in the predicate; at the
-site's lengths (self-attention, NQ = NK = N, N a multiple of every stride) the predicate
+are the divisors ``s`` of ``floor(Q / s)`` (and ``floor(K / s)``) in the predicate (the
+outermost axis may be ragged: chunks of ``c`` over N not a multiple of ``c`` end with a
+shorter chunk); at the site's lengths (self-attention, NQ = NK = N) the predicate
 is a neighborhood when it is the AND of per-axis masks ``M_a[q_a, k_a]`` — checked on
 every query row for N ≤ 1024, on 512 rows (the borders and a random draw) beyond — and
 each query's kept keys on each axis are an arithmetic run (an interval of its dilation

@@ -31,9 +31,12 @@ import time
 import torch
 import torch.nn.functional as F
 
+from attnfx.nn.routed import TOKEN_SELF_VALUE as SELF_VALUE
+from attnfx.nn.routed import cluster_members
+from attnfx.nn.routed import routed_attention as _routed
+
 GPU_CASES = "4096:256,16384:512,65536:1024"
 CPU_CASES = "1024:64,2048:128"
-SELF_VALUE = -5e4
 
 
 def parse_args(argv=None):
@@ -70,31 +73,14 @@ def parse_args(argv=None):
 
 def members(x, means, w):
     """(B, H, C, w) top-w tokens of each centroid, in position order."""
-    sim = torch.einsum("bhnd,hcd->bhcn", F.normalize(x.detach(), dim=-1), means.to(x.dtype))
-    return sim.topk(w, dim=-1).indices.sort(dim=-1).values
+    return cluster_members(x, means, w)
 
 
 def routed_attention(q, k, v, qi, ki, causal):
-    b, h, n, d = q.shape
-    c, w = qi.shape[-2], qi.shape[-1]
-
-    def rows(t, idx):
-        flat = idx.reshape(b, h, c * w, 1).expand(b, h, c * w, t.shape[-1])
-        return t.gather(2, flat).reshape(b, h, c, w, t.shape[-1])
-
-    s = rows(q, qi) @ rows(k, ki).transpose(-1, -2) * d**-0.5
-    if causal:
-        s = s.masked_fill(qi.unsqueeze(-1) < ki.unsqueeze(-2), float("-inf"))
-        s = s.masked_fill(qi.unsqueeze(-1) == ki.unsqueeze(-2), SELF_VALUE)
-    o = s.softmax(dim=-1) @ rows(v, ki)
-    flat = qi.reshape(b, h, c * w)
-    out = torch.zeros_like(v).scatter_add(
-        2, flat.unsqueeze(-1).expand(b, h, c * w, d), o.reshape(b, h, c * w, d)
-    )
-    cnt = torch.zeros(b, h, n, dtype=v.dtype, device=v.device).scatter_add(
-        2, flat, torch.ones_like(flat, dtype=v.dtype)
-    )
-    return out / cnt.clamp(min=1).unsqueeze(-1)
+    """The plain PyTorch routed attention (``attnfx.nn.routed``): causal with shared QK."""
+    scale = q.shape[-1] ** -0.5
+    self_value = SELF_VALUE if causal else None
+    return _routed(q, k, v, qi, ki, scale, causal=causal, self_value=self_value)
 
 
 def layer(q, k, v, means, w, causal):

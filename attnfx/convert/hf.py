@@ -26,6 +26,7 @@ from torch import nn
 from attnfx.convert.base import ADDED_FILE, ARCHS, CONFIG_KEY, ConvertError, arch_of
 from attnfx.convert.io import SafetensorsFile, read_json
 from attnfx.nn.neighborhood import neighborhood_mask
+from attnfx.nn.routed import cluster_members, routed_attention
 
 IMPLEMENTATION = "attnfx"
 _PARAM_PREFIX = "attnfx_"
@@ -86,7 +87,7 @@ def _routed(module, q, k, v, keep, causal: bool, scaling: float) -> torch.Tensor
     within each cluster (causal on positions), outputs are scattered back and averaged
     over the clusters that chose a token (0 for a token none chose).  A causal layer routes
     keys with its queries' clusters, so that each cluster's first member sees itself."""
-    b, h, n, d = q.shape
+    n = q.shape[-2]
     if k.shape[-2] != n:
         raise NotImplementedError(
             "routed layers attend over whole sequences: no cached (incremental) decoding"
@@ -94,35 +95,10 @@ def _routed(module, q, k, v, keep, causal: bool, scaling: float) -> torch.Tensor
     if keep is not None and not causal:
         raise NotImplementedError("routed layers take unpadded batches (no attention mask)")
     cents = F.normalize(module.attnfx_centroids.detach(), dim=-1)  # (H, C, D)
-    c = cents.shape[1]
-    w = min(n, -(-n // c))
-
-    def members(x):
-        xn = F.normalize(x.detach(), dim=-1)
-        sim = torch.einsum("bhnd,hcd->bhcn", xn, cents.to(xn.dtype))
-        return sim.topk(w, dim=-1).indices.sort(dim=-1).values  # (B, H, C, w)
-
-    qi = members(q)
-    ki = qi if causal else members(k)
-
-    def gather(t, idx):
-        flat = idx.reshape(b, h, c * w, 1).expand(b, h, c * w, t.shape[-1])
-        return t.gather(2, flat).reshape(b, h, c, w, t.shape[-1])
-
-    qg, kg, vg = gather(q, qi), gather(k, ki), gather(v, ki)
-    s = torch.matmul(qg, kg.transpose(-1, -2)) * scaling
-    if causal:
-        s = s.masked_fill(qi.unsqueeze(-1) < ki.unsqueeze(-2), float("-inf"))
-    o = torch.matmul(s.softmax(dim=-1), vg)  # (B, H, C, w, Dv)
-    dv = v.shape[-1]
-    flat = qi.reshape(b, h, c * w)
-    out = torch.zeros_like(v).scatter_add(
-        2, flat.unsqueeze(-1).expand(b, h, c * w, dv), o.reshape(b, h, c * w, dv)
-    )
-    count = torch.zeros(b, h, n, dtype=v.dtype, device=v.device).scatter_add(
-        2, flat, torch.ones_like(flat, dtype=v.dtype)
-    )
-    return out / count.clamp(min=1).unsqueeze(-1)
+    w = min(n, -(-n // cents.shape[1]))
+    qi = cluster_members(q, cents, w)
+    ki = qi if causal else cluster_members(k, cents, w)
+    return routed_attention(q, k, v, qi, ki, scaling, causal=causal)
 
 
 def attnfx_attention(

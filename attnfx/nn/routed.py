@@ -49,6 +49,55 @@ from torch import nn
 TOKEN_SELF_VALUE = -5e4  # the shared-QK self score (Reformer's value)
 
 
+def cluster_members(x: torch.Tensor, means: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, H, C, w): each centroid's ``window`` most similar tokens (cosine), in position
+    order.  ``x``: (B, H, N, D); ``means``: (H, C, D)."""
+    xn = F.normalize(x.detach(), dim=-1)
+    sim = torch.einsum("bhnd,hcd->bhcn", xn, means.to(xn.dtype))
+    return sim.topk(window, dim=-1).indices.sort(dim=-1).values
+
+
+def routed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    qi: torch.Tensor,
+    ki: torch.Tensor,
+    scale: float,
+    *,
+    causal: bool = False,
+    self_value: float | None = None,
+) -> torch.Tensor:
+    """Attention within clusters, written as the Routing Transformer's code writes it:
+    rows of q (``qi``) and of k, v (``ki``), (B, H, C, w) indices, gathered; scores
+    ``scale``-d, filled with -inf where a query comes before its key (``causal``) and with
+    ``self_value`` where they are the same token; softmax, ``@ v``; outputs
+    ``scatter_add``-ed back to the query rows and divided by how many clusters chose each
+    (1 for none: an unchosen token is 0)."""
+    b, h, n, _ = q.shape
+    c, w = qi.shape[-2], qi.shape[-1]
+
+    def gather(t, idx):
+        flat = idx.reshape(b, h, c * w, 1).expand(b, h, c * w, t.shape[-1])
+        return t.gather(2, flat).reshape(b, h, c, w, t.shape[-1])
+
+    s = gather(q, qi) @ gather(k, ki).transpose(-1, -2) * scale
+    if causal:
+        s = s.masked_fill(qi.unsqueeze(-1) < ki.unsqueeze(-2), float("-inf"))
+    if self_value is not None:
+        s = s.masked_fill(qi.unsqueeze(-1) == ki.unsqueeze(-2), self_value)
+    o = s.softmax(dim=-1) @ gather(v, ki)  # (B, H, C, w, Dv)
+    flat = qi.reshape(b, h, c * w)
+    dv = v.shape[-1]
+    out = torch.zeros_like(v).scatter_add(
+        2, flat.unsqueeze(-1).expand(b, h, c * w, dv), o.reshape(b, h, c * w, dv)
+    )
+    count = torch.zeros(b, h, n, dtype=v.dtype, device=v.device).scatter_add(
+        2, flat, torch.ones_like(flat, dtype=v.dtype)
+    )
+    return out / count.clamp(min=1).unsqueeze(-1)
+
+
 class RoutedAttention(nn.Module):
     def __init__(
         self,
@@ -95,16 +144,11 @@ class RoutedAttention(nn.Module):
         self._recorded: torch.Tensor | None = None  # the last training forward's vectors
 
     # -- k-means ---------------------------------------------------------------------------
-    def _similarity(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, Hr, N, D) → (B, Hr, C, N): cosine of each token with each centroid."""
-        xn = F.normalize(x.detach(), dim=-1)
-        return torch.einsum("bhnd,hcd->bhcn", xn, self.means.to(xn.dtype))
-
     def _members(self, x: torch.Tensor) -> torch.Tensor:
         """(B, Hr, C, w): each cluster's top-w tokens, in position order."""
         n = x.shape[-2]
         w = self.window if self.window else -(-n // self.num_clusters)
-        return self._similarity(x).topk(w, dim=-1).indices.sort(dim=-1).values
+        return cluster_members(x, self.means, w)
 
     @torch.no_grad()
     def update_kmeans(self) -> None:
@@ -131,31 +175,11 @@ class RoutedAttention(nn.Module):
 
     # -- attention --------------------------------------------------------------------------
     def _routed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        b, h, n, d = q.shape
         qi = self._members(q)
         ki = qi if self.shared_qk else self._members(k)
-        c, w = qi.shape[-2], qi.shape[-1]
-
-        def gather(t, idx):
-            flat = idx.reshape(b, h, c * w, 1).expand(b, h, c * w, t.shape[-1])
-            return t.gather(2, flat).reshape(b, h, c, w, t.shape[-1])
-
-        qg, kg, vg = gather(q, qi), gather(k, ki), gather(v, ki)
-        s = qg @ kg.transpose(-1, -2) * d**-0.5
-        if self.causal:
-            s = s.masked_fill(qi.unsqueeze(-1) < ki.unsqueeze(-2), float("-inf"))
-        if self.shared_qk:
-            s = s.masked_fill(qi.unsqueeze(-1) == ki.unsqueeze(-2), TOKEN_SELF_VALUE)
-        o = s.softmax(dim=-1) @ vg  # (B, Hr, C, w, D)
-        flat = qi.reshape(b, h, c * w)
-        dv = v.shape[-1]
-        out = torch.zeros_like(v).scatter_add(
-            2, flat.unsqueeze(-1).expand(b, h, c * w, dv), o.reshape(b, h, c * w, dv)
-        )
-        count = torch.zeros(b, h, n, dtype=v.dtype, device=v.device).scatter_add(
-            2, flat, torch.ones_like(flat, dtype=v.dtype)
-        )
-        return out / count.clamp(min=1).unsqueeze(-1)
+        self_value = TOKEN_SELF_VALUE if self.shared_qk else None
+        scale = q.shape[-1] ** -0.5
+        return routed_attention(q, k, v, qi, ki, scale, causal=self.causal, self_value=self_value)
 
     def _local(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         n = q.shape[-2]

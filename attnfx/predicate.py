@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 
 import sympy
 
@@ -102,6 +103,16 @@ def _rebind(expr):
     return expr.xreplace({s: _SYMBOLS[s.name] for s in expr.free_symbols if s.name in _SYMBOLS})
 
 
+_RELATIONS = {
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+    "==": operator.eq,
+    "!=": operator.ne,
+}
+
+
 def _eval_torch(e, env):
     """Evaluate the predicate subset on integer tensors (floored division and modulo,
     like Python and sympy)."""
@@ -123,10 +134,7 @@ def _eval_torch(e, env):
     if isinstance(e, sympy.Not):
         return ~ev(e.args[0])
     if isinstance(e, sympy.Rel):
-        a, b = ev(e.lhs), ev(e.rhs)
-        return {"<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b, "==": a == b, "!=": a != b}[
-            e.rel_op
-        ]
+        return _RELATIONS[e.rel_op](ev(e.lhs), ev(e.rhs))  # (only the one comparison)
     if isinstance(e, sympy.Add):
         return functools.reduce(lambda a, b: a + b, map(ev, e.args))
     if isinstance(e, sympy.Mul):

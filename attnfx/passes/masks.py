@@ -920,13 +920,16 @@ def _verify(pred: MaskPredicate, root: fx.Node, cone: list[fx.Node], nq, nk) -> 
     assign = hints
     if biggest(assign) > _VERIFY_MAX_NUMEL:
         # Symbolic sizes: the subgraph computes the same function at any sizes, so check
-        # it at small ones.  Static sizes that large are refused rather than trusted.
+        # it at small ones.  Static sizes that large run a block of rows at a time.
         small = {
             s: v for s, v in zip(sorted(syms, key=str), (13, 17, 19, 23, 29, 31, 37), strict=False)
         }
-        if len(small) != len(syms) or biggest(small) > _VERIFY_MAX_NUMEL:
-            raise _Refuse("mask too large to verify")
-        assign = small
+        if len(small) == len(syms) and biggest(small) <= _VERIFY_MAX_NUMEL:
+            assign = small
+        else:
+            # Static sizes: run the subgraph at them, a block of query rows at a time.
+            _verify_rows(pred, root, cone, hints, int(nq.xreplace(hints)), int(nk.xreplace(hints)))
+            return
     try:
         out = _run_subgraph(root, cone, assign)
         nq_v, nk_v = int(nq.xreplace(assign)), int(nk.xreplace(assign))
@@ -975,3 +978,188 @@ def _run_subgraph(root: fx.Node, cone: list[fx.Node], assign: dict) -> torch.Ten
     g.output(env[root])
     with torch.no_grad():
         return fx.GraphModule(torch.nn.Module(), g)()
+
+
+# Row-blocked verification of masks too large to run whole (static sizes).  Every query
+# row is checked up to this many (query, key) pairs; beyond, the first and last rows and
+# a seeded draw of the others.
+_VERIFY_ALL_ROWS_PAIRS = 1 << 30
+_VERIFY_SAMPLED_ROWS = 8192
+# Ops a too-large tensor of the cone may come from: elementwise (each output row reads
+# the same rows of its broadcast inputs), fills, tril/triu, casts, expands and views that
+# only add or drop leading size-1 dims.
+_ROW_ELEMENTWISE = {"add", "sub", "mul", "floordiv", "mod", "truediv", "div", "minimum",
+                    "maximum", "neg", "pos", "abs", "clamp", "clamp_min", "clamp_max",
+                    "and", "or", "xor", "invert", "where", "masked_fill", *_RELS}  # fmt: skip
+_ROW_FILLS = {"ones", "zeros", "full", "new_ones", "new_zeros", "new_full"}
+_ROW_LIKE = {"ones_like", "zeros_like", "full_like"}
+_ROW_VIEWS = {"view", "flatten", "getitem"}
+
+
+def _verify_rows(pred: MaskPredicate, root: fx.Node, cone: list[fx.Node], assign, nq, nk):
+    """Check the subgraph against ``pred`` at its own (static) sizes without holding a
+    (NQ, NK) tensor: tensors of the cone up to the size limit are computed whole, the
+    larger ones (which must be row-wise: ``_ROW_*``, with the query axis at dim -2) a
+    block of query rows at a time, each block compared with the predicate on its rows."""
+    shapes = {
+        n: tuple(int(_raw(d).xreplace(assign)) for d in n.meta["example_value"].shape)
+        for n in cone
+        if _is_tensor_node(n)
+    }
+    big = [n for n in cone if n in shapes and math.prod(shapes[n]) > _VERIFY_MAX_NUMEL]
+    big_set = set(big)
+    for n in cone:
+        if n in big_set:
+            name = _op(n)[0]
+            sh = shapes[n]
+            if (
+                len(sh) < 2
+                or sh[-2] != nq
+                or not (
+                    name in _ROW_ELEMENTWISE
+                    or name in _ROW_FILLS | _ROW_LIKE | {"tril", "triu", "expand"}
+                    or _HANDLERS.get(name) is _h_identity
+                    or (name in _ROW_VIEWS and _leading_ones_only(shapes, n))
+                )
+            ):
+                raise _Refuse("mask too large to verify")
+        elif any(a in big_set for a in n.all_input_nodes):
+            raise _Refuse("mask too large to verify")  # a reduction of a large tensor
+    small = [n for n in cone if n not in big_set]
+    env = _run_nodes(small, {}, assign, None, nq)
+    if root not in big_set:  # small enough after all (a broadcast mask): check it whole
+        rows = torch.arange(nq)
+        _compare_rows(pred, env[root], rows, nq, nk)
+        return
+    batch = max(1, math.prod(shapes[root]) // nq)
+    per = max(1, _VERIFY_MAX_NUMEL // batch)
+    if nq * nk <= _VERIFY_ALL_ROWS_PAIRS:
+        rows = torch.arange(nq)
+    else:
+        g = torch.Generator().manual_seed(0)
+        edge = torch.cat([torch.arange(min(nq, 512)), torch.arange(max(0, nq - 512), nq)])
+        draw = torch.randint(0, nq, (_VERIFY_SAMPLED_ROWS,), generator=g)
+        rows = torch.unique(torch.cat([edge, draw]))
+    for block in rows.split(per):
+        got = _run_nodes(big, env, assign, block, nq)[root]
+        _compare_rows(pred, got, block, nq, nk)
+
+
+def _leading_ones_only(shapes, n: fx.Node) -> bool:
+    """A view of a large tensor that keeps its last two dims and only adds or drops
+    size-1 dims before them."""
+    (src,) = [a for a in n.all_input_nodes if a in shapes][:1] or [None]
+    if src is None:
+        return False
+    a, b = shapes[src], shapes[n]
+    return a[-2:] == b[-2:] and all(d == 1 for d in a[:-2] + b[:-2])
+
+
+def _compare_rows(pred: MaskPredicate, got: torch.Tensor, rows, nq: int, nk: int) -> None:
+    got = got if got.dtype == torch.bool else got != 0
+    got = got.reshape((1,) * max(0, 2 - got.dim()) + tuple(got.shape))
+    if got.shape[-1] not in (1, nk) or got.shape[-2] not in (1, len(rows)):
+        raise _Refuse("could not verify the predicate: mask shape")
+    got = got.expand(*got.shape[:-2], len(rows), nk)
+    want = torch.as_tensor(pred.evaluate(rows[:, None], torch.arange(nk)[None, :], nq, nk))
+    if not torch.equal(got, want.to(torch.bool).expand_as(got)):
+        raise _Refuse("predicate disagrees with materialized mask")
+
+
+def _run_nodes(nodes, env: dict, assign, rows, nq: int) -> dict:
+    """Run ``nodes`` (in graph order) eagerly on the CPU at sizes ``assign``.  With
+    ``rows``, each node computes only those query rows (dim -2): its tensor inputs that
+    span the query axis at dim -2 are cut to them, and sizes it creates at dim -2 are
+    ``len(rows)``."""
+    env = dict(env)
+    cpu = torch.device("cpu")
+    cut = {}  # nodes already holding only ``rows``
+
+    def value(a):
+        if isinstance(a, torch.device):
+            return cpu
+        return a
+
+    def restrict(x, node):
+        if rows is None or not isinstance(x, torch.Tensor) or node in cut:
+            return x
+        if x.dim() >= 2 and x.shape[-2] == nq and nq != 1:
+            return x.index_select(-2, rows)
+        return x
+
+    def resize(sizes):
+        sizes = (
+            list(sizes[0])
+            if len(sizes) == 1 and isinstance(sizes[0], (list, tuple))
+            else list(sizes)
+        )
+        if len(sizes) >= 2 and int(sizes[-2]) in (nq, -1):
+            sizes[-2] = len(rows)
+        return sizes
+
+    try:
+        for n in nodes:
+            ev = n.meta["example_value"]
+            if not isinstance(ev, torch.Tensor):
+                e = _raw(ev).xreplace(assign)
+                env[n] = (
+                    bool(e)
+                    if isinstance(ev, (bool, torch.SymBool))
+                    else (int(e) if sympy.sympify(e).is_integer else float(e))
+                )
+                continue
+            if n.op not in ("call_function", "call_method"):
+                raise _Refuse(f"unexpected {n.op} node {n.name}")
+            args = fx.node.map_aggregate(
+                fx.node.map_arg(n.args, lambda a: restrict(env[a], a)), value
+            )
+            kwargs = fx.node.map_aggregate(
+                fx.node.map_arg(n.kwargs, lambda a: restrict(env[a], a)), value
+            )
+            name = _op(n)[0] if rows is not None else None
+            target = "cpu" if n.op == "call_method" and n.target == "cuda" else n.target
+            if rows is not None and name in _ROW_FILLS:
+                lead = 1 if name.startswith("new_") else 0
+                size_args = (
+                    args[lead:]
+                    if name in ("ones", "zeros", "new_ones", "new_zeros")
+                    else (args[lead],)
+                )
+                if "size" in kwargs:
+                    kwargs["size"] = resize((kwargs["size"],))
+                else:
+                    rest = (
+                        ()
+                        if name in ("ones", "zeros", "new_ones", "new_zeros")
+                        else args[lead + 1 :]
+                    )
+                    args = (*args[:lead], resize(size_args), *rest)
+            elif rows is not None and name == "expand":
+                if not (args[1:] and isinstance(args[1], torch.Tensor)):  # expand_as: cut
+                    args = (args[0], resize(args[1:]))
+            elif rows is not None and name in ("tril", "triu"):
+                x = args[0]
+                d = int(_arg(args, kwargs, 1, "diagonal", 0))
+                off = torch.arange(x.shape[-1])[None, :] - rows[:, None]
+                keep = off <= d if name == "tril" else off >= d
+                env[n] = torch.where(keep, x, torch.zeros((), dtype=x.dtype))
+                cut[n] = True
+                continue
+            elif rows is not None and name in _ROW_VIEWS:
+                x = args[0]
+                env[n] = x.reshape(*(1,) * (len(ev.shape) - 2), x.shape[-2], x.shape[-1])
+                cut[n] = True
+                continue
+            with torch.no_grad():
+                if n.op == "call_method":
+                    out = getattr(args[0], target)(*args[1:], **kwargs)
+                else:
+                    out = target(*args, **kwargs)
+            env[n] = out
+            if rows is not None:
+                cut[n] = True
+    except _Refuse:
+        raise
+    except Exception as e:
+        raise _Refuse(f"could not verify the predicate: {type(e).__name__}: {e}") from e
+    return env

@@ -492,3 +492,76 @@ def test_module_with_kv_cache_bottom_right():
     assert a.predicate.mask_class.describe() == "causal(offset=NK - NQ)"
     qq, kk = _grid(3, 8)
     _check(a, 3, 8, kk <= qq + 5)
+
+
+# ---------------------------------------------------------------------------------------
+# static masks larger than the verification limit: checked a block of rows at a time
+# ---------------------------------------------------------------------------------------
+
+
+def _small_limit(monkeypatch, numel=256):
+    """The size limit lowered, so that a (40, 40) mask takes the row-blocked check."""
+    from attnfx.passes import masks
+
+    monkeypatch.setattr(masks, "_VERIFY_MAX_NUMEL", numel)
+    return masks
+
+
+@pytest.mark.parametrize("name", [n for n in CAUSAL if n != "triu.T"])
+def test_large_static_masks_are_checked_by_row_blocks(monkeypatch, name):
+    """Static sizes past the limit used to be refused ("mask too large to verify"): the
+    site then ran with an N² mask tensor.  Each causal spelling (fills, tril/triu, casts,
+    views, expands over the large tensor) is now run in blocks of query rows.  (A
+    transposed large tensor is not row-wise: ``triu.T`` stays refused, with the reason.)"""
+    masks = _small_limit(monkeypatch)
+    calls = []
+    real = masks._compare_rows
+    monkeypatch.setattr(masks, "_compare_rows", lambda *a: calls.append(a[2]) or real(*a))
+    a = _one(_where(CAUSAL[name]), *_qk(40, 40))
+    q, k = _grid(40, 40)
+    _check(a, 40, 40, k <= q)
+    rows = torch.cat(calls)
+    assert len(calls) > 1 and torch.equal(rows, torch.arange(40))  # every row, in blocks
+
+
+def test_large_static_window_of_coordinates_is_checked(monkeypatch):
+    """A 2-D window over an 8 x 5 grid, built from ``//`` and ``%`` coordinates."""
+    _small_limit(monkeypatch)
+
+    def keep(nq, nk):
+        i = _ar(nq)
+        r, c = i // 5, i % 5
+        return ((r[:, None] - r[None, :]).abs() <= 1) & ((c[:, None] - c[None, :]).abs() <= 2)
+
+    a = _one(_where(keep), *_qk(40, 40))
+    _check(a, 40, 40, keep(40, 40))
+
+
+def test_row_blocked_check_refuses_a_wrong_predicate(monkeypatch):
+    """The check is real: a symbolic reading made wrong (tril read one diagonal off) is
+    refused on the row blocks, as the whole-tensor check refuses it."""
+    masks = _small_limit(monkeypatch)
+    real = masks._HANDLERS["tril"]
+
+    def off_by_one(name, args, kwargs, shape, dtype):
+        return real(name, args, {**kwargs, "diagonal": 1}, shape, dtype)
+
+    monkeypatch.setitem(masks._HANDLERS, "tril", off_by_one)
+    a = _one(_where(CAUSAL["tril ones bool"]), *_qk(40, 40))
+    assert a.predicate is None and a.reason == "predicate disagrees with materialized mask"
+
+
+def test_row_blocked_check_refuses_what_is_not_row_wise(monkeypatch):
+    """A large tensor reduced along the query axis, or transposed, is not row-wise over
+    a block of rows: that mask stays a tensor, with the reason."""
+    _small_limit(monkeypatch)
+    a = _one(_where(CAUSAL["triu.T"]), *_qk(40, 40))
+    assert a.predicate is None and a.reason == "mask too large to verify"
+
+    def keep(nq, nk):
+        wide = _ar(nq)[:, None] >= _ar(nk)[None, :]
+        return wide & wide.any(-2, keepdim=True)
+
+    a = _one(_where(keep), *_qk(40, 40))
+    assert a.predicate is None
+    assert "too large to verify" in a.reason or "not understood" in a.reason

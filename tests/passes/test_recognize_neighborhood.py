@@ -276,3 +276,19 @@ def test_ragged_grid_keeps_row_major_order(monkeypatch):
         assert_rewrites_match_eager(Window(), [q, k, v], kind="neighborhood")
         (site,) = attnfx.explain(Window(), q, k, v).rewritten
     assert site.mask == "neighborhood 2-D 8x64 k=(5,5)"
+
+
+def test_grid_past_the_mask_verification_limit_is_a_neighborhood(monkeypatch):
+    """The issue's shapes (2-D 128x128: 2^28 (query, key) pairs) are past the size at
+    which a static mask used to be verified whole; it was refused ("mask too large to
+    verify") and the site ran dense with an N² mask tensor.  With the limit lowered to
+    make a 12 x 10 grid that large, the site is still read as a neighborhood."""
+    from attnfx.passes import masks
+
+    monkeypatch.setattr(masks, "_VERIFY_MAX_NUMEL", 1 << 10)
+    torch.manual_seed(0)
+    m = NeighborhoodAttention2D(C, H, 5)
+    x = torch.randn(1, 12, 10, C)
+    torch._dynamo.reset()
+    (site,) = _explain(m, x).rewritten
+    assert site.mask == "neighborhood 2-D 12x10 k=(5,5)"

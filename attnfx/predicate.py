@@ -157,6 +157,84 @@ def _eval_torch(e, env):
     raise ValueError(f"cannot evaluate {type(e).__name__} in a mask predicate: {e}")
 
 
+def within_lengths(expr, nq: int, nk: int):
+    """``expr`` rewritten for indices inside the lengths (``0 <= Q < nq``, ``0 <= K <
+    nk``, ``NQ = nq``, ``NK = nk``): a ``Mod``, ``floor``, ``Min``, ``Max`` or relation
+    whose result those ranges decide is replaced by it.  A coordinate written through
+    layers of ``//`` and ``%`` (a predicate on a permuted token order) comes out as the
+    plain coordinate, which interval arithmetic then bounds per tile, and which costs the
+    kernel fewer integer ops.  Valid only at those lengths, inside them."""
+    known = {Q: (0, nq - 1), K: (0, nk - 1), NQ: (nq, nq), NK: (nk, nk)}
+    expr = expr.xreplace({NQ: sympy.Integer(nq), NK: sympy.Integer(nk)})
+    return _bounded(expr, known)[0]
+
+
+def _bounded(e, known):
+    """(simplified e, (lo, hi) integer range of e or None)."""
+    if e in known:
+        return e, known[e]
+    if isinstance(e, sympy.Integer):
+        return e, (int(e), int(e))
+    if not e.args or isinstance(e, sympy.Rational):
+        return e, None
+    if isinstance(e, sympy.floor):
+        num, den = floor_fraction(e)
+        num, r = _bounded(num, known)
+        if isinstance(den, sympy.Integer) and den > 0 and r is not None:
+            lo, hi = r[0] // int(den), r[1] // int(den)
+            if lo == hi:
+                return sympy.Integer(lo), (lo, lo)
+            return sympy.floor(num / den), (lo, hi)
+        return sympy.floor(num / den), None
+    parts = [_bounded(a, known) for a in e.args]
+    args = [a for a, _ in parts]
+    ranges = [r for _, r in parts]
+    out = e.func(*args)
+    if isinstance(e, sympy.Mod) and isinstance(args[1], sympy.Integer) and args[1] > 0:
+        m, r = int(args[1]), ranges[0]
+        if r is not None and r[0] // m == r[1] // m:
+            shift = (r[0] // m) * m
+            return args[0] - shift, (r[0] - shift, r[1] - shift)
+        return out, (0, m - 1)
+    if any(r is None for r in ranges):
+        return out, None
+    if isinstance(e, sympy.Add):
+        return out, (sum(r[0] for r in ranges), sum(r[1] for r in ranges))
+    if isinstance(e, sympy.Mul):
+        lo, hi = ranges[0]
+        for a, b in ranges[1:]:
+            c = (lo * a, lo * b, hi * a, hi * b)
+            lo, hi = min(c), max(c)
+        return out, (lo, hi)
+    if isinstance(e, (sympy.Min, sympy.Max)):
+        pick = min if isinstance(e, sympy.Min) else max
+        lo, hi = pick(r[0] for r in ranges), pick(r[1] for r in ranges)
+        for i, (a, r) in enumerate(zip(args, ranges, strict=True)):  # one decides alone
+            rest = [o for j, o in enumerate(ranges) if j != i]
+            if isinstance(e, sympy.Min) and all(r[1] <= o[0] for o in rest):
+                return a, r
+            if isinstance(e, sympy.Max) and all(r[0] >= o[1] for o in rest):
+                return a, r
+        return out, (lo, hi)
+    if isinstance(e, sympy.Abs):
+        lo, hi = ranges[0]
+        return out, (0 if lo <= 0 <= hi else min(abs(lo), abs(hi)), max(abs(lo), abs(hi)))
+    if isinstance(e, sympy.Rel):
+        (llo, lhi), (rlo, rhi) = ranges
+        lo, hi = llo - rhi, lhi - rlo  # lhs - rhs
+        decided = {
+            "<": (hi < 0, lo >= 0),
+            "<=": (hi <= 0, lo > 0),
+            ">": (lo > 0, hi <= 0),
+            ">=": (lo >= 0, hi < 0),
+        }.get(e.rel_op)
+        if decided is not None and decided[0]:
+            return sympy.true, None
+        if decided is not None and decided[1]:
+            return sympy.false, None
+    return out, None
+
+
 def floor_fraction(e):
     """``floor(arg)`` as ``(num, den)`` with ``floor(arg) == num // den``.
 

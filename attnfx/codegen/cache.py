@@ -179,7 +179,10 @@ def library(interpret: bool) -> types.ModuleType:
             path = lib.__file__
             text = Path(path).read_text(encoding="utf-8")
             name = f"attnfx_generated.library_{'interp' if interpret else 'jit'}"
-            mod = _libraries[interpret] = _exec(name, path, text, interpret, bind=False)
+            mod = _exec(name, path, text, interpret, bind=False)
+            if interpret:  # (its helpers read these from the module's globals)
+                mod.__dict__.update(_interpreter_reductions())
+            _libraries[interpret] = mod
         return mod
 
 
@@ -211,6 +214,17 @@ def _exec(name: str, filename: str, text: str, interpret: bool, bind: bool = Tru
         sys.modules.pop(name, None)
         raise
     return mod
+
+
+def _interpreter_reductions() -> dict:
+    """The interpreter runs ``tl.reduce`` with a combine function of its own element by
+    element in Python (Triton 3.6: ``generic_reduce``, ~1 s per 64x64 tile), and with
+    Triton's own ``_sum_combine`` / ``_elementwise_max`` as one numpy reduction.  The
+    library's combines are the same ``a + b`` and ``tl.maximum(a, b)``: interpreted
+    kernels take Triton's (compiled ones keep the library's, see its docstring)."""
+    import triton.language as tl
+
+    return {"_sum_combine": tl.standard._sum_combine, "_max_combine": tl.standard._elementwise_max}
 
 
 def _check_mode(mod, interpret: bool) -> None:

@@ -356,3 +356,70 @@ def test_a_constant_and_a_vector_multiplier_multiply_the_tile_once():
         assert "s = s * 0.18033688011112042" not in src
         full = cache.get_source(AttentionSpec(score_ops=order, aux_dtypes=("float32",)), "fwd")
         assert "s = s * (a0" not in full  # a tile of aux values: two multiplies, as before
+
+
+# -- neighborhood attention in the tiled token order ----------------------------------------
+
+
+def _natten(lengths, k):
+    """NATTEN's window over a row-major grid (borders shifted inward), as a predicate."""
+    from attnfx.nn.neighborhood import neighborhood_mask
+
+    conds, stride = [], 1
+    for ln in reversed(lengths):
+        q, kk = sympy.Mod(sympy.floor(Q / stride), ln), sympy.Mod(sympy.floor(K / stride), ln)
+        start = sympy.Min(ln - k, sympy.Max(0, q - k // 2))
+        conds += [sympy.Ge(kk, start), sympy.Lt(kk, start + k)]
+        stride *= ln
+    pred = sympy.And(*conds)
+    n = math.prod(lengths)
+    assert torch.equal(MaskPredicate(pred).materialize(n, n), neighborhood_mask(lengths, k))
+    return MaskPredicate(pred).to_key()
+
+
+def _tiled(lengths, k):
+    from attnfx.passes.recognize.neighborhood import TILE, Layout
+
+    return MaskPredicate.from_key(Layout(lengths, TILE[len(lengths)]).permuted(_natten(lengths, k)))
+
+
+def test_tiled_neighborhood_predicate_is_simplified_and_its_tile_map_exact():
+    """In the tiled order the coordinates of a 64-token tile are an 8x8 box.  The
+    permuted predicate, simplified inside the grid (``within_lengths``), reads each
+    coordinate as a ``//`` and ``%`` of the position: the kernel's partial tiles print
+    half the integer code of ``P(index(Q), index(K))`` as substituted, and the tile map
+    (full tiles decided by interval arithmetic) is exact."""
+    from attnfx.codegen.printer import index_expr
+    from attnfx.passes.recognize.neighborhood import Layout
+
+    pred = _tiled((64, 64), 21)
+    n = 64 * 64
+    lay = Layout((64, 64), (8, 8))
+    plain = MaskPredicate.from_key(_natten((64, 64), 21)).expr
+    plain = plain.xreplace({Q: lay.index(Q), K: lay.index(K)})
+    got = tiles.tile_states(pred.to_key(), n, n, 64, 64)
+    assert torch.equal(got, _brute_states(pred.expr, n, n, 64, 64))
+    assert torch.equal(got, tiles.tile_states(MaskPredicate(plain).to_key(), n, n, 64, 64))
+    assert (got == tiles.FULL).sum() > 0
+    assert len(index_expr(pred.expr)) < 0.6 * len(index_expr(plain))
+
+
+def test_tiled_neighborhood_kernels_visit_exactly_the_nonempty_tiles(monkeypatch):
+    """The issue's check: 2-D 32x32, k=7, 8x8 tiles (64-token kernel tiles of the tiled
+    order).  The interpreted forward, dQ and dK/dV walk exactly the (query tile, key
+    tile) pairs with a kept pair, their results equal the reference, and the density
+    the report gives is that count over all pairs."""
+    from attnfx.codegen import plan as plan_mod
+
+    monkeypatch.setattr(plan_mod, "INTERPRET_CONFIG", plan_mod.Config(64, 64, 1, 1))
+    pred = _tiled((32, 32), 7)
+    spec = _spec(pred.expr)
+    assert codegen.make_plan(spec).schedule.kind is ScheduleKind.TILES
+    n = 32 * 32
+    with visited_tiles() as seen:
+        check(spec, nq=n, nk=n)
+    want = _nonempty(pred.expr, n, n, 64, 64)
+    assert sorted(seen["_attn_fwd_inner"]) == want
+    assert sorted(seen["_attn_bwd_dq_inner"]) == want
+    assert sorted((m, k) for k, m in seen["_attn_bwd_dkdv_inner"]) == want
+    assert tiles.density(spec, n, n, 64, 64) == len(want) / 256

@@ -35,7 +35,7 @@ import math
 import sympy
 import torch
 
-from attnfx.predicate import K, MaskPredicate, Q, floor_fraction
+from attnfx.predicate import K, MaskPredicate, Q, floor_fraction, within_lengths
 
 KIND = "neighborhood"
 _EXHAUSTIVE = 1024  # up to this length every query row is checked
@@ -267,9 +267,14 @@ class Layout:
         return out
 
     def permuted(self, pred_key: str) -> str:
-        """The predicate on tiled positions: ``P(index(Q), index(K))``."""
+        """The predicate on tiled positions: ``P(index(Q), index(K))``, with what the
+        grid's ranges decide taken out (``within_lengths``): each coordinate comes out as
+        a ``//`` and ``%`` of the position, which the tile map bounds per tile (full tiles
+        are found) and the kernel computes in a few integer ops."""
         expr = MaskPredicate.from_key(pred_key).expr
-        return MaskPredicate(expr.xreplace({Q: self.index(Q), K: self.index(K)})).to_key()
+        n = math.prod(self.lengths)
+        expr = within_lengths(expr.xreplace({Q: self.index(Q), K: self.index(K)}), n, n)
+        return MaskPredicate(expr).to_key()
 
 
 def _layout_spec(spec, layout: Layout):
@@ -296,7 +301,10 @@ def _choose_layout(site, nb: Neighborhood) -> None:
     if not isinstance(ev, torch.Tensor) or not _runs_kernels(ev.device):
         return  # the CPU paths evaluate the predicate on every pair: tiles buy them nothing
     n = math.prod(lengths)
-    if n != G.int_hint(G.shape(site.q.node)[-2]):
+    length = G.shape(site.q.node)[-2]
+    if not isinstance(length, int):
+        return  # a symbolic length: the grid, and the token order, hold at one length only
+    if n != length:
         return  # a ragged grid (a shorter last chunk): no whole tiles
     if any(ln % t for ln, t in zip(lengths, tile)) or all(ln == t for ln, t in zip(lengths, tile)):
         return
@@ -305,40 +313,17 @@ def _choose_layout(site, nb: Neighborhood) -> None:
         return
     layout = Layout(lengths, tile)
     try:
-        from attnfx.codegen.plan import configs
-
+        tiled = _layout_spec(site.spec, layout)
         before = site_density(site.spec, n, n, d, dv)
-        cfg = configs(site.spec.resolved(d, dv))["fwd"][0]
-        (pred,) = [op.pred for op in site.spec.score_ops if op.pred is not None]
-        after = tiled_density(pred, layout, cfg.BLOCK_M, cfg.BLOCK_N)
+        after = site_density(tiled, n, n, d, dv)  # the tile map the kernels will walk
     except Exception:  # noqa: BLE001 - no density: keep the row-major order
         return
-    if before is None or after > 0.9 * before:
+    if before is None or after is None or after > 0.9 * before:
         return
-    site.spec, site.layout = _layout_spec(site.spec, layout), layout
+    site.spec, site.layout = tiled, layout
 
 
 def _runs_kernels(device) -> bool:
     from attnfx import ops
 
     return ops.use_triton(device)
-
-
-def tiled_density(pred_key: str, layout: Layout, bm: int, bn: int) -> float:
-    """The share of (query tile, key tile) pairs with a kept pair, in the tiled token order,
-    for kernel tiles of ``bm`` queries and ``bn`` keys: what the forward kernel of the
-    permuted predicate visits (counted here from the predicate on the permuted indices,
-    without building the permuted expression)."""
-    pred = MaskPredicate.from_key(pred_key)
-    n = math.prod(layout.lengths)
-    cols = layout.index(torch.arange(n))
-    rows_t, cols_t = -(-n // bm), -(-n // bn)
-    pad = cols_t * bn - n
-    seen = 0
-    for r in range(rows_t):
-        rows = layout.index(torch.arange(r * bm, min(n, (r + 1) * bm)))
-        keep = torch.as_tensor(pred.evaluate(rows[:, None], cols[None, :], n, n))
-        keep = keep.expand(rows.numel(), n).any(0)
-        keep = torch.nn.functional.pad(keep, (0, pad))
-        seen += int(keep.view(cols_t, bn).any(1).sum())
-    return seen / (rows_t * cols_t)

@@ -7,6 +7,7 @@ same code that rewrites the model graph.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable
 
@@ -41,33 +42,44 @@ def emit_call(graph: fx.Graph, site: Site, lookup: Callable[[fx.Node], fx.Node])
         )
     lay = site.layout
     if lay is not None:  # multi-dimensional tiles: q, k, v in tiled token order
-        sizes, perm = lay.to_tiled()
-
-        def tiled(x):
-            x = graph.call_method("unflatten", (x, 2, sizes))
-            x = graph.call_method("permute", (x, *perm))
-            return graph.call_method("flatten", (x, 2, 1 + len(sizes)))
-
-        q, k, v = tiled(q), tiled(k), tiled(v)
+        q, k, v = (_tiled(graph, x, 2, 4, lay) for x in (q, k, v))
     aux = []
-    for a in site.aux:
+    for i, a in enumerate(site.aux):
         n = lookup(a.node)
         if a.transform == "neg":
             n = graph.call_function(operator.neg, (n,))
         elif a.transform == "reciprocal":
             n = graph.call_function(torch.reciprocal, (n,))
-        if site.rank3 and len(G.shape(a.node) or ()) == 3:
+        shape = list(G.shape(a.node) or ())
+        if site.rank3 and len(shape) == 3:
             n = graph.call_method("unsqueeze", (n, 1))
+            shape.insert(1, 1)
+        if lay is not None and i != site.spec.sink:
+            # an operand over the scores (a bias, a per-query or per-key term) in the
+            # same order: its query (-2) and key (-1) dims, where not broadcast
+            for dim in (len(shape) - 2, len(shape) - 1):
+                if dim >= 0 and shape[dim] == math.prod(lay.lengths):
+                    n = _tiled(graph, n, dim, len(shape), lay)
         aux.append(n)
     out = graph.call_function(ops.site_attention, (q, k, v, aux, site.spec.key))
     if lay is not None:  # ... and the output back in the program's order
-        sizes, perm = lay.to_row_major()
-        out = graph.call_method("unflatten", (out, 2, sizes))
-        out = graph.call_method("permute", (out, *perm))
-        out = graph.call_method("flatten", (out, 2, 1 + len(sizes)))
+        out = _tiled(graph, out, 2, 4, lay, back=True)
     if site.rank3:
         out = graph.call_method("squeeze", (out, 1))
     return out
+
+
+def _tiled(graph: fx.Graph, x: fx.Node, dim: int, rank: int, lay, back: bool = False):
+    """Dim ``dim`` (of ``rank``) of ``x`` in the layout's tiled token order (``back``:
+    from it to row-major): unflatten into (blocks, tile) pairs per grid axis, permute,
+    flatten."""
+    sizes, perm = lay.to_row_major() if back else lay.to_tiled()
+    g = len(sizes)
+    group = [p - 2 for p in perm[2 : 2 + g]]  # the permutation within the unflattened dims
+    order = [*range(dim), *(dim + p for p in group), *range(dim + g, rank + g - 1)]
+    x = graph.call_method("unflatten", (x, dim, sizes))
+    x = graph.call_method("permute", (x, *order))
+    return graph.call_method("flatten", (x, dim, dim + g - 1))
 
 
 def region(gm_nx: nx.DiGraph, site: Site) -> set[fx.Node]:

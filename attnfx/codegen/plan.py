@@ -349,6 +349,13 @@ _LEAN = {
 }
 
 
+# A tiles-schedule predicate (a neighborhood, chunks) with an otherwise lean program at
+# D64: uncapped, the forward took 192 registers (one CTA per SM); capped at 128, the
+# pointer-tile forward spills (32 bytes of stack) and the TMA one does not (two CTAs).
+# Where TMA does not apply the launcher drops the cap with it (``apply_features``).
+_TILES_LEAN_FWD = {64: [(128, 64, 8, 3, _TMA, False, _CAP)]}
+
+
 def _tile_aux(spec: AttentionSpec) -> bool:
     """Whether a score op reads an aux tensor as a whole tile (``aux_bcast`` "full"): a
     per-query or per-key vector costs a few registers, a tile as many as the scores."""
@@ -365,6 +372,16 @@ def _lean(spec: AttentionSpec) -> bool:
     if _tile_aux(spec) or len(fills) > 1:
         return False
     return all(classify(op.predicate.expr).kind in ("none", "causal") for op in fills)
+
+
+def _tiles_lean(spec: AttentionSpec) -> bool:
+    """No aux tile, sink or GQA, and one mask: a predicate of the ``tiles`` kind."""
+    from attnfx.predicate import classify
+
+    if spec.sink is not None or spec.gqa_group != 1 or _tile_aux(spec):
+        return False
+    fills = [op for op in spec.score_ops if op.entry.operand == "pred"]
+    return len(fills) == 1 and classify(fills[0].predicate.expr).kind == "predicate"
 
 
 def configs(spec: AttentionSpec, interpret: bool = False) -> dict[str, list[Config]]:
@@ -385,6 +402,8 @@ def configs(spec: AttentionSpec, interpret: bool = False) -> dict[str, list[Conf
         for kernel, first in _LEAN[d].items():
             if plain or not (d == 64 and kernel == "bwd_dkdv"):
                 table[kernel] = [*first, *table[kernel]]
+    elif d in _TILES_LEAN_FWD and _tiles_lean(spec) and spec.act.normalized:
+        table["fwd"] = [*_TILES_LEAN_FWD[d], *table["fwd"]]
     if spec.dtype == "float32":  # fp32 tiles take twice the registers and shared memory
         table = {
             "fwd": [(max(16, c[0] // 2), c[1], c[2], 1, *c[4:]) for c in table["fwd"]],

@@ -213,6 +213,8 @@ LEAN += [(64, "bfloat16", "sigmoid"), (128, "float16", "sigmoid")]
 LEAN += [(64, "float16", "softcap"), (128, "bfloat16", "softcap")]
 # per-query or per-key aux operands (a temperature, a key-padding mask) are read as vectors
 LEAN += [(64, "float16", "temp"), (128, "bfloat16", "temp"), (64, "float16", "kpad")]
+# a tiles-schedule predicate (plan._TILES_LEAN_FWD): the TMA forward capped at 128
+LEAN += [(64, "bfloat16", "natten")]
 
 
 @pytest.mark.parametrize("case", LEAN, ids=[f"{d}-{t}-{k}" for d, t, k in LEAN])

@@ -30,7 +30,7 @@ import math
 from hypothesis import strategies as st
 
 from attnfx.fuzz import softmax as sm
-from attnfx.fuzz.frame import Frame, Program, SiteGrammar
+from attnfx.fuzz.frame import BIG_HEAD_DIM, Frame, Program, SiteGrammar
 
 KIND = "neighborhood"
 
@@ -107,7 +107,12 @@ def normalize(c: dict) -> dict:
     c["cross"], c["dynamic"] = False, False
     if c["proj"] == "none":
         c["proj"] = "separate"  # q, k, v from one input of the grid's length
-    return sm.normalize_frame(c, {})
+    if c["NQ"] > 17:
+        # the frame cuts a big head dim's sequences to 17 tokens: the grid's would not fit
+        c["D"] = min(c["D"], BIG_HEAD_DIM)
+    out = sm.normalize_frame(c, {})
+    assert out["NQ"] == out["NKV"] == math.prod(grid), (out["NQ"], grid)
+    return out
 
 
 def mask_lines(c) -> list[str]:

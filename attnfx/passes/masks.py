@@ -983,8 +983,9 @@ def _run_subgraph(root: fx.Node, cone: list[fx.Node], assign: dict) -> torch.Ten
 # Row-blocked verification of masks too large to run whole (static sizes).  Every query
 # row is checked up to this many (query, key) pairs; beyond, the first and last rows and
 # a seeded draw of the others.
-_VERIFY_ALL_ROWS_PAIRS = 1 << 30
+_VERIFY_ALL_ROWS_PAIRS = 1 << 28
 _VERIFY_SAMPLED_ROWS = 8192
+_VERIFY_EDGE_ROWS = 512
 # Ops a too-large tensor of the cone may come from: elementwise (each output row reads
 # the same rows of its broadcast inputs), fills, tril/triu, casts, expands and views that
 # only add or drop leading size-1 dims.
@@ -1037,7 +1038,8 @@ def _verify_rows(pred: MaskPredicate, root: fx.Node, cone: list[fx.Node], assign
         rows = torch.arange(nq)
     else:
         g = torch.Generator().manual_seed(0)
-        edge = torch.cat([torch.arange(min(nq, 512)), torch.arange(max(0, nq - 512), nq)])
+        e = min(nq, _VERIFY_EDGE_ROWS)
+        edge = torch.cat([torch.arange(e), torch.arange(nq - e, nq)])
         draw = torch.randint(0, nq, (_VERIFY_SAMPLED_ROWS,), generator=g)
         rows = torch.unique(torch.cat([edge, draw]))
     for block in rows.split(per):

@@ -524,6 +524,22 @@ def test_large_static_masks_are_checked_by_row_blocks(monkeypatch, name):
     assert len(calls) > 1 and torch.equal(rows, torch.arange(40))  # every row, in blocks
 
 
+def test_very_large_static_masks_check_the_edges_and_a_draw_of_rows(monkeypatch):
+    """Past the all-rows budget, the first and last rows and a seeded draw of the others
+    are checked (each block against the predicate)."""
+    masks = _small_limit(monkeypatch)
+    monkeypatch.setattr(masks, "_VERIFY_ALL_ROWS_PAIRS", 1000)
+    monkeypatch.setattr(masks, "_VERIFY_EDGE_ROWS", 4)
+    monkeypatch.setattr(masks, "_VERIFY_SAMPLED_ROWS", 6)
+    calls = []
+    real = masks._compare_rows
+    monkeypatch.setattr(masks, "_compare_rows", lambda *a: calls.append(a[2]) or real(*a))
+    a = _one(_where(CAUSAL["ones.tril().bool()"]), *_qk(40, 40))
+    _check(a, 40, 40, _grid(40, 40)[1] <= _grid(40, 40)[0])
+    rows = set(torch.cat(calls).tolist())
+    assert {0, 1, 2, 3, 36, 37, 38, 39} <= rows and 8 < len(rows) <= 14
+
+
 def test_large_static_window_of_coordinates_is_checked(monkeypatch):
     """A 2-D window over an 8 x 5 grid, built from ``//`` and ``%`` coordinates."""
     _small_limit(monkeypatch)

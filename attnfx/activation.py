@@ -156,7 +156,7 @@ class Softmax(Activation):
             "# -- online softmax: the new row max, this block's probabilities and alpha, the",
             "#    factor that rescales the running sum and accumulator to the new max",
             step,
-            "l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)",
+            "l_i = l_i * alpha + _row_sum(p)",
             "acc = acc * alpha[:, None]",
             f"acc = tl.dot(p.to(v.dtype), v, acc{prec})",
             "m_i = m_ij",
@@ -188,7 +188,7 @@ class Softmax(Activation):
             "# -- delta = rowsum(dO * O) (float32)",
             f"o = {o}",
             f"do = {do}",
-            "delta = tl.reduce(o.to(tl.float32) * do.to(tl.float32), 1, _sum_combine)",
+            "delta = _row_sum(o.to(tl.float32) * do.to(tl.float32))",
             "lse = tl.load(Lse + row_off + offs_m, mask=offs_m < N_Q, other=0.0)",
             f"m_row = lse * {_LOG2E}  # log2 units, like the forward scores"
             if log2

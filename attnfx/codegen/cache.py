@@ -182,6 +182,7 @@ def library(interpret: bool) -> types.ModuleType:
             mod = _exec(name, path, text, interpret, bind=False)
             if interpret:  # (its helpers read these from the module's globals)
                 mod.__dict__.update(_interpreter_reductions())
+                mod._row_sum = mod._row_sum_in_order
             _libraries[interpret] = mod
         return mod
 
@@ -217,11 +218,15 @@ def _exec(name: str, filename: str, text: str, interpret: bool, bind: bool = Tru
 
 
 def _interpreter_reductions() -> dict:
-    """The interpreter runs ``tl.reduce`` with a combine function of its own element by
-    element in Python (Triton 3.6: ``generic_reduce``, ~1 s per 64x64 tile), and with
-    Triton's own ``_sum_combine`` / ``_elementwise_max`` as one numpy reduction.  The
-    library's combines are the same ``a + b`` and ``tl.maximum(a, b)``: interpreted
-    kernels take Triton's (compiled ones keep the library's, see its docstring)."""
+    """The interpreter runs ``tl.reduce`` (and ``tl.associative_scan``) with a combine
+    function of its own element by element in Python (Triton 3.6: ``generic_reduce``,
+    ~1 s per 64x64 tile), and with Triton's own ``_sum_combine`` / ``_elementwise_max``
+    as one numpy call.  The library's combines are the same ``a + b`` and
+    ``tl.maximum(a, b)``: interpreted kernels take Triton's (compiled ones keep the
+    library's, see its docstring).  A maximum is exact in any order; a sum is not, so
+    ``_row_sum`` becomes ``_row_sum_in_order``: the same left-to-right float sums the
+    element-by-element reduce made (a running sum by ``np.cumsum``), not numpy's
+    pairwise ones."""
     import triton.language as tl
 
     return {"_sum_combine": tl.standard._sum_combine, "_max_combine": tl.standard._elementwise_max}

@@ -323,7 +323,7 @@ def _row_norm_lines(spec: AttentionSpec, plan: Plan, dims: _Dims) -> list[str]:
         '        s = tl.where(offs_n[None, :] < N_K, s, float("-inf"))',
         "        m_new = tl.maximum(m_r, tl.reduce(s, 1, _max_combine))",
         '        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)',
-        f"        l_r = l_r * tl.exp2({alpha_arg}) + tl.reduce(tl.exp2({exp_arg}), 1, _sum_combine)",
+        f"        l_r = l_r * tl.exp2({alpha_arg}) + _row_sum(tl.exp2({exp_arg}))",
         "        m_r = m_new",
         "    m_row = tl.where(huge, m_r, m_row)",
         f"    lg_row = tl.where(huge, {lg}, 0.0)",

@@ -24,6 +24,7 @@ __all__ = [
     "_max_combine",
     "_online_softmax",
     "_online_softmax_scaled",
+    "_row_sum",
     "_sigmoid",
     "_sum_combine",
     "_tanh",
@@ -39,6 +40,22 @@ def _max_combine(a, b):
 @triton.jit
 def _sum_combine(a, b):
     return a + b
+
+
+@triton.jit
+def _row_sum(x):
+    # the row sums of a tile (BLOCK_M, BLOCK_N) -> (BLOCK_M,)
+    return tl.reduce(x, 1, _sum_combine)
+
+
+@triton.jit
+def _row_sum_in_order(x):
+    # the same sums, added left to right as the interpreter's element-by-element reduce
+    # adds them, from one running sum along the row (its last column): what interpreted
+    # kernels take for _row_sum (attnfx.codegen.cache._interpreter_reductions)
+    run = tl.associative_scan(x, 1, _sum_combine)
+    last = tl.arange(0, x.shape[1])[None, :] == x.shape[1] - 1
+    return tl.reduce(tl.where(last, run, 0.0), 1, _sum_combine)
 
 
 @triton.jit

@@ -315,7 +315,7 @@ def _attn_routed_fwd(
             {fills}
             s = tl.where(n_valid[None, :], s, float("-inf"))
             m_new, p, alpha = _online_softmax(m_i, s, False)
-            l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
+            l_i = l_i * alpha + _row_sum(p)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v{prec})
             m_i = m_new
     # a row with no kept key: 0 / 0 = NaN, as eager's softmax of all -inf
@@ -390,7 +390,7 @@ def _attn_routed_dq(
             p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
             p = tl.where(n_valid[None, :], p, 0.0)
             dp = tl.dot(do, vT{prec})
-            delta += tl.reduce(p * dp, 1, _sum_combine)
+            delta += _row_sum(p * dp)
     tl.store(Delta + slot, delta, mask=m_valid)
     # -- pass 2: dS and dQ
     dq = tl.full([BLOCK_M, BLOCK_D], 0, dtype=tl.float32)

@@ -60,6 +60,14 @@ def _online_softmax_kernel(S, M, L, N_BLOCKS: tl.constexpr, ROWS: tl.constexpr, 
 
 
 @triton.jit
+def _row_sum_kernel(X, Out, M: tl.constexpr, N: tl.constexpr):
+    rows = tl.arange(0, M)
+    cols = tl.arange(0, N)
+    x = tl.load(X + rows[:, None] * N + cols[None, :])
+    tl.store(Out + rows, _row_sum(x))
+
+
+@triton.jit
 def _act_kernel(X, T, S, N: tl.constexpr):
     offs = tl.arange(0, N)
     x = tl.load(X + offs)
@@ -202,3 +210,21 @@ def test_tanh_and_sigmoid(kernels):
     kernels._act_kernel[(1,)](x, t, s, N=64)
     torch.testing.assert_close(t, torch.tanh(x), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(s, torch.sigmoid(x), atol=1e-6, rtol=1e-5)
+
+
+def test_interpreted_row_sums_add_left_to_right(kernels):
+    """Interpreted, ``_row_sum`` is one numpy running sum, and gives bit for bit the
+    float32 sums the element-by-element reduce gave (left to right), not numpy's
+    pairwise ones (which moved a gradient of the position-bias test past the rule)."""
+    import functools
+
+    import numpy as np
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(16, 64, generator=g) * torch.logspace(-4, 4, 64)).float()
+    out = torch.empty(16)
+    kernels._row_sum_kernel[(1,)](x, out, M=16, N=64)
+    rows = x.numpy()
+    want = [functools.reduce(np.add, r) for r in rows]  # float32, in order
+    assert out.tolist() == [float(w) for w in want]
+    assert out.tolist() != [float(np.sum(r)) for r in rows]  # (pairwise differs here)

@@ -947,6 +947,14 @@ def _verify(pred: MaskPredicate, root: fx.Node, cone: list[fx.Node], nq, nk) -> 
         raise _Refuse("predicate disagrees with materialized mask")
 
 
+def _scalar_at(ev, assign):
+    """A scalar node's value (a SymInt size, a Python constant) at the sizes ``assign``."""
+    e = _raw(ev).xreplace(assign)
+    if isinstance(ev, (bool, torch.SymBool)):
+        return bool(e)
+    return int(e) if sympy.sympify(e).is_integer else float(e)
+
+
 def _run_subgraph(root: fx.Node, cone: list[fx.Node], assign: dict) -> torch.Tensor:
     """Copy the cone into a graph of its own, sizes replaced by concrete values and
     devices by the CPU, and run it."""
@@ -962,12 +970,7 @@ def _run_subgraph(root: fx.Node, cone: list[fx.Node], assign: dict) -> torch.Ten
     for n in cone:
         ev = n.meta["example_value"]
         if not isinstance(ev, torch.Tensor):
-            e = _raw(ev).xreplace(assign)
-            env[n] = (
-                bool(e)
-                if isinstance(ev, (bool, torch.SymBool))
-                else (int(e) if sympy.sympify(e).is_integer else float(e))
-            )
+            env[n] = _scalar_at(ev, assign)
             continue
         new = g.node_copy(n, lambda a: env[a])
         new.args = fx.node.map_aggregate(new.args, concrete)
@@ -1103,12 +1106,7 @@ def _run_nodes(nodes, env: dict, assign, rows, nq: int) -> dict:
         for n in nodes:
             ev = n.meta["example_value"]
             if not isinstance(ev, torch.Tensor):
-                e = _raw(ev).xreplace(assign)
-                env[n] = (
-                    bool(e)
-                    if isinstance(ev, (bool, torch.SymBool))
-                    else (int(e) if sympy.sympify(e).is_integer else float(e))
-                )
+                env[n] = _scalar_at(ev, assign)
                 continue
             if n.op not in ("call_function", "call_method"):
                 raise _Refuse(f"unexpected {n.op} node {n.name}")

@@ -125,6 +125,10 @@ def rewrite_graph(
     new = G.copy_module(base)
     canonicalize(new)
     sites = find_sites(new)
+    if options.cpu == "auto":
+        # bucketed local attention on CPU: the op's path would run the token mask densely
+        # (N² work) where the bucketed form does N·(buckets looked at)·w
+        sites = [s.bucketed if s.bucketed is not None and _on_cpu(s) else s for s in sites]
     records: list[report.SiteRecord] = list(sub_records)
     matched = [s for s in sites if s.spec is not None]
     gnx = G.to_networkx(new.graph) if matched else None
@@ -218,13 +222,23 @@ def _density(site) -> float | None:
     return report.site_density(site.spec, nq, nk, d, dv)
 
 
+def _on_cpu(site) -> bool:
+    """Whether the site's op runs the CPU path (CPU tensors, kernels not forced by
+    ATTNFX_INTERPRET)."""
+    from attnfx import ops
+
+    ev = G.example_value(site.q.node)
+    return (
+        isinstance(ev, torch.Tensor) and ev.device.type == "cpu" and not ops.use_triton(ev.device)
+    )
+
+
 def _slower_on_cpu(site) -> bool:
     """A site on CPU tensors (kernels not forced by ATTNFX_INTERPRET) whose op path is
     slower than what inductor makes of its eager form."""
-    from attnfx import cpu, ops
+    from attnfx import cpu
 
-    ev = G.example_value(site.q.node)
-    if not isinstance(ev, torch.Tensor) or ev.device.type != "cpu" or ops.use_triton(ev.device):
+    if not _on_cpu(site):
         return False
     if any(G.requires_grad(a.node) for a in site.aux):
         return True  # learnable biases' gradients: the blocked path

@@ -143,6 +143,22 @@ def _analyze(root: fx.Node, nq, nk) -> MaskAnalysis:
     return MaskAnalysis(pred, "", _dead_nodes(root, cone), value)
 
 
+def constant_tensor(node: fx.Node, limit: int = 1 << 26) -> torch.Tensor | None:
+    """``node``'s value when it depends on no input, parameter or buffer (a mask built from
+    ``arange`` and constants), computed on the CPU at its static sizes; else None."""
+    ev = node.meta.get("example_value")
+    if not isinstance(ev, torch.Tensor) or not all(isinstance(s, int) for s in ev.shape):
+        return None
+    if ev.numel() > limit:
+        return None
+    cone = _cone(node)
+    try:
+        _check_sources(cone)
+        return _run_nodes(cone, {}, {}, None, 0)[node]
+    except _Refuse:
+        return None
+
+
 def analyze_position(node: fx.Node, nq, nk):
     """Read a numeric tensor built from index arithmetic (``k_pos - q_pos``,
     ``-(k - q).abs()``, bucketed forms with ``//`` and ``clamp``) as an integer-valued

@@ -94,6 +94,9 @@ class Site:
     # a token order the op runs in (``recognize.neighborhood.Layout``): q, k, v are put in
     # it before the op and the output back after; None: the program's order
     layout: object = None
+    # bucketed local attention read back over the tokens (``recognize.bucketed``): the
+    # site as the program bucketed it (dense attention per bucket), which CPU runs keep
+    bucketed: Site | None = None
 
     @property
     def operand_nodes(self) -> list[fx.Node]:

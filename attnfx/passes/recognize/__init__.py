@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from attnfx.passes import graph as G
 from attnfx.passes.match import NoMatch, Refusal, Site, debug
-from attnfx.passes.recognize import neighborhood
+from attnfx.passes.recognize import bucketed, neighborhood
 from attnfx.variants import VARIANTS
 
 
@@ -49,6 +49,7 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
                 break
             except NoMatch as e:
                 debug("%s at %s is not a %s site: %s", node.target, node, kind, e)
+    bucketed.unbucket(sites)  # bucketed local attention, read back over the tokens
     neighborhood.label(sites)  # neighborhood sites share the softmax anchor
     return sites
 

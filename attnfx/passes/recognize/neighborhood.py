@@ -132,6 +132,47 @@ def _classify(pred_key: str, n: int) -> Neighborhood | None:
         return Neighborhood((Axis(n, min(lo + hi + 1, n), 1, hi <= 0),))
     if mc.kind != "predicate" or n < 2:
         return None
+    return _on_grid(pred, n) or _one_axis(pred, n)
+
+
+def _rows(n: int) -> torch.Tensor:
+    """The query rows a reading checks: all up to ``_EXHAUSTIVE``, else the borders and a
+    seeded draw."""
+    if n <= _EXHAUSTIVE:
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(0)
+    edge = torch.cat([torch.arange(64), torch.arange(n - 64, n)])
+    return torch.cat([edge, torch.randint(0, n, (_SAMPLED_ROWS - edge.numel(),), generator=g)])
+
+
+def _one_axis(pred: MaskPredicate, n: int) -> Neighborhood | None:
+    """The predicate as one axis (a window that no grid separates: a bucketed window cut
+    at the query, chunked causal attention): each query's kept keys one interval with a
+    left bound somewhere (not the whole past: causal, not a window)."""
+    keys = torch.arange(n)
+    width, causal, strict, bounded = 0, True, False, False
+    for chunk in _rows(n).split(256):
+        keep = torch.as_tensor(pred.evaluate(chunk[:, None], keys[None, :], n, n)).expand(
+            len(chunk), n
+        )
+        count = keep.sum(1)
+        if bool((count == 0).any()):
+            return None
+        first = torch.where(keep, keys, n).min(1).values
+        last = torch.where(keep, keys, -1).max(1).values
+        if not bool((last - first + 1 == count).all()):
+            return None
+        width = max(width, int(count.max()))
+        causal &= bool((last <= chunk).all())
+        strict |= bool((first < chunk).any())
+        bounded |= bool((first > 0).any())
+    if not bounded or width >= n:
+        return None
+    return Neighborhood((Axis(n, width, 1, causal and strict),))
+
+
+def _on_grid(pred: MaskPredicate, n: int) -> Neighborhood | None:
+    """The predicate as per-axis windows on the grid its divisions describe, or None."""
     grid = _grid(_strides(pred.expr), n)
     if grid is None:
         return None
@@ -150,14 +191,8 @@ def _classify(pred_key: str, n: int) -> Neighborhood | None:
     ):
         return None  # the whole past: causal, not a window
     # the predicate must be the AND of the per-axis masks: check query rows
-    if n <= _EXHAUSTIVE:
-        rows = torch.arange(n)
-    else:
-        g = torch.Generator().manual_seed(0)
-        edge = torch.cat([torch.arange(64), torch.arange(n - 64, n)])
-        rows = torch.cat([edge, torch.randint(0, n, (_SAMPLED_ROWS - edge.numel(),), generator=g)])
     keys = torch.arange(n)
-    for chunk in rows.split(256):
+    for chunk in _rows(n).split(256):
         want = torch.as_tensor(pred.evaluate(chunk[:, None], keys[None, :], n, n))
         got = torch.ones((), dtype=torch.bool)
         for m, ln, st in zip(axes_masks, lengths, strides):

@@ -20,7 +20,16 @@ sdpa-masked      ``F.scaled_dot_product_attention`` with the (N, N) bool mask (t
 sdpa-dense       SDPA without a mask (FA2 / cuDNN on the GPU): the dense upper bound
                  on work, shown for scale, not the same computation
 eager            the plain core, uncompiled
+inductor         the plain core compiled by inductor (the backend attnfx wraps); by
+                 default only for bucketed shapes
 ===============  ======================================================================
+
+Bucketed local attention (``bucket:N:w``, ``cbucket:N:w`` causal): the core is written
+on buckets as lucidrains' ``local-attention`` and HaloNet-style code write it — q, k, v
+reshaped into buckets of ``w`` tokens, k and v joined with the buckets before and after
+(``pad`` + ``cat``), a mask from the padded positions — and attnfx reads it back as a
+band over the tokens (``attnfx.passes.recognize.bucketed``); the other providers take
+the same kept pairs as a token mask.
 
 Useful FLOPs (FlashAttention's convention, applied to the kept pairs only): forward =
 4 * B * H * D * pairs, forward+backward = 3.5 x forward; ``sdpa-dense`` is credited the
@@ -50,21 +59,24 @@ import torch
 import torch.nn.functional as F
 
 # Targets of the neighborhood issue (H100/H200, bf16, D64): the grids and windows.
-DEFAULT_SHAPES = "2d:128x128:31,2d:96x96:13,2d:128x128:7,1d:16384:1025"
-DRY_SHAPES = "2d:8x8:3,1d:24:5"
-PROVIDERS = ("attnfx", "flex", "flex-tiled", "sdpa-masked", "sdpa-dense", "eager")
+DEFAULT_SHAPES = "2d:128x128:31,2d:96x96:13,2d:128x128:7,1d:16384:1025,bucket:16384:512"
+DRY_SHAPES = "2d:8x8:3,1d:24:5,cbucket:48:8"
+PROVIDERS = ("attnfx", "inductor", "flex", "flex-tiled", "sdpa-masked", "sdpa-dense", "eager")
 
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
     grid: tuple[int, ...]
-    kernel: int
+    kernel: int  # the window; for a bucketed shape, the bucket size w
+    bucket: str | None = None  # "bucket" (one bucket back and one ahead) or "cbucket"
 
     @property
     def n(self) -> int:
         return math.prod(self.grid)
 
     def label(self) -> str:
+        if self.bucket:
+            return f"{self.bucket} {self.n} w={self.kernel}"
         return f"{len(self.grid)}-D {'x'.join(map(str, self.grid))} k={self.kernel}"
 
 
@@ -74,20 +86,70 @@ def parse_shapes(text: str) -> list[Shape]:
         try:
             dims, grid, k = item.strip().split(":")
             g = tuple(int(x) for x in grid.split("x"))
+            if dims in ("bucket", "cbucket"):
+                if len(g) != 1 or int(k) < 1 or g[0] % int(k) or g[0] < 2 * int(k):
+                    raise ValueError
+                out.append(Shape(g, int(k), dims))
+                continue
             if dims != f"{len(g)}d" or int(k) < 1 or min(g) < 1:
                 raise ValueError
         except ValueError:
             raise SystemExit(  # noqa: B904 - the message says it all
-                f"bad shape {item!r}: want '<n>d:<L1>x...:<kernel>', e.g. 2d:96x96:13"
+                f"bad shape {item!r}: want '<n>d:<L1>x...:<kernel>' (e.g. 2d:96x96:13) or"
+                " '[c]bucket:<N>:<w>' with w dividing N (e.g. bucket:16384:512)"
             )
         out.append(Shape(g, int(k)))
     return out
 
 
 def mask(shape: Shape, device) -> torch.Tensor:
+    if shape.bucket:
+        return bucket_mask(shape, device)
     from attnfx.nn.neighborhood import neighborhood_mask
 
     return neighborhood_mask(shape.grid, shape.kernel, device=device)
+
+
+def bucket_mask(shape: Shape, device) -> torch.Tensor:
+    """(N, N) kept pairs of a bucketed shape: keys in the query's bucket and the ones
+    next to it (one back, one ahead), causal by position for ``cbucket``."""
+    i = torch.arange(shape.n, device=device)
+    qb, kb = i[:, None] // shape.kernel, i[None, :] // shape.kernel
+    keep = (kb >= qb - 1) & (kb <= qb + (0 if shape.bucket == "cbucket" else 1))
+    return keep & (i[None, :] <= i[:, None]) if shape.bucket == "cbucket" else keep
+
+
+def _around(x, back: int, fwd: int, pad):
+    """(b, nb, w, ...) buckets -> each joined with ``back`` buckets before, ``fwd`` after."""
+    nb = x.shape[1]
+    p = F.pad(x, [0, 0] * (x.dim() - 2) + [back, fwd], value=pad)
+    return torch.cat([p[:, s : s + nb] for s in range(back + fwd + 1)], dim=2)
+
+
+def bucketed_core(w: int, causal: bool):
+    """Bucketed local attention over (B, H, N, D), written on buckets."""
+
+    def fn(q, k, v):
+        b, h, n, d = q.shape
+        nb, fwd = n // w, 0 if causal else 1
+        bq, bk, bv = (t.reshape(b * h, nb, w, d) for t in (q, k, v))
+        bk, bv = _around(bk, 1, fwd, 0.0), _around(bv, 1, fwd, 0.0)
+        pos = torch.arange(n, device=q.device).reshape(1, nb, w)
+        kpos = _around(pos[..., None], 1, fwd, -1)[..., 0]
+        s = (bq @ bk.transpose(-1, -2)) * d**-0.5
+        drop = kpos[:, :, None, :] < 0
+        if causal:
+            drop = drop | (kpos[:, :, None, :] > pos[..., :, None])
+        p = s.masked_fill(drop, float("-inf")).softmax(dim=-1)
+        return (p @ bv).reshape(b, h, n, d)
+
+    return fn
+
+
+def core_of(shape: Shape):
+    if shape.bucket:
+        return bucketed_core(shape.kernel, shape.bucket == "cbucket")
+    return core(shape.grid, shape.kernel)
 
 
 def core(grid: tuple[int, ...], kernel: int):
@@ -123,6 +185,17 @@ def flex_fn(shape: Shape, device, perm: torch.Tensor | None):
 
     grid = shape.grid
     order = (perm if perm is not None else torch.arange(shape.n)).to(device)
+    if shape.bucket:
+        w, ahead = shape.kernel, 0 if shape.bucket == "cbucket" else 1
+
+        def bucket_mod(b, h, q_idx, kv_idx):
+            qb, kb = q_idx // w, kv_idx // w
+            keep = (kb >= qb - 1) & (kb <= qb + ahead)
+            return keep & (kv_idx <= q_idx) if ahead == 0 else keep
+
+        bm = create_block_mask(bucket_mod, None, None, shape.n, shape.n, device=str(device))
+        fa = torch.compile(flex_attention) if device.type == "cuda" else flex_attention
+        return lambda q, k, v: fa(q, k, v, block_mask=bm)
 
     def mask_mod(b, h, q_idx, kv_idx):
         qi, ki = order[q_idx], order[kv_idx]
@@ -145,9 +218,11 @@ def build(name: str, shape: Shape, device, m: torch.Tensor):
     if name == "attnfx":
         import attnfx  # noqa: F401 - registers the backend
 
-        return torch.compile(core(shape.grid, shape.kernel), backend="attnfx"), None
+        return torch.compile(core_of(shape), backend="attnfx"), None
+    if name == "inductor":
+        return torch.compile(core_of(shape)), None
     if name == "eager":
-        return core(shape.grid, shape.kernel), None
+        return core_of(shape), None
     if name == "flex":
         return flex_fn(shape, device, None), None
     if name == "flex-tiled":
@@ -208,7 +283,7 @@ def run_case(name, shape, args, device, dtype) -> dict:
         else:
             inv = torch.argsort(perm) if perm is not None else slice(None)
             q1, k1, v1 = (t[first][:, :, inv].double() for t in (q, k, v))
-            ref = core(shape.grid, shape.kernel)(q1, k1, v1)
+            ref = core_of(shape)(q1, k1, v1)
             if perm is not None:  # flex-tiled: back to its permuted order
                 ref = ref[:, :, perm]
             row["rel_err"] = float((out[first].double() - ref).norm() / ref.norm())
@@ -249,9 +324,14 @@ def _counters() -> dict:
 def table(rows: list[dict], bwd: bool) -> str:
     head = f"{'shape':<22}{'provider':<13}{'fwd ms':>10}{'TFLOP/s':>9}"
     head += f"{'f+b ms':>10}{'TFLOP/s':>9}" if bwd else ""
-    head += f"{'vs flex':>9}{'rel err':>10}  site"
+    head += f"{'vs flex':>9}{'vs ind':>9}{'rel err':>10}  site"
     out = [head, "-" * len(head)]
-    flex = {(r["shape"]): r.get("fwd_ms") for r in rows if r["provider"] == "flex-tiled"}
+    # the flex baseline: tile-permuted where the shape has a tiled order, else plain
+    flex = {r["shape"]: r.get("fwd_ms") for r in rows if r["provider"] == "flex"}
+    flex.update(
+        {r["shape"]: r["fwd_ms"] for r in rows if r["provider"] == "flex-tiled" and "fwd_ms" in r}
+    )
+    ind = {r["shape"]: r.get("fwd_ms") for r in rows if r["provider"] == "inductor"}
     for r in rows:
         lead = f"{r['shape']:<22}{r['provider']:<13}"
         if "error" in r:
@@ -264,6 +344,8 @@ def table(rows: list[dict], bwd: bool) -> str:
             line += f"{'n/a':>10}{'':>9}"
         ref = flex.get(r["shape"])
         line += f"{ref / r['fwd_ms']:>8.2f}x" if ref else f"{'-':>9}"
+        base = ind.get(r["shape"])
+        line += f"{base / r['fwd_ms']:>8.2f}x" if base else f"{'-':>9}"
         err = r.get("rel_err")
         line += f"{err:>10.2e}" if err is not None else f"{'-':>10}"
         line += f"  {r.get('site', '')}"
@@ -304,11 +386,17 @@ def main(argv=None) -> int:
     )
     print(f"neighborhood attention | {where} | {dtype} | B={args.batch} H={args.heads} D={args.d}")
     print(
-        "baseline: flex-tiled (FlexAttention, NATTEN mask, 8x8-tiled tokens); useful FLOPs on kept pairs"
+        "baselines: flex-tiled (FlexAttention, NATTEN mask, 8x8-tiled tokens; plain flex for 1-D"
+        " bands), inductor (bucketed shapes); forward ms ratios; useful FLOPs on kept pairs"
     )
+    explicit = args.providers != ",".join(PROVIDERS)
     rows = []
     for shape in shapes:
         for nm in names:
+            if nm == "inductor" and not shape.bucket and not explicit:
+                continue  # (by default the bucketed shapes' baseline only)
+            if nm == "flex-tiled" and shape.bucket:
+                continue  # a 1-D band: no tiled order
             torch._dynamo.reset()
             rows.append(run_case(nm, shape, args, device, dtype))
             r = rows[-1]

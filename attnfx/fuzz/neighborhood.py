@@ -14,6 +14,13 @@ model).  Choices (values simplest first, as the shrinker tries them):
                 | sliding (1-D) ``(ki <= qi) & (qi - ki < w)``: a causal sliding window
                 | band    (1-D) ``(qi - ki).abs() <= w``: truncated at the borders
                 | chunk   (1-D) ``qi // c == ki // c``: blocks of c tokens
+                | bucket  (1-D) local attention written on buckets of w tokens: k and v
+                         joined with ``nb_back`` buckets before and ``nb_ahead`` after
+                         (``pad`` + ``cat`` of shifted slices, or ``pad`` + ``unfold``:
+                         ``nb_look``), a mask from the padded positions, causal by
+                         position (``nb_causal``), ``nb_exact``: no key more than
+                         ``nb_back·w`` before its query; read back over the tokens
+                         (``attnfx.passes.recognize.bucketed``)
     nb_fill     masked_fill | where
     grid        the token grid: (n,), (a, b) or (a, b, c), small
     nb_kernel   kernel size per axis (may exceed the axis: clamped)
@@ -34,9 +41,10 @@ from attnfx.fuzz.frame import BIG_HEAD_DIM, Frame, Program, SiteGrammar
 
 KIND = "neighborhood"
 
-FORMS = ("natten", "grid2d", "sliding", "band", "chunk")
+FORMS = ("natten", "grid2d", "sliding", "band", "chunk", "bucket")
 GRIDS = {1: ((5,), (7,), (12,), (17,), (24,)), 2: ((2, 3), (3, 3), (3, 5), (4, 4), (4, 6), (5, 5)),
          3: ((2, 2, 3), (2, 3, 3))}  # fmt: skip
+BUCKET_GRIDS = ((8,), (12,), (16,), (24,))  # lengths with divisors for the bucket size
 
 SIMPLER = {
     **sm.SIMPLER_FRAME,
@@ -45,6 +53,10 @@ SIMPLER = {
     "nb_fill": ("masked_fill",),
     "nb_dil": (1,),
     "nb_causal": (False,),
+    "nb_look": ("cat",),
+    "nb_back": (1,),
+    "nb_ahead": (0,),
+    "nb_exact": (False,),
 }
 
 
@@ -52,7 +64,7 @@ def choices(draw, device: str) -> dict:
     c = sm.draw_frame(draw, device)
     form = draw(st.sampled_from(FORMS))
     dims = 2 if form == "grid2d" else 1 if form != "natten" else draw(st.sampled_from((1, 2, 3)))
-    grid = draw(st.sampled_from(GRIDS[dims]))
+    grid = draw(st.sampled_from(BUCKET_GRIDS if form == "bucket" else GRIDS[dims]))
     c.update(
         {
             "near_miss": "none",
@@ -62,7 +74,11 @@ def choices(draw, device: str) -> dict:
             "grid": grid,
             "nb_kernel": tuple(draw(st.integers(1, n + 1)) for n in grid),
             "nb_dil": draw(st.sampled_from((1, 1, 2))),
-            "nb_causal": draw(st.booleans()) if form == "natten" else False,
+            "nb_causal": draw(st.booleans()) if form in ("natten", "bucket") else False,
+            "nb_look": draw(st.sampled_from(("cat", "unfold"))),
+            "nb_back": draw(st.sampled_from((1, 1, 2))),
+            "nb_ahead": draw(st.sampled_from((0, 1))),
+            "nb_exact": draw(st.booleans()),
         }
     )
     return c
@@ -77,6 +93,10 @@ DEFAULTS = {
     "nb_kernel": (3, 3),
     "nb_dil": 1,
     "nb_causal": False,
+    "nb_look": "cat",
+    "nb_back": 1,
+    "nb_ahead": 0,
+    "nb_exact": False,
 }
 
 
@@ -93,8 +113,23 @@ def normalize(c: dict) -> dict:
     ks = tuple(c["nb_kernel"])[: len(grid)]
     ks = tuple(max(1, k) for k in ks + (3,) * (len(grid) - len(ks)))
     if c["nb_form"] != "natten":
-        c["nb_dil"], c["nb_causal"] = 1, False
-    if c["nb_form"] in ("sliding", "band", "chunk"):
+        c["nb_dil"] = 1
+    if c["nb_form"] not in ("natten", "bucket"):
+        c["nb_causal"] = False
+    if c["nb_form"] == "bucket":
+        # w divides the length, and the window never spans every bucket: each query's
+        # keys stop short of some bucket (never all pairs, nor, causal, the whole past)
+        grid = grid if grid in BUCKET_GRIDS else (12,)
+        n = grid[0]
+        ws = [w for w in range(1, n // 3 + 1) if n % w == 0]
+        ks = (max([w for w in ws if w <= max(1, ks[0])] or [1]),)
+        c["nb_back"] = max(1, min(int(c["nb_back"]), n // ks[0] - 2))
+        c["nb_ahead"] = 1 if c["nb_ahead"] else 0
+        if c["nb_look"] not in ("cat", "unfold"):
+            c["nb_look"] = "cat"
+        c["nb_exact"] = bool(c["nb_exact"])
+        c["gqa"] = "none"  # (the buckets reshape B·H heads of one count)
+    elif c["nb_form"] in ("sliding", "band", "chunk"):
         # a window (or chunk) narrower than the sequence, at least 2 wide
         ks = (min(max(2, ks[0]), grid[0] - 1),)
     elif all(k * c["nb_dil"] >= n for k, n in zip(ks, grid, strict=True)):
@@ -144,7 +179,53 @@ def mask_lines(c) -> list[str]:
     ]
 
 
+def _look_lines(c, name: str, x: str, pad: str) -> list[str]:
+    """``name`` = buckets ``x`` (bh, nb, w, ...) joined with their neighbours."""
+    back, ahead = c["nb_back"], c["nb_ahead"]
+    if c["nb_look"] == "unfold":  # a window sliding by w over the padded bucket axis
+        return [
+            f"{name} = F.pad({x}.flatten(1, 2).transpose(1, -1), ({back} * w, {ahead} * w), value={pad})",
+            f"{name} = {name}.unfold(-1, {back + ahead + 1} * w, w).movedim(1, -1)",
+        ]
+    return [
+        f"{name} = F.pad({x}, [0, 0] * ({x}.dim() - 2) + [{back}, {ahead}], value={pad})",
+        f"{name} = torch.cat([{name}[:, i : i + nb] for i in range({back + ahead + 1})], dim=2)",
+    ]
+
+
+def bucket_lines(c) -> list[str]:
+    """Local attention on buckets of w tokens (``o`` back in (B, H, N, D))."""
+    w = c["nb_kernel"][0]
+    L = [
+        "bh, n_, d_ = q.shape[0] * q.shape[1], q.shape[-2], q.shape[-1]",
+        f"w, nb = {w}, q.shape[-2] // {w}",
+        "bq, bk, bv = (t.reshape(bh, nb, w, d_) for t in (q, k, v))",
+        "pos = torch.arange(n_, device=q.device).reshape(1, nb, w, 1)",
+    ]
+    L += _look_lines(c, "bk", "bk", "0.0") + _look_lines(c, "bv", "bv", "0.0")
+    L += _look_lines(c, "kpos", "pos", "-1")
+    L += ["kpos, qpos = kpos[..., 0][:, :, None, :], pos[..., 0][:, :, :, None]"]
+    if c["mm"] == "einsum":
+        L.append(f's = torch.einsum("bnid,bnjd->bnij", bq, bk) * {c["D"]} ** -0.5')
+    else:
+        L.append(f"s = (bq @ bk.transpose(-1, -2)) / math.sqrt({c['D']})")
+    L.append("drop = kpos < 0")
+    if c["nb_causal"]:
+        L.append("drop = drop | (kpos > qpos)")
+    if c["nb_exact"]:
+        L.append(f"drop = drop | (qpos - kpos > {c['nb_back']} * w)")
+    if c["nb_fill"] == "where":
+        L.append('s = torch.where(drop, float("-inf"), s)')
+    else:
+        L.append('s = s.masked_fill(drop, float("-inf"))')
+    L.append(sm.softmax_line(c))
+    pv = 'torch.einsum("bnij,bnjd->bnid", p, bv)' if c["pv"] == "einsum" else "p @ bv"
+    return L + [f"o = ({pv}).reshape(q.shape[0], q.shape[1], n_, d_)"]
+
+
 def body(c) -> list[str]:
+    if c["nb_form"] == "bucket":
+        return bucket_lines(c)
     L = sm.scores_lines(c) + mask_lines(c)
     if c["nb_fill"] == "where":
         L.append('s = torch.where(keep, s, float("-inf"))')

@@ -225,17 +225,22 @@ VIEW_FUNCTIONS = {
 }
 
 
+def view_parent(x: fx.Node):
+    """What the view-like op ``x`` views (its first argument), or None if ``x`` is not one."""
+    if x.op == "call_method" and x.target in VIEW_METHODS and x.args:
+        return x.args[0]
+    if x.op == "call_function" and hashable(x.target) and x.target in VIEW_FUNCTIONS and x.args:
+        return x.args[0]
+    return None
+
+
 def view_base(x) -> fx.Node | None:
     """The node whose storage ``x`` may view (through view-like ops)."""
     while isinstance(x, fx.Node):
-        if x.op == "call_method" and x.target in VIEW_METHODS and x.args:
-            x = x.args[0]
-        elif (
-            x.op == "call_function" and hashable(x.target) and x.target in VIEW_FUNCTIONS and x.args
-        ):
-            x = x.args[0]
-        else:
+        parent = view_parent(x)
+        if parent is None:
             return x
+        x = parent
     return None
 
 

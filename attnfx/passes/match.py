@@ -97,6 +97,9 @@ class Site:
     # bucketed local attention read back over the tokens (``recognize.bucketed``): the
     # site as the program bucketed it (dense attention per bucket), which CPU runs keep
     bucketed: Site | None = None
+    # a shape the op's output is reshaped to (the program's output node: heads merged or
+    # split from the (..., N, Dv) result); None: the op's own
+    out_shape: tuple | None = None
 
     @property
     def operand_nodes(self) -> list[fx.Node]:

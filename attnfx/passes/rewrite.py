@@ -66,6 +66,8 @@ def emit_call(graph: fx.Graph, site: Site, lookup: Callable[[fx.Node], fx.Node])
         out = _tiled(graph, out, 2, 4, lay, back=True)
     if site.rank3:
         out = graph.call_method("squeeze", (out, 1))
+    if site.out_shape is not None:
+        out = graph.call_method("reshape", (out, site.out_shape))
     return out
 
 
@@ -171,10 +173,14 @@ def apply(gm: fx.GraphModule, site: Site) -> fx.Node:
 
 
 def written_in_place(node: fx.Node) -> bool:
-    """Whether a node with side effects may write into ``node``'s value (through views)."""
+    """Whether a node with side effects may write into ``node``'s value (through views;
+    ``node`` itself may be a view, as a bucketed site's reshaped output is)."""
     for n in node.graph.nodes:
         if n.op in ("call_method", "call_function") and G.has_side_effects(n) and n.args:
-            if G.view_base(n.args[0]) is node:
+            x = n.args[0]
+            while isinstance(x, fx.Node) and x is not node:
+                x = G.view_parent(x)
+            if x is node:
                 return True
     return False
 

@@ -212,8 +212,14 @@ class _Source:
 def _read(operand: Operand, want: tuple | None = None) -> _Source:
     """The farthest source ``operand`` (the op's q, k or v as the site reads it) moves,
     whose rows it holds whole: (..., N, D) with the feature dim unchanged."""
+    for src in _reads(operand, want):
+        return src
+    raise _No(f"no token source for {operand.node.name}")
+
+
+def _reads(operand: Operand, want: tuple | None = None):
+    """Each source ``operand`` may be read from (see ``_read``), the farthest first."""
     start = operand.node
-    last = None
     for src in reversed(_chain(start)[1:]):
         shape = G.shape(src)
         if (
@@ -228,7 +234,7 @@ def _read(operand: Operand, want: tuple | None = None) -> _Source:
             nodes = _between(src, start)
             env = _replay(nodes, {src: _ids(src)})
         except _No as e:
-            last = e
+            debug("bucketed: %s is not read from %s: %s", start, src, e)
             continue
         got = env[start]
         if operand.permute is not None:
@@ -245,9 +251,29 @@ def _read(operand: Operand, want: tuple | None = None) -> _Source:
         if not bool(ok.all()) or bool((((first % d) != 0) & ~pad).any()):
             continue  # a row is not one source row, feature by feature
         rows = torch.where(pad, torch.full_like(first, _PAD_ID), first // d).squeeze(-1)
+        rows = rows.reshape(-1, rows.shape[-1])  # (G, R): a bucket (joined) per group
+        if not _one_lead(rows, shape[-2]) or (want is None and not _each_once(rows, shape)):
+            continue  # (the token axis is another one: heads before tokens, say)
         pads = [n for n in nodes if n.op == "call_function" and n.target in _PADS]
-        return _Source(src, rows.reshape(-1, rows.shape[-1]), pads, tuple(shape[:-2]), shape[-2])
-    raise _No(f"no token source for {start.name}" + (f" ({last})" if last else ""))
+        yield _Source(src, rows, pads, tuple(shape[:-2]), shape[-2])
+
+
+def _one_lead(rows: torch.Tensor, n: int) -> bool:
+    """Whether each group's rows (pads aside) are tokens of one batch and head."""
+    lead = torch.where(rows >= 0, rows // n, -1)
+    top = lead.max(-1, keepdim=True).values
+    return bool(((lead == top) | (lead < 0)).all())
+
+
+def _each_once(rows: torch.Tensor, shape) -> bool:
+    """Whether the query rows hold every source row once, in buckets smaller than N."""
+    total = math.prod(shape[:-1])
+    flat = rows.reshape(-1)
+    return (
+        flat.numel() == total
+        and shape[-2] > rows.shape[-1]
+        and torch.equal(flat.sort().values, torch.arange(total))
+    )
 
 
 def _grid_keep(site: Site, shape: tuple) -> tuple[torch.Tensor, float]:
@@ -313,8 +339,9 @@ def _fit(ends: torch.Tensor, w: int, n: int, lower: bool) -> list | None:
 
 
 def _output(site: Site, src_shape: tuple, qrows: torch.Tensor, dv: int) -> fx.Node:
-    """The node after the output's movement where it is back in the tokens' order: its
-    (..., N, Dv) element for token row r is the bucketed output row holding r."""
+    """The node after the output's movement where it is back in the tokens' order: the
+    (..., N, Dv) output, whose element for token row r is the bucketed output row holding
+    r, in some shape (flattened, the same elements in the same order)."""
     pv = site.output
     want = (*src_shape[:-1], dv)
     cur, path = pv, []
@@ -329,11 +356,12 @@ def _output(site: Site, src_shape: tuple, qrows: torch.Tensor, dv: int) -> fx.No
             break
         cur = users[0]
         path.append(cur)
-        if tuple(G.shape(cur) or ()) != want:
+        shape = G.shape(cur)
+        if shape is None or math.prod(shape) != expected.numel():
             continue
         env = _replay(path, {pv: ids})
-        if torch.equal(env[cur], expected):
-            return cur
+        if torch.equal(env[cur].reshape(-1), expected.reshape(-1)):
+            return cur  # (a reshape of the tokens-order output: heads split or merged)
     raise _No("the output is not moved back to the tokens' order")
 
 
@@ -349,16 +377,19 @@ def read_back(site: Site) -> Site:
     qs, vs = G.shape(site.q.node), G.shape(site.v.node)
     if qs is None or vs is None or not all(isinstance(s, int) for s in (*qs, *vs)):
         raise _No("not static sizes")
-    q = _read(site.q)
+    # q: every token once, in buckets of one batch and head; k and v: from sources of
+    # the same shape (a q source whose k has none is the wrong token axis: the next one)
+    for q in _reads(site.q):
+        try:
+            k = _read(site.k, want=(*q.lead, q.n))
+            v = _read(site.v, want=(*q.lead, q.n))
+            break
+        except _No:
+            continue
+    else:
+        raise _No("no token sources for q, k and v")
     nq_grid = q.rows.shape[-1]
     total = math.prod(q.lead) * q.n
-    flat = q.rows.reshape(-1)
-    if flat.numel() != total or not torch.equal(flat.sort().values, torch.arange(total)):
-        raise _No("the bucketed queries are not each token once")
-    if q.n <= nq_grid:
-        raise _No("one bucket holds every token")
-    k = _read(site.k, want=(*q.lead, q.n))
-    v = _read(site.v, want=(*q.lead, q.n))
     if not torch.equal(k.rows, v.rows):
         raise _No("v is not moved as k is")
     for p in v.pads:
@@ -416,9 +447,11 @@ def read_back(site: Site) -> Site:
         aux_bcast=(),
         out_layout="bhnd" if rank3 else _layout(out),
     )
+    want = (*G.shape(q.node)[:-1], vs[-1])
     return dataclasses.replace(
         site,
         output=out,
+        out_shape=tuple(G.shape(out)) if tuple(G.shape(out)) != want else None,
         q=Operand(q.node),
         k=Operand(k.node),
         v=Operand(v.node),

@@ -166,7 +166,7 @@ def _one_axis(pred: MaskPredicate, n: int) -> Neighborhood | None:
         causal &= bool((last <= chunk).all())
         strict |= bool((first < chunk).any())
         bounded |= bool((first > 0).any())
-    if not bounded or width >= n:
+    if not bounded:  # every row starts at key 0: causal, a prefix, or every pair
         return None
     return Neighborhood((Axis(n, width, 1, causal and strict),))
 

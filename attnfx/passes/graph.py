@@ -255,9 +255,13 @@ def written_tensor(node: fx.Node):
         return out
     target = node.target
     name = str(target) if node.op == "call_method" else getattr(target, "__name__", "") or ""
+    pure_operator = node.op == "call_function" and getattr(target, "__module__", None) in (
+        "_operator",
+        "operator",
+    )  # operator.and_ / or_ / not_: pure, despite the trailing underscore
     inplace = (
         (hashable(target) and target in INPLACE_OPERATORS)
-        or (name.endswith("_") and not name.endswith("__"))
+        or (name.endswith("_") and not name.endswith("__") and not pure_operator)
         or (node.op == "call_method" and name.startswith("__i"))
         or name == "__setitem__"
     )

@@ -154,9 +154,15 @@ def constant_tensor(node: fx.Node, limit: int = 1 << 26) -> torch.Tensor | None:
     cone = _cone(node)
     try:
         _check_sources(cone)
-        return _run_nodes(cone, {}, {}, None, 0)[node]
+        return run_constant_nodes(cone)[node]
     except _Refuse:
         return None
+
+
+def run_constant_nodes(nodes: list[fx.Node]) -> dict:
+    """Run ``nodes`` (graph order; each reads only the others and Python constants) on the
+    CPU at their static sizes: node -> value.  Raises on a form it cannot run."""
+    return _run_nodes(nodes, {}, {}, None, 0)
 
 
 def analyze_position(node: fx.Node, nq, nk):

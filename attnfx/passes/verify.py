@@ -215,17 +215,14 @@ def _drawn(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 def _mutates(gm: fx.GraphModule) -> bool:
     """Whether any node may write into a tensor: ``x.add_``, ``x[i] = y``, ``x += y``,
     ``out=`` arguments."""
-    for n in gm.graph.nodes:
-        if n.op not in ("call_method", "call_function"):
-            continue
-        if "out" in n.kwargs or (G.hashable(n.target) and n.target in G.INPLACE_OPERATORS):
-            return True
-        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
-        if name.endswith("_") and not name.endswith("__"):
-            return True
-        if name.startswith("__i") or name == "__setitem__":
-            return True
-    return False
+    # (``operator.and_`` of two masks is no write: it made the capture of every
+    # neighborhood site run its whole graph, the N² scores included)
+    return any(
+        n.op in ("call_method", "call_function")
+        and G.has_side_effects(n)
+        and G.written_tensor(n) is not False
+        for n in gm.graph.nodes
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -1144,12 +1141,13 @@ def verify_site(
     gm, gnx, site: Site, captured: dict, *, seed: int = 0, random_trials: int = 1
 ) -> Verdict:
     nodes, ext = rewrite.site_inputs(gnx, site)
+    nodes, ext, consts = _hoist_constants(nodes, ext)
     region, env = _region_module(gm, nodes, ext, site)
     cand = _candidate_module(gm, ext, site)
     # DTensors (tensor parallelism): the site on this rank's shards, as the op's sharding
     # rules run it (attnfx.distributed); the region and the candidate run locally, with
     # no collective
-    real = [_local(captured[e]) for e in ext]
+    real = [consts[e] if e in consts else _local(captured[e]) for e in ext]
     qkv = {site.q.node, site.k.node, site.v.node}
     # Every input of the region that requires grad: a bias, a temperature, a mask too.
     grad_idx = [
@@ -1177,6 +1175,53 @@ def verify_site(
     if planner.why:
         log.debug("attnfx verify %s: slicing fallbacks: %s", site.where, planner.why)
     return Verdict(True, worst, checked="; ".join(checked))
+
+
+# Constant parts of a region (a mask built from ``arange`` and sizes) are computed once
+# and enter the region as inputs, when they are this large: else each trial rebuilt them
+# (a 128x128-grid neighborhood mask is 2^28 pairs, seconds a run).
+_HOIST_ELEMENTS = 1 << 20
+
+
+def _hoist_constants(nodes: set, ext: list) -> tuple[set, list, dict]:
+    """(region nodes, region inputs, hoisted values): the region's integer and boolean
+    nodes that depend on no input (factory ops and what they feed, no random or in-place
+    op) whose values the
+    rest of the region reads, computed once here, become inputs; a whole full-size input
+    meeting sliced values is indexed where they meet (``_Slicer``), as the in-region
+    value was."""
+    from attnfx.passes import masks
+
+    if not nodes:
+        return nodes, ext, {}
+    order = {n: i for i, n in enumerate(next(iter(nodes)).graph.nodes)}
+    const: set[fx.Node] = set()
+    for n in sorted(nodes, key=order.__getitem__):
+        if (
+            n.op in ("call_function", "call_method")
+            and not G.has_side_effects(n)
+            and isinstance(G.example_value(n), torch.Tensor)
+            # (not floating: the float64 gold computes float constants in float64)
+            and not G.example_value(n).is_floating_point()
+            and all(a in const for a in n.all_input_nodes)
+        ):
+            const.add(n)
+    frontier = [
+        n for n in sorted(const, key=order.__getitem__) if any(u not in const for u in n.users)
+    ]
+    frontier = [n for n in frontier if all(isinstance(s, int) for s in G.shape(n) or (None,))]
+    if not frontier or sum(math.prod(G.shape(n)) for n in frontier) < _HOIST_ELEMENTS:
+        return nodes, ext, {}
+    cone = sorted(const, key=order.__getitem__)
+    try:
+        env = masks.run_constant_nodes(cone)
+    except Exception as e:  # noqa: BLE001 - a form the CPU run cannot take: run it in place
+        log.debug("attnfx verify: constants not hoisted: %s", e)
+        return nodes, ext, {}
+    values = {n: env[n] for n in frontier}
+    # the constant nodes nothing outside them reads go; the frontier enters as inputs
+    ext = sorted([*ext, *frontier], key=order.__getitem__)
+    return nodes - const, ext, values
 
 
 def _local(x):

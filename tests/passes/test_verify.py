@@ -1,6 +1,7 @@
 """The verify pass: the site's subgraph against its candidate, on real and random inputs."""
 
 import dataclasses
+import operator
 
 import pytest
 import torch
@@ -539,3 +540,95 @@ def test_random_trial_catches_what_real_inputs_miss(monkeypatch, verdicts, trial
     (vd,) = verdicts
     assert vd.ok is ok
     assert ok or "random inputs #0" in vd.message
+
+
+def band_and(q, k, v):
+    """A band mask combined with ``&`` (``operator.and_``: not an in-place op)."""
+    n = q.shape[-2]
+    i = torch.arange(n)
+    keep = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - 5)
+    s = (q @ k.transpose(-2, -1)).masked_fill(~keep, float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
+
+
+def test_masks_combined_with_and_do_not_run_the_whole_graph():
+    """``a & b`` of two masks is ``operator.and_``, whose trailing underscore read as an
+    in-place op: the capture then ran the whole graph (every neighborhood site's N²
+    scores, 2 s at 96x96).  Now it runs only what q, k, v need."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append((gm, example_inputs))
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(Fn(band_and), backend=backend)(*_qkv_s())
+    gm, ex = graphs[0]
+    assert any(n.target is operator.and_ for n in gm.graph.nodes)
+    assert not verify._mutates(gm)
+    and_node = next(n for n in gm.graph.nodes if n.target is operator.and_)
+    assert G.written_tensor(and_node) is False
+    canonicalize(gm)
+    (site,) = find_sites(gm)
+    ext = verify.build_graphs(gm, G.to_networkx(gm.graph), site)[2]
+
+    class Count(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.matmul, torch.softmax, torch.Tensor.masked_fill):
+                Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        verify.capture_inputs(gm, ex, set(ext))
+    assert Count.calls == 0
+    # an in-place op still makes the capture run whole
+    x = fx.Graph()
+    a = x.placeholder("a")
+    x.output(x.call_method("add_", (a, 1)))
+    assert verify._mutates(fx.GraphModule(nn.Module(), x))
+
+
+@pytest.fixture
+def hoist_small(monkeypatch):
+    monkeypatch.setattr(verify, "_HOIST_ELEMENTS", 16)
+    hoisted = []
+    real = verify._hoist_constants
+
+    def recording(nodes, ext):
+        out = real(nodes, ext)
+        hoisted.append(out[2])
+        return out
+
+    monkeypatch.setattr(verify, "_hoist_constants", recording)
+    return hoisted
+
+
+def test_constant_mask_is_built_once_and_sliced(small_bounds, verdicts, runs, hoist_small):
+    """A mask built from ``arange`` inside the region is computed once and enters the
+    region as an input (each trial used to rebuild it: seconds for a large grid); the
+    check stays sliced, and the mask rows it reads are the sliced rows'."""
+    q, k, v = _qkv_s()
+    out = _compile(band_and, q, k, v)
+    torch.testing.assert_close(out, band_and(q, k, v))
+    (vd,) = verdicts
+    assert vd.ok and "Q 8/32" in vd.checked, vd.checked
+    ((value,),) = [list(h.values()) for h in hoist_small]
+    assert value.dtype == torch.bool and value.shape == (SN, SN)
+    assert {shape for cand, _, shape in runs if not cand} == {(2, 2, 8, SD)}
+
+
+@pytest.mark.parametrize(
+    "where",
+    [(slice(None), slice(None), 0), (slice(None), slice(None), -1)],
+    ids=["first-row", "last-row"],
+)
+def test_hoisted_mask_check_rejects_planted_errors(
+    small_bounds, verdicts, hoist_small, monkeypatch, where
+):
+    _plant(monkeypatch, where)
+    _compile(band_and, *_qkv_s())
+    (vd,) = verdicts
+    assert not vd.ok and "max rule" in vd.message
+    assert hoist_small and hoist_small[0]

@@ -112,7 +112,7 @@ def rewrite_graph(
     gm: fx.GraphModule, example_inputs, options: Options
 ) -> tuple[fx.GraphModule, list]:
     """Run the attnfx passes on a copy of ``gm``; return it and the site records."""
-    from attnfx.passes import rewrite, subgraphs, verify
+    from attnfx.passes import masks, rewrite, subgraphs, verify
 
     gid = next(_graph_ids)
     # DDP's graph splitting compiles each piece on fake inputs: verify on drawn ones
@@ -162,6 +162,7 @@ def rewrite_graph(
             verdicts[i] = verify.verify_site(
                 new, gnx, matched[i], captured, random_trials=options.random_trials
             )
+    masks.forget_values(new.graph)  # (the masks the predicate checks ran whole)
 
     for s in sites:
         if s.spec is None:

@@ -40,6 +40,7 @@ import builtins
 import dataclasses
 import math
 import operator
+import weakref
 
 import sympy
 import torch
@@ -159,10 +160,28 @@ def constant_tensor(node: fx.Node, limit: int = 1 << 26) -> torch.Tensor | None:
         return None
 
 
-def run_constant_nodes(nodes: list[fx.Node]) -> dict:
-    """Run ``nodes`` (graph order; each reads only the others and Python constants) on the
-    CPU at their static sizes: node -> value.  Raises on a form it cannot run."""
-    return _run_nodes(nodes, {}, {}, None, 0)
+def run_constant_nodes(nodes: list[fx.Node], known: dict | None = None) -> dict:
+    """Run ``nodes`` (graph order; each reads only the others, the ``known`` values and
+    Python constants) on the CPU at their static sizes: node -> value.  Raises on a form
+    it cannot run."""
+    return _run_nodes(nodes, dict(known or {}), {}, None, 0)
+
+
+# Boolean masks this pass ran whole (every row, in blocks) to check a predicate, kept for
+# verification, which hoists the same values out of the region (``verify._hoist_constants``)
+# instead of building them again; dropped once the graph's sites are verified.
+_RAN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def ran_value(node: fx.Node) -> torch.Tensor | None:
+    """``node``'s whole value if a predicate check computed it, else None."""
+    return _RAN.get(node)
+
+
+def forget_values(graph: fx.Graph) -> None:
+    """Drop the kept values of ``graph``'s nodes."""
+    for n in [n for n in list(_RAN.keys()) if n.graph is graph]:
+        _RAN.pop(n, None)
 
 
 def analyze_position(node: fx.Node, nq, nk):
@@ -967,6 +986,8 @@ def _verify(pred: MaskPredicate, root: fx.Node, cone: list[fx.Node], nq, nk) -> 
         raise _Refuse(f"could not verify the predicate: {type(e).__name__}: {e}") from e
     if not ok:
         raise _Refuse("predicate disagrees with materialized mask")
+    if assign is hints and out.dtype == torch.bool:
+        _RAN[root] = out  # (the value at the graph's own sizes)
 
 
 def _scalar_at(ev, assign):
@@ -1067,9 +1088,17 @@ def _verify_rows(pred: MaskPredicate, root: fx.Node, cone: list[fx.Node], assign
         edge = torch.cat([torch.arange(e), torch.arange(nq - e, nq)])
         draw = torch.randint(0, nq, (_VERIFY_SAMPLED_ROWS,), generator=g)
         rows = torch.unique(torch.cat([edge, draw]))
+    whole = nq * nk <= _VERIFY_ALL_ROWS_PAIRS and root.meta["example_value"].dtype == torch.bool
+    blocks = []
     for block in rows.split(per):
         got = _run_nodes(big, env, assign, block, nq)[root]
         _compare_rows(pred, got, block, nq, nk)
+        if whole:
+            blocks.append(got)
+    if whole and blocks:
+        value = torch.cat(blocks, dim=-2)
+        if tuple(value.shape) == shapes[root]:
+            _RAN[root] = value
 
 
 def _leading_ones_only(shapes, n: fx.Node) -> bool:

@@ -1212,9 +1212,18 @@ def _hoist_constants(nodes: set, ext: list) -> tuple[set, list, dict]:
     frontier = [n for n in frontier if all(isinstance(s, int) for s in G.shape(n) or (None,))]
     if not frontier or sum(math.prod(G.shape(n)) for n in frontier) < _HOIST_ELEMENTS:
         return nodes, ext, {}
-    cone = sorted(const, key=order.__getitem__)
+    # values the mask pass already ran whole (its predicate check) are not run again
+    known = {n: v for n in const if (v := masks.ran_value(n)) is not None}
+    needed: set[fx.Node] = set()
+    stack = list(frontier)
+    while stack:
+        n = stack.pop()
+        if n not in needed and n not in known:
+            needed.add(n)
+            stack.extend(a for a in n.all_input_nodes if a in const)
+    cone = sorted(needed, key=order.__getitem__)
     try:
-        env = masks.run_constant_nodes(cone)
+        env = masks.run_constant_nodes(cone, known)
     except Exception as e:  # noqa: BLE001 - a form the CPU run cannot take: run it in place
         log.debug("attnfx verify: constants not hoisted: %s", e)
         return nodes, ext, {}

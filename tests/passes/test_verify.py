@@ -632,3 +632,28 @@ def test_hoisted_mask_check_rejects_planted_errors(
     (vd,) = verdicts
     assert not vd.ok and "max rule" in vd.message
     assert hoist_small and hoist_small[0]
+
+
+def test_hoisted_mask_reuses_the_mask_pass_value(small_bounds, verdicts, hoist_small, monkeypatch):
+    """The mask pass ran the program's mask whole to check its predicate; verification
+    takes that value instead of running the mask subgraph again, and the kept values are
+    dropped once the graph's sites are verified."""
+    from attnfx.passes import masks
+
+    masks._RAN.clear()  # (graphs other tests ran find_sites on directly)
+    ran = []
+    real = masks.run_constant_nodes
+
+    def recording(nodes, known=None):
+        ran.append((list(nodes), dict(known or {})))
+        return real(nodes, known)
+
+    monkeypatch.setattr(masks, "run_constant_nodes", recording)
+    _compile(band_and, *_qkv_s())
+    (vd,) = verdicts
+    assert vd.ok, vd.message
+    ((nodes, known),) = ran
+    assert nodes == [] and len(known) == 1  # nothing recomputed
+    (value,) = known.values()
+    assert value.dtype == torch.bool and value.shape == (SN, SN)
+    assert len(masks._RAN) == 0

@@ -34,7 +34,10 @@ How a site is read back (``unbucket``), everything at the site's static sizes:
 
 Edge semantics: the program's — a truncated window at the first buckets (the padding is
 masked), causal by token when the program masks by position; a query with no kept key is
-refused (not read back).  On CPU the op's path runs a token mask densely (N² work) where
+refused (not read back).  One difference on non-finite values: the bucketed program never
+reads a v row outside a query's buckets, while the op multiplies a masked key's zero
+probability by its v row wherever a tile holds both, so an infinite or NaN v outside the
+window turns nearby rows NaN (the verifier keeps a site whose example inputs show it).  On CPU the op's path runs a token mask densely (N² work) where
 the bucketed form does N·(b+f+1)·w, so with ``cpu="auto"`` a CPU site stays bucketed
 (``Site.bucketed`` keeps that form; ``backend.rewrite_graph`` picks it).
 """

@@ -76,7 +76,8 @@ class Buckets(nn.Module):
                     ..., None, :
                 ]
             )
-        p = s.masked_fill(mask, NEG).softmax(-1)
+        fill = -torch.finfo(s.dtype).max if self.bad.get("finite_fill") else NEG
+        p = s.masked_fill(mask, fill).softmax(-1)
         return torch.einsum("bnij,bnjd->bnid", p, bv).reshape(b, n, d)
 
 
@@ -238,3 +239,19 @@ def test_bucketed_kernels_match_eager(monkeypatch, tmp_path):
     attnfx.reset_counters()
     torch._dynamo.reset()
     assert_rewrites_match_eager(m, qkv, kind="neighborhood", grad=True)
+
+
+def test_finite_fill_reads_back_where_exp_drops_it():
+    """``-finfo.max`` as the fill (local-attention code writes it so): in float32 it is
+    below -1e30, so a masked slot's probability is exactly 0 beside any kept key, as a
+    dropped key's is — read back.  In float16 it is -65504: a masked slot counts where
+    the kept scores come within ~100 of it, and the token reading has other masked slots
+    than the buckets — not read back."""
+    m = Buckets(back=1, causal=True, finite_fill=True)
+    site = _site(m, *_qkv())
+    assert site.kind == "neighborhood"
+    attnfx.reset_counters()
+    torch._dynamo.reset()
+    assert_rewrites_match_eager(m, _qkv(), kind="neighborhood", options=ALWAYS)
+    half = [t.half() for t in _qkv()]
+    assert _tensor_mask(_site(m.half(), *half))

@@ -203,8 +203,8 @@ def _on_grid(pred: MaskPredicate, n: int) -> Neighborhood | None:
 
 
 def of_site(site) -> Neighborhood | None:
-    """The neighborhood of a matched softmax site, or None: its -inf filled predicates
-    (one or more, ANDed) at its example lengths."""
+    """The neighborhood of a matched softmax site, or None: its dropping (-inf, or
+    ≤ -1e30) filled predicate at its example lengths."""
     from attnfx.passes import graph as G
 
     spec = site.spec
@@ -213,7 +213,8 @@ def of_site(site) -> Neighborhood | None:
     preds = [
         op.pred
         for op in spec.score_ops
-        if op.pred is not None and op.entry.form == "fill" and op.value == -math.inf
+        # -inf, or a finite fill so negative that exp drops it beside any kept key
+        if op.pred is not None and op.entry.form == "fill" and op.value <= -1e30
     ]
     if len(preds) != 1:
         return None

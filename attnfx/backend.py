@@ -139,8 +139,9 @@ def rewrite_graph(
             log.debug("attnfx: %s at %s: %s writes in place", s.kind, s.where, w.name)
     if options.cpu == "auto":
         for s in matched:
-            if s.spec is not None and _slower_on_cpu(s):
-                s.spec, s.reason = None, "on CPU, inductor is faster for this form"
+            why = _cpu_refusal(s) if s.spec is not None else None
+            if why is not None:
+                s.spec, s.reason = None, why
     matched = [s for s in sites if s.spec is not None]
 
     verdicts: dict[int, verify.Verdict] = {}
@@ -234,17 +235,26 @@ def _on_cpu(site) -> bool:
     )
 
 
-def _slower_on_cpu(site) -> bool:
-    """A site on CPU tensors (kernels not forced by ATTNFX_INTERPRET) whose op path is
-    slower than what inductor makes of its eager form."""
+SLOWER_ON_CPU = "on CPU, inductor is faster for this form"
+SDPA_ON_CPU = "on CPU, the program's SDPA call already runs the fused kernel"
+
+
+def _cpu_refusal(site) -> str | None:
+    """Why a site on CPU tensors (kernels not forced by ATTNFX_INTERPRET) is kept: an
+    SDPA call (the op's CPU path would run the same fused kernel, plus its checks: the
+    CPU benchmark's gpt2-sdpa measured 0.79-0.93x inductor), or an op path slower than
+    what inductor makes of the eager form; None: rewrite it."""
     from attnfx import cpu
+    from attnfx.passes.recognize import softmax
 
     if not _on_cpu(site):
-        return False
+        return None
+    if softmax.is_sdpa(site.anchor):
+        return SDPA_ON_CPU
     if any(G.requires_grad(a.node) for a in site.aux):
-        return True  # learnable biases' gradients: the blocked path
+        return SLOWER_ON_CPU  # learnable biases' gradients: the blocked path
     needs_grad = any(G.requires_grad(n) for n in site.operand_nodes)
-    return not cpu.profitable(site.spec, needs_grad)
+    return None if cpu.profitable(site.spec, needs_grad) else SLOWER_ON_CPU
 
 
 def _cache_problem(message: str | None) -> str | None:

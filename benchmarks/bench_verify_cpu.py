@@ -22,6 +22,11 @@ parent prints a table with the ratios to inductor and writes JSON.
 
     PYTHONPATH=. python benchmarks/bench_verify_cpu.py                   # B1 H8 N4096 D64
     PYTHONPATH=. python benchmarks/bench_verify_cpu.py --n 1024 --repeat 3 --out /tmp/v.json
+    PYTHONPATH=. python benchmarks/bench_verify_cpu.py --workload na2d:128:31
+
+``--workload na2d:S:K``: ``attnfx.nn.NeighborhoodAttention2D`` (16 channels, one head,
+window K) on an S x S grid instead: its N² mask built by index arithmetic is what the
+mask pass and verification run at compile time.
 
 With ``--repeat R`` every mode runs R times (fresh subprocesses); the table shows the
 median.  Timings on a shared machine are noisy: compare runs made side by side.
@@ -56,9 +61,16 @@ def _child(args) -> dict:
             s = s.masked_fill(~causal, float("-inf"))
             return torch.softmax(s, dim=-1) @ v
 
-    shape = (args.b, args.h, args.n, args.d)
-    q, k, v = (torch.randn(shape) for _ in range(3))
-    model = CausalAttention()
+    if args.workload.startswith("na2d:"):
+        from attnfx.nn import NeighborhoodAttention2D
+
+        _, side, kernel = args.workload.split(":")
+        model = NeighborhoodAttention2D(16, 1, int(kernel)).eval()
+        inputs = (torch.randn(1, int(side), int(side), 16),)
+    else:
+        shape = (args.b, args.h, args.n, args.d)
+        inputs = tuple(torch.randn(shape) for _ in range(3))
+        model = CausalAttention()
     if args.mode == "inductor":
         from torch._dynamo.backends.registry import lookup_backend
 
@@ -86,10 +98,11 @@ def _child(args) -> dict:
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     compiled = torch.compile(model, backend=backend)
     t0 = time.perf_counter()
-    out = compiled(q, k, v)
-    t1 = time.perf_counter()
-    compiled(q, k, v)
-    t2 = time.perf_counter()
+    with torch.no_grad():
+        out = compiled(*inputs)
+        t1 = time.perf_counter()
+        compiled(*inputs)
+        t2 = time.perf_counter()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     res = {
         "mode": args.mode,
@@ -103,7 +116,8 @@ def _child(args) -> dict:
     if args.mode.startswith("attnfx"):
         res["counters"] = {k: v for k, v in attnfx.counters.items() if v}
     # The three modes must agree with eager, or the comparison means nothing.
-    ref = model(q, k, v)
+    with torch.no_grad():
+        ref = model(*inputs)
     res["max_abs_err_vs_eager"] = (out - ref).abs().max().item()
     return res
 
@@ -113,6 +127,7 @@ def _run_child(mode: str, args) -> dict:
         path = f.name
     cmd = [sys.executable, __file__, "--child", mode, "--child-out", path]
     cmd += ["--b", str(args.b), "--h", str(args.h), "--n", str(args.n), "--d", str(args.d)]
+    cmd += ["--workload", args.workload]
     env = dict(os.environ)
     # A fresh inductor cache per child: every mode pays its compile, as a new user would.
     env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
@@ -132,6 +147,7 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=4096)
     p.add_argument("--d", type=int, default=64)
     p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--workload", default="causal", help="causal | na2d:<side>:<window>")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--timeout", type=float, default=1200)
     p.add_argument("--out", default="benchmarks/out/bench_verify_cpu.json")
@@ -176,7 +192,11 @@ def main(argv=None) -> int:
             summary[m]["counters"] = ok[0]["counters"]
     ind = summary.get("inductor", {})
 
-    shape = f"B{args.b} H{args.h} N{args.n} D{args.d} fp32 causal"
+    shape = (
+        f"{args.workload} (NeighborhoodAttention2D, C16 H1) fp32"
+        if args.workload.startswith("na2d:")
+        else f"B{args.b} H{args.h} N{args.n} D{args.d} fp32 causal"
+    )
     print(f"verification cost on CPU, {shape}, median of {args.repeat} run(s)")
     cols = (
         ("peak RSS MB", "peak_rss_mb", "{:.0f}", True),

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import attnfx
 
 SLOWER = "on CPU, inductor is faster for this form"
+SDPA = "on CPU, the program's SDPA call already runs the fused kernel"
 
 
 class Softmax(nn.Module):
@@ -40,7 +41,15 @@ def _site(model, grad, cpu="auto"):
 
 def test_fused_forms_are_rewritten_on_cpu():
     assert _site(Softmax(), grad=False).status == "rewritten"  # inference: fused SDPA
-    assert _site(Sdpa(), grad=True).status == "rewritten"  # SDPA's fused backward too
+
+
+def test_sdpa_calls_are_kept_on_cpu():
+    """An SDPA call already runs PyTorch's fused CPU kernel (what inductor hands on): the
+    op would run the same kernel plus its per-call checks."""
+    for grad in (False, True):
+        site = _site(Sdpa(), grad=grad)
+        assert site.status == "kept" and site.reason == SDPA, site
+    assert _site(Sdpa(), grad=True, cpu="always").status == "rewritten"
 
 
 def test_slower_forms_are_kept_with_the_reason():

@@ -443,18 +443,20 @@ def read_back(site: Site) -> Site:
     from attnfx.passes.recognize.softmax import _layout
 
     rank3 = len(G.shape(q.node)) == 3
+    want = (*G.shape(q.node)[:-1], vs[-1])
+    out_shape = tuple(G.shape(out)) if tuple(G.shape(out)) != want else None
     new = dataclasses.replace(
         spec,
         score_ops=tuple(ops),
         aux_dtypes=(),
         aux_bcast=(),
-        out_layout="bhnd" if rank3 else _layout(out),
+        # (a reshaped output is the op's (B, H, N, Dv) result viewed: its own order)
+        out_layout="bhnd" if rank3 or out_shape is not None else _layout(out),
     )
-    want = (*G.shape(q.node)[:-1], vs[-1])
     return dataclasses.replace(
         site,
         output=out,
-        out_shape=tuple(G.shape(out)) if tuple(G.shape(out)) != want else None,
+        out_shape=out_shape,
         q=Operand(q.node),
         k=Operand(k.node),
         v=Operand(v.node),

@@ -267,11 +267,38 @@ def _prepare(q, k, v, aux, spec):
     return dict(attn_mask=mask, is_causal=causal_op is not None, scale=scale, rows=rows)
 
 
+# Query rows × keys of one block of a static mask's construction.
+_MASK_BLOCK = 1 << 22
+
+
 @functools.lru_cache(maxsize=8)  # (an N×N float mask each, for windows)
 def _static_mask(spec_key: str, nq: int, nk: int):
+    """``_mask`` of a spec whose masks are all index predicates, built a block of query
+    rows at a time: a predicate's integer temporaries stay block-sized (evaluated whole,
+    a 2-D 128x128 neighborhood's were N² int64 each, 2 GiB apiece)."""
     spec = AttentionSpec.from_key(spec_key)
     _, ops, causal_op = _sdpa_plan(spec)
-    return _mask(spec, ops, causal_op, [], nq, nk)
+    if not ops:
+        return _mask(spec, ops, causal_op, [], nq, nk)
+    finite_fill = any(op.value != -math.inf for op in ops) or (
+        causal_op is not None and causal_op.value != -math.inf
+    )
+    mask = torch.empty(nq, nk, dtype=_ACC)
+    keys = torch.arange(nk)
+    step = max(1, _MASK_BLOCK // max(nk, 1))
+    for r0 in range(0, nq, step):
+        rows = min(step, nq - r0)
+        keep = None
+        for op in ops:  # (uncached: the blocks do not repeat)
+            m = _keep.__wrapped__(op.pred, rows, nk, r0, nq, nk)
+            keep = m if keep is None else keep & m
+        mask[r0 : r0 + rows].zero_().masked_fill_(~keep, float("-inf"))
+        dead = ~keep.any(-1)
+        if causal_op is not None:  # is_causal also drops keys > row
+            dead |= ~(keep & (keys[None, :] <= torch.arange(r0, r0 + rows)[:, None])).any(-1)
+        if bool(dead.any()) and (finite_fill or spec.fully_masked == "preserve"):
+            return False
+    return mask
 
 
 def _mask(spec, ops, causal_op, aux, nq, nk):

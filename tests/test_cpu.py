@@ -424,3 +424,62 @@ def test_scores_beyond_float32_range_are_infinite_as_in_eager():
     got = ops.attention(q, k, v, spec)
     assert torch.equal(torch.isnan(got), torch.isnan(eager))
     torch.testing.assert_close(got.nan_to_num(), eager.nan_to_num(), **TOL)
+
+
+def _pred_spec(*preds, value=-math.inf, fully_masked="preserve"):
+    fills = tuple(ScoreOp("fill_pred", value=value, pred=MaskPredicate(p).to_key()) for p in preds)
+    return AttentionSpec(
+        score_ops=(ScoreOp("mul", 0.25), *fills),
+        head_dim=16, head_dim_v=16, dtype="float32", out_dtype="float32",
+        fully_masked=fully_masked,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "preds, value, fm",
+    [
+        ((sympy.And(K <= Q, K > Q - 5),), -math.inf, "preserve"),  # window (with causal)
+        # a 2-D window on a 6 x 7 grid (coordinates by // and %), and a band besides
+        (
+            (
+                sympy.And(
+                    sympy.Abs(sympy.floor(Q / 7) - sympy.floor(K / 7)) <= 1,
+                    sympy.Abs(sympy.Mod(Q, 7) - sympy.Mod(K, 7)) <= 2,
+                ),
+                sympy.Abs(Q - K) <= 20,
+            ),
+            -math.inf,
+            "preserve",
+        ),
+        ((K <= Q, Q - K <= 3), -math.inf, "preserve"),  # is_causal and a band
+        ((K <= Q, K >= 40), -math.inf, "preserve"),  # dead under is_causal only
+        ((K >= Q + 3,), -math.inf, "preserve"),  # rows with no key: not the fused path
+        ((K >= Q + 3,), -math.inf, "zero"),  # ... unless the spec says SDPA's zeros
+        ((K >= Q + 3,), -1e30, "zero"),  # a finite fill needs a key in every row
+    ],
+    ids=[
+        "window",
+        "grid-and-band",
+        "causal-band",
+        "causal-dead",
+        "dead-rows",
+        "dead-rows-zero",
+        "finite-dead",
+    ],  # fmt: skip
+)
+def test_static_mask_built_in_row_blocks(preds, value, fm, monkeypatch, request):
+    """The static mask of predicate-only specs, built a few rows at a time (bounded
+    temporaries), equals the mask built whole, declines the same calls (False), and the
+    causal op's dropped keys count toward dead rows."""
+    monkeypatch.setattr(cpu, "_MASK_BLOCK", 3 * 42)  # 3 rows of 42 keys per block
+    spec = _pred_spec(*preds, value=value, fully_masked=fm)
+    _, mops, causal_op = cpu._sdpa_plan(spec)
+    want = cpu._mask(spec, mops, causal_op, [], 42, 42)
+    if "causal" in request.node.name:
+        assert causal_op is not None  # (the case exercises is_causal)
+    cpu._static_mask.cache_clear()
+    got = cpu._static_mask(spec.key, 42, 42)
+    if want is False:
+        assert got is False
+    else:
+        assert torch.equal(got, want)

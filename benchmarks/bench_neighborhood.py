@@ -403,10 +403,10 @@ def main(argv=None) -> int:
             print(
                 f"  {shape.label():<22}{nm:<13}{r.get('fwd_ms', r.get('error'))}", file=sys.stderr
             )
+        if args.json:  # after each shape: a run cut short by its time limit keeps its rows
+            with open(args.json, "w") as f:
+                json.dump(dict(device=where, dtype=str(dtype), rows=rows), f, indent=1)
     print(table(rows, args.bwd))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=where, dtype=str(dtype), rows=rows), f, indent=1)
     return 0
 
 

@@ -217,11 +217,15 @@ def _mutates(gm: fx.GraphModule) -> bool:
     ``out=`` arguments."""
     # (``operator.and_`` of two masks is no write: it made the capture of every
     # neighborhood site run its whole graph, the N² scores included)
-    return any(
+    return any(_writes(n) for n in gm.graph.nodes)
+
+
+def _writes(n: fx.Node) -> bool:
+    """Whether ``n`` may write into a tensor (a random op or a dropout does not)."""
+    return (
         n.op in ("call_method", "call_function")
         and G.has_side_effects(n)
         and G.written_tensor(n) is not False
-        for n in gm.graph.nodes
     )
 
 
@@ -1192,8 +1196,8 @@ def _hoist_constants(nodes: set, ext: list) -> tuple[set, list, dict]:
     value was."""
     from attnfx.passes import masks
 
-    if not nodes:
-        return nodes, ext, {}
+    if not nodes or any(_writes(n) for n in nodes):
+        return nodes, ext, {}  # (a value written in place in the region: run it in place)
     order = {n: i for i, n in enumerate(next(iter(nodes)).graph.nodes)}
     const: set[fx.Node] = set()
     for n in sorted(nodes, key=order.__getitem__):

@@ -657,3 +657,33 @@ def test_hoisted_mask_reuses_the_mask_pass_value(small_bounds, verdicts, hoist_s
     (value,) = known.values()
     assert value.dtype == torch.bool and value.shape == (SN, SN)
     assert len(masks._RAN) == 0
+
+
+def test_no_hoisting_where_the_region_writes_in_place(monkeypatch):
+    """A constant of a region that also writes in place is left in the region: a hoisted
+    input written in place would carry the write into the next trial."""
+    monkeypatch.setattr(verify, "_HOIST_ELEMENTS", 16)
+
+    def region(write: bool):
+        g = fx.Graph()
+        x = g.placeholder("x")
+        x.meta["example_value"] = torch.zeros(8, 8)
+        a = g.call_function(torch.arange, (64,))
+        a.meta["example_value"] = torch.arange(64)
+        m = g.call_method("view", (a, 8, 8))
+        m.meta["example_value"] = torch.zeros(8, 8, dtype=torch.long)
+        keep = g.call_function(operator.gt, (m, 5))
+        keep.meta["example_value"] = torch.zeros(8, 8, dtype=torch.bool)
+        y = g.call_method("add_", (x, 1)) if write else g.call_method("add", (x, 1))
+        y.meta["example_value"] = torch.zeros(8, 8)
+        out = g.call_method("masked_fill", (y, keep, 0.0))
+        out.meta["example_value"] = torch.zeros(8, 8)
+        g.output(out)
+        return {a, m, keep, y, out}, [x], keep
+
+    nodes, ext, keep = region(write=False)
+    kept, ext2, values = verify._hoist_constants(nodes, ext)
+    assert keep in values and keep in ext2 and keep not in kept
+    assert torch.equal(values[keep], torch.arange(64).view(8, 8) > 5)
+    nodes, ext, keep = region(write=True)
+    assert verify._hoist_constants(nodes, ext) == (nodes, ext, {})

@@ -15,6 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "bench_attention.py"
+NEIGHBORHOOD = ROOT / "benchmarks" / "bench_neighborhood.py"
 
 
 def _env(tmp_path):
@@ -149,3 +150,24 @@ def test_prewarm_worker_runs_its_shard(bench, tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "[warm 0/1] 1 units" in proc.stdout
+
+
+def test_neighborhood_bucketed_dry_run(tmp_path):
+    """``bench_neighborhood.py --dry-run`` on a tiny bucketed shape: attnfx (the read-back
+    site through the interpreter kernels), its inductor baseline and eager, the table
+    and the JSON."""
+    env = _env(tmp_path)
+    env.pop("ATTNFX_CPU_REWRITE", None)  # (as users run it)
+    out = tmp_path / "nb.json"
+    cmd = [sys.executable, str(NEIGHBORHOOD), "--dry-run", "--shapes", "cbucket:24:4"]
+    cmd += ["--providers", "attnfx,inductor,eager", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "vs ind" in proc.stdout and "cbucket 24 w=4" in proc.stdout
+    rows = {r["provider"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"attnfx", "inductor", "eager"}
+    assert rows["attnfx"]["site"] == "rewritten.neighborhood", rows["attnfx"]
+    for r in rows.values():
+        assert "error" not in r and r["rel_err"] < 1e-2, r
+    # kept pairs: the first bucket keeps 1..4 keys, the others 5..8 (one bucket back)
+    assert abs(rows["attnfx"]["density"] - (10 + 5 * 26) / 24**2) < 1e-9

@@ -491,8 +491,12 @@ def _blocks(q: Tensor, k: Tensor, aux: list[Tensor], spec: AttentionSpec):
         yield rows, keys, sp
 
 
-def _aux_block(aux, rows, keys, nk):
-    return [a[..., rows, :keys] if keys < nk else a[..., rows, :] for a in aux]
+def _aux_block(aux, rows, keys, nk, tables=frozenset()):
+    """The aux tensors over a block's rows and leading keys (a table stays whole)."""
+    return [
+        a if i in tables else a[..., rows, :keys] if keys < nk else a[..., rows, :]
+        for i, a in enumerate(aux)
+    ]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -570,7 +574,7 @@ def reference_forward(q, k, v, aux, spec) -> tuple[Tensor, Tensor]:
     lse = torch.empty((b, h, nq), dtype=torch.float32)
     for rows, keys, sp in _blocks(q, k, aux, spec):
         for attempt in (keys, nk) if keys < nk else (nk,):
-            a = _aux_block(aux, rows, attempt, nk)
+            a = _aux_block(aux, rows, attempt, nk, spec.table_aux)
             where = (rows.start, nq, nk)
             p, ls, _, _ = _probs(
                 qq[..., rows, :], kk[..., :attempt, :], a, sp, where, with_grad=False,
@@ -598,7 +602,7 @@ def reference_backward(dout, q, k, v, aux, spec) -> tuple[Tensor, Tensor, Tensor
     dv = torch.zeros(vv.shape, dtype=acc)
     for rows, keys, sp in _blocks(q, k, aux, spec):
         for attempt in (keys, nk) if keys < nk else (nk,):
-            a = _aux_block(aux, rows, attempt, nk)
+            a = _aux_block(aux, rows, attempt, nk, spec.table_aux)
             kb, vb, qb, dob = (
                 kk[..., :attempt, :],
                 vv[..., :attempt, :],
@@ -636,13 +640,13 @@ def reference_aux_backward(dout, q, k, v, aux, spec, which) -> list[Tensor]:
     totals: dict[int, Tensor] = {}
     for r0 in range(0, nq, rb):
         rows = slice(r0, min(nq, r0 + rb))
-        a = [x[..., rows, :] for x in aux]
+        a = _aux_block(aux, rows, k.shape[-2], k.shape[-2], spec.table_aux)
         sp = _rows_spec(spec, r0, nq, k.shape[-2])
         parts = reference_aux_gradients(dout[..., rows, :], q[..., rows, :], k, v, a, sp, which)
         for i, g in zip(which, parts):
             if dims[i]:
                 g = g.sum(dim=dims[i], keepdim=True)
-            else:
+            elif i not in spec.table_aux:  # (a table's sums stay in the accumulation dtype)
                 g = g.to(aux[i].dtype)  # a full bias: rounded per block (bounded memory)
             if i not in totals:
                 shape = [1 if d in dims[i] else n for d, n in enumerate(aux[i].shape)]

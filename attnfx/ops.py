@@ -188,7 +188,11 @@ def attention_aux_backward_op(
 @attention_aux_backward_op.register_fake
 def _(dout, q, k, v, aux, spec, which):
     b, h, nq, _ = q.shape
-    return [aux[i].new_empty((b, h, nq, k.shape[-2])) for i in which]
+    tables = AttentionSpec.from_key(spec).table_aux
+    return [
+        aux[i].new_empty((b, h, 1, aux[i].shape[-1]) if i in tables else (b, h, nq, k.shape[-2]))
+        for i in which
+    ]
 
 
 def _setup_context(ctx, inputs, output):
@@ -268,6 +272,12 @@ def _check_inputs(q, k, v, aux, spec: AttentionSpec):
             raise ValueError(f"aux tensor {i} must be broadcast to 4-D, got shape {tuple(a.shape)}")
     if spec.sink is not None and aux[spec.sink].shape[-1] != 1:
         raise ValueError(f"the sink (aux tensor {spec.sink}) must be broadcast to (B, H, NQ, 1)")
+    nq, nk = q.shape[-2], k.shape[-2]
+    for op in spec.score_ops:
+        if op.entry.operand == "table":
+            if aux[op.aux].shape[-2] != 1:
+                raise ValueError(f"the table aux{op.aux} must be broadcast to (B, H, 1, T)")
+            op.entry.check_index(op, nq, nk, aux[op.aux].shape[-1])
 
 
 # ---------------------------------------------------------------------------------------
@@ -406,10 +416,16 @@ def _for_dtensors(q: Tensor, aux: list[Tensor]) -> list[Tensor]:
 
 def broadcast_aux(q: Tensor, k: Tensor, aux: list[Tensor], spec: AttentionSpec) -> list[Tensor]:
     """Each aux tensor as a stride-0 view of the scores' shape (B, Hq, NQ, NK); the
-    sink's of (B, Hq, NQ, 1)."""
+    sink's of (B, Hq, NQ, 1), a table's of (B, Hq, 1, T)."""
     b, h, nq, _ = q.shape
     nk = k.shape[-2]
-    return [a.expand(b, h, nq, 1 if i == spec.sink else nk) for i, a in enumerate(aux)]
+    tables = spec.table_aux
+    return [
+        a.expand(b, h, 1, a.shape[-1])
+        if i in tables
+        else a.expand(b, h, nq, 1 if i == spec.sink else nk)
+        for i, a in enumerate(aux)
+    ]
 
 
 def site_attention(q: Tensor, k: Tensor, v: Tensor, aux: list[Tensor], spec: str) -> Tensor:

@@ -174,7 +174,9 @@ def reference_aux_gradients(
     return [
         grads[i]
         if i == spec.sink
-        else torch.as_tensor(grads.get(i, 0.0), dtype=raw.dtype).expand(shape)
+        else torch.as_tensor(grads.get(i, 0.0), dtype=raw.dtype).expand(
+            aux[i].shape if i in spec.table_aux else shape
+        )
         for i in which
     ]
 

@@ -15,7 +15,8 @@ Each entry is described by
 * ``operand``: where ``m`` / ``a`` / the condition comes from — ``"const"``
   (``op.value``), ``"aux"`` (an aux tensor), ``"sym"`` (a scalar expression of the
   lengths, ``op.expr``), ``"pos"`` (an aux tensor times an index expression of Q and K),
-  ``"pred"`` (an index predicate), or None;
+  ``"table"`` (an aux *table* read at an index expression of Q and K), ``"pred"`` (an
+  index predicate), or None;
 * ``needs``: the ``ScoreOp`` operand fields (``aux``, ``pred``, ``expr``) it cannot do
   without;
 * ``log2``: how the op meets the softmax kernels' scores in log2 units (exp → exp2 with
@@ -31,7 +32,8 @@ interface the ``triton`` methods below use: ``s`` / ``grad`` / ``keep`` (names o
 score tile, of its derivative factor and of the kept-pairs tile, or None), ``idx`` (the
 op's position), ``scaled`` and ``L`` (whether the scores are in log2 units, and the
 factor, log2(e) or 1, by which a score-valued constant is scaled), ``line(text)``,
-``lit(x)`` (a float literal), ``index(expr)`` (a sympy expression of Q, K, NQ, NK over the
+``lit(x)`` (a float literal), ``tile.m`` / ``tile.n`` (the tile's query and key index
+vectors, broadcast), ``index(expr)`` (a sympy expression of Q, K, NQ, NK over the
 tile's index vectors), ``scale_grad(x)`` (multiply the derivative by a constant),
 ``set_grad(expr)`` (assign the derivative) and ``need_grad()`` (the derivative as a
 variable ahead of the op's lines).
@@ -39,8 +41,10 @@ variable ahead of the op's lines).
 
 from __future__ import annotations
 
+import functools
 import math
 
+import sympy
 import torch
 from torch import Tensor
 
@@ -75,6 +79,18 @@ class TorchEnv:
     def position(self, op, dtype: torch.dtype) -> Tensor:
         """The (nq, nk) index expression of a ``pos`` operand."""
         return materialize_expr(op.sym, self.nq, self.nk, device=self.device).to(dtype)
+
+    def table_index(self, op) -> Tensor:
+        """The (nq, nk) int64 index expression of a ``table`` operand."""
+        return materialize_expr(op.sym, self.nq, self.nk, device=self.device).to(torch.int64)
+
+    def gathered(self, op, dtype: torch.dtype) -> Tensor:
+        """A ``table`` operand read at its index expression: (…, nq, nk).  The table is
+        (B, H, 1, T), stride 0 where broadcast; each distinct (batch, head) table is read
+        once and the result broadcast back (no B·H·N² copy where the table is shared)."""
+        a = _compact(self.aux[op.aux])
+        out = a[..., 0, :].to(dtype)[..., self.table_index(op)]
+        return out.expand(*self.aux[op.aux].shape[:-2], *out.shape[-2:])
 
     # -- arithmetic on the scores ------------------------------------------------------
     def mul(self, s: Tensor, m) -> Tensor:
@@ -323,6 +339,95 @@ class AddPosAux(ScoreOpKind):
             e.line(f"{e.s} = {e.s} + a{op.aux}.to(tl.float32) * ({pos}).to(tl.float32)  # {op.sym}")
 
 
+class AddTableAux(ScoreOpKind):
+    """``s + aux[idx(Q, K)]``: a bias read from a small learnable table at an index
+    expression of the positions — NAT's relative position bias (Hassani et al. 2023), a
+    per-head (2k−1)^n table indexed by the key's offset from the query — with no N×N
+    tensor.  The aux tensor is the table, (B, H, 1, T) (stride 0 where broadcast); its
+    gradient is the scores' gradient summed into the table entries each pair reads.  An
+    index outside ``[0, T)`` at a call's lengths is an error, as eager's gather raises
+    (``check_index``)."""
+
+    name, form, operand, needs, log2 = "add_table_aux", "add", "table", ("aux", "expr"), "natural"
+
+    def describe(self, op):
+        return f"+aux{op.aux}[{op.sym}]"
+
+    def apply(self, s, op, env):
+        return env.add(s, env.gathered(op, s.dtype)), None
+
+    def aux_grad(self, g, before, op, env):
+        table = env.aux[op.aux]
+        idx = env.table_index(op).reshape(-1)
+        lead = torch.broadcast_shapes(g.shape[:-2], table.shape[:-2])
+        g = g.expand(*lead, *g.shape[-2:]).reshape(*lead, -1)
+        out = g.new_zeros(*lead, table.shape[-1]).index_add_(-1, idx, g)
+        return out.unsqueeze(-2)
+
+    rows = AddPosAux.rows
+    reads_lengths = AddPosAux.reads_lengths
+
+    def may_saturate(self, op):
+        return True  # learnable values, unbounded
+
+    def check_index(self, op, nq: int, nk: int, size: int) -> None:
+        """Raise where the index expression leaves the table (of ``size`` entries) for a
+        pair inside the lengths: the kernels would read past it; eager's gather raises."""
+        lo, hi = index_range(op.expr, nq, nk)
+        if lo < 0 or hi >= size:
+            raise IndexError(
+                f"score op {op.describe()}: index {op.sym} spans [{lo}, {hi}] at lengths "
+                f"{nq}x{nk}, outside the table's {size} entries"
+            )
+
+    def triton(self, op, e):
+        if e.s is not None:
+            assert not e.scaled
+            i = op.aux
+            idx = e.index(op.sym)
+            inside = f"({e.tile.m} < N_Q) & ({e.tile.n} < N_K)"
+            e.line(
+                f"t{e.idx} = tl.load(A{i} + ({idx}).to(tl.int64) * stride_a{i}n, "
+                f"mask={inside}, other=0)  # aux{i}[{op.sym}]"
+            )
+            e.line(f"{e.s} = {e.s} + t{e.idx}.to(tl.float32)")
+
+
+# Pairs per block of ``index_range``'s exact evaluation.
+_RANGE_BLOCK = 1 << 22
+
+
+@functools.lru_cache(maxsize=256)
+def index_range(expr_key: str, nq: int, nk: int) -> tuple[int, int]:
+    """(min, max) of an integer index expression over the pairs inside the lengths:
+    interval arithmetic when it bounds the expression, else evaluated a block of query
+    rows at a time."""
+    from attnfx.predicate import K, _bounded
+    from attnfx.spec import _parse_expr
+
+    expr = _parse_expr(expr_key)
+    known = {Q: (0, nq - 1), K: (0, nk - 1), NQ: (nq, nq), NK: (nk, nk)}
+    _, r = _bounded(expr.xreplace({NQ: sympy.Integer(nq), NK: sympy.Integer(nk)}), known)
+    if r is not None:
+        return int(r[0]), int(r[1])
+    lo, hi = None, None
+    rows = max(1, _RANGE_BLOCK // max(1, nk))
+    for r0 in range(0, nq, rows):
+        block = expr.subs({Q: Q + r0}, simultaneous=True)
+        t = materialize_expr(block, min(rows, nq - r0), nk).to(torch.int64)
+        blo, bhi = int(t.min()), int(t.max())
+        lo, hi = (blo, bhi) if lo is None else (min(lo, blo), max(hi, bhi))
+    return lo, hi
+
+
+def _compact(t: Tensor) -> Tensor:
+    """A broadcast (stride-0) view shrunk back to the size-1 dims it was expanded from."""
+    idx = tuple(
+        slice(0, 1) if st == 0 and sz > 1 else slice(None) for sz, st in zip(t.shape, t.stride())
+    )
+    return t[idx]
+
+
 # ---------------------------------------------------------------------------------------
 # Fills: the filled pairs get the value and exactly zero gradient
 # ---------------------------------------------------------------------------------------
@@ -450,6 +555,7 @@ TABLE: dict[str, ScoreOpKind] = {
         AddSym(),
         MulSym(),
         AddPosAux(),
+        AddTableAux(),
     )
 }
 

@@ -12,7 +12,7 @@ describes, for query ``q`` (B, Hq, NQ, D), key ``k`` (B, Hk, NK, D) and value ``
 
 Each score op reads, at most, one *aux* tensor: an extra operand of the custom op,
 already broadcast (by stride-0 views, never copies) to (B, Hq, NQ, NK) — a sink's to
-(B, Hq, NQ, 1).  Sizes are not
+(B, Hq, NQ, 1), a table's (``add_table_aux``) to (B, Hq, 1, T).  Sizes are not
 part of the spec: one spec, and one compiled kernel, serves every sequence length.
 
 The spec is frozen and hashable, and serializes to a plain string (``key``) that is
@@ -70,6 +70,8 @@ class ScoreOp:
     ``mul_sym``   ``s * expr(NQ, NK)``     (e.g. a ``log(NK)`` scaling)
     ``add_pos_aux`` ``s + aux[i] * expr(Q, K, NQ, NK)``  (a position bias: ALiBi's
                   per-head slope times ``K − Q``; no N×N tensor)
+    ``add_table_aux`` ``s + aux[i][expr(Q, K, NQ, NK)]``  (a bias table read at an index
+                  expression: NAT's relative position bias; no N×N tensor)
     ============  ==========================================================
     """
 
@@ -227,6 +229,11 @@ class AttentionSpec:
                 raise ValueError(f"sink reads a missing aux tensor {self.sink}")
             if any(op.aux == self.sink for op in self.score_ops):
                 raise ValueError("the sink's aux tensor is not a score operand")
+        for i in self.table_aux:
+            if any(op.aux == i and op.entry.operand != "table" for op in self.score_ops):
+                raise ValueError(f"aux tensor {i} is a table: only table ops read it")
+            if self.aux_dtypes[i] not in DTYPES:
+                raise ValueError(f"the table aux{i} must be floating point")
         if self.routing is not None:
             if isinstance(self.routing, dict):  # from ``from_key``
                 r = dict(self.routing)
@@ -238,6 +245,12 @@ class AttentionSpec:
                 raise ValueError("routed attention reads its indices from aux tensors 0 and 1")
             if any(op.aux is not None for op in self.score_ops):
                 raise ValueError("routed attention takes no aux score operand")
+
+    @functools.cached_property
+    def table_aux(self) -> frozenset[int]:
+        """The aux tensors read as tables (``add_table_aux``): (B, Hq, 1, T), never sliced
+        by query rows or keys."""
+        return frozenset(op.aux for op in self.score_ops if op.entry.operand == "table")
 
     def aux_broadcast(self, i: int) -> str:
         """How aux tensor ``i`` varies over the score tile (``aux_bcast``)."""

@@ -20,7 +20,7 @@ from attnfx.spec import AttentionSpec, ScoreOp
 NQ_, NK_ = 5, 7
 CAUSAL = MaskPredicate(K <= Q).to_key()
 
-# One op per entry; aux 0 is a float tensor, aux 1 a bool mask.
+# One op per entry; aux 0 is a float tensor, aux 1 a bool mask, aux 2 a bias table.
 SAMPLES = {
     "mul": ScoreOp("mul", 0.5),
     "add": ScoreOp("add", -1.5),
@@ -32,7 +32,11 @@ SAMPLES = {
     "add_sym": ScoreOp("add_sym", expr=sympy.srepr(-sympy.log(NK))),
     "mul_sym": ScoreOp("mul_sym", expr=sympy.srepr(sympy.log(NK))),
     "add_pos_aux": ScoreOp("add_pos_aux", aux=0, expr=sympy.srepr(K - Q)),
+    "add_table_aux": ScoreOp(
+        "add_table_aux", aux=2, expr=sympy.srepr(sympy.Min(8, sympy.Max(0, K - Q + 4)))
+    ),
 }
+TABLE_SIZE = 9
 
 
 def _aux():
@@ -40,6 +44,7 @@ def _aux():
     return [
         torch.randn(2, 1, NQ_, NK_, generator=g, dtype=torch.float64),
         torch.rand(2, 1, NQ_, NK_, generator=g) > 0.3,
+        torch.randn(2, 1, 1, TABLE_SIZE, generator=g, dtype=torch.float64),
     ]
 
 
@@ -70,9 +75,11 @@ def test_in_place_and_out_of_place_agree(name):
 def test_derivative_and_aux_gradient_match_autograd(name):
     op = SAMPLES[name]
     aux = _aux()
-    a = aux[0].clone().requires_grad_(True)
+    i = op.aux if op.aux is not None and aux[op.aux].is_floating_point() else 0
+    a = aux[i].clone().requires_grad_(True)
+    aux[i] = a
     s = _scores().requires_grad_(True)
-    env = TorchEnv([a, aux[1]], NQ_, NK_)
+    env = TorchEnv(aux, NQ_, NK_)
     out, hit = op.entry.apply(s, op, env)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype)
     kept = torch.ones_like(out, dtype=torch.bool) if hit is None else ~hit
@@ -82,9 +89,13 @@ def test_derivative_and_aux_gradient_match_autograd(name):
         want = g if f is None else g * f
         torch.testing.assert_close(torch.where(kept, want, 0.0), torch.where(kept, ds, 0.0))
         ga = op.entry.aux_grad(g, s, op, env)
-    if op.aux == 0 and op.entry.form != "fill":
+    if op.aux is not None and op.entry.form != "fill":
         assert ga is not None
-        torch.testing.assert_close(ga.expand_as(g).sum(1, keepdim=True), da)
+        if op.entry.operand == "table":  # summed into the entries each pair reads
+            assert ga.shape == a.shape
+            torch.testing.assert_close(ga, da)
+        else:
+            torch.testing.assert_close(ga.expand_as(g).sum(1, keepdim=True), da)
     else:
         assert ga is None
 
@@ -126,7 +137,9 @@ def test_run_is_the_ops_in_order():
 def test_every_kernel_op_has_a_triton_line(name):
     op = SAMPLES[name]
     spec = AttentionSpec(
-        score_ops=(ScoreOp("mul", 0.125), op), aux_dtypes=("float32", "bool"), head_dim=32
+        score_ops=(ScoreOp("mul", 0.125), op),
+        aux_dtypes=("float32", "bool", "float32"),
+        head_dim=32,
     )
     plan = make_plan(spec)
     fwd = score_program(spec, plan, orient="mn", s="s")

@@ -57,7 +57,7 @@ class _ScoreEmitter:
     op needs it as a tensor."""
 
     def __init__(self, tile: _Tile, s: str | None, grad: str | None, keep: str | None):
-        self.index = tile.index
+        self.tile, self.index = tile, tile.index
         self.s, self.grad, self.keep = s, grad, keep
         self.out: list[str] = []
         self.body: list[str] = []  # the current op's lines
@@ -150,7 +150,8 @@ def score_program(
     out = e.out
     fold = s is not None and plan.fold_log2e
     for i in plan.aux_used:
-        out.append(_aux_load(i, spec.aux_broadcast(i), t))
+        if i not in spec.table_aux:  # (a table is read by its op, at its index expression)
+            out.append(_aux_load(i, spec.aux_broadcast(i), t))
     if keep is not None:
         out.append(f"{keep} = ({t.m} >= 0) & ({t.n} < N_K)")
     pairs = _vector_products(spec, plan if guard_skip else None)

@@ -66,7 +66,9 @@ class Operand:
 @dataclasses.dataclass
 class AuxOperand:
     """An aux tensor of the op: ``node`` after an optional elementwise ``transform``
-    (``"neg"`` for ``s - bias``, ``"reciprocal"`` for ``s / t``)."""
+    (``"neg"`` for ``s - bias``, ``"reciprocal"`` for ``s / t``), or a bias table read by
+    an ``add_table_aux`` op: ``"table"`` for an (H, T) or (T,) table, ``"table_t"`` for a
+    (T, H) one (the op call passes it as (H, 1, T))."""
 
     node: fx.Node
     transform: str | None = None
@@ -282,6 +284,11 @@ def _arith_op(t, other, aux, score_shape, node, d=None) -> ScoreOp | list[ScoreO
                 # a fill's is 0): a causal mask always keeps key 0.  (fp16's finfo.min,
                 # -65504, is not large enough: it stays a tensor.)
                 return ScoreOp("fill_pred", value=res[2], pred=keep.to_key())
+    table = _table_bias(other, nq, nk, score_shape) if t is operator.add else None
+    if table is not None:  # table[f(Q, K)]: no N×N tensor (NAT's relative position bias)
+        node, form, expr = table
+        aux.append(AuxOperand(node, form))
+        return ScoreOp("add_table_aux", aux=len(aux) - 1, expr=sympy.srepr(expr))
     pos = _position_bias(other, nq, nk, score_shape)
     if pos is not None:  # slope × f(Q, K): no N×N tensor (ALiBi)
         slope, expr = pos
@@ -314,6 +321,77 @@ def _position_bias(other, nq, nk, score_shape):
         if expr is not None:
             return slope, expr
     return None
+
+
+def _table_bias(other, nq, nk, score_shape):
+    """A small table read at an index tensor built from positions — ``table[:, idx]`` of an
+    (H, T) table, ``table[idx]`` of a (T,) one, or ``table[idx].permute(2, 0, 1)`` of a
+    (T, H) one (Swin's spelling), through views that add leading size-1 dims — with
+    ``idx`` an index expression of (Q, K) (``masks.analyze_position``, checked on the
+    materialized tensor).  Returns (table node, ``AuxOperand`` transform, expression) or
+    None: the bias then stays an N×N tensor."""
+    from attnfx.passes.masks import analyze_position
+
+    if len(score_shape) != 4:
+        return None  # (H, N, D) operands: the op's table view needs the head dim
+    x, perm = other, None
+    while isinstance(x, fx.Node) and x.op in ("call_function", "call_method"):
+        src = x.args[0] if x.args else None
+        if not isinstance(src, fx.Node):
+            return None
+        name = x.target if isinstance(x.target, str) else getattr(x.target, "__name__", "")
+        if name in ("unsqueeze", "view", "reshape", "contiguous") and _strip_ones(
+            G.shape(x)
+        ) == _strip_ones(G.shape(src)):
+            x = src  # leading size-1 dims only (same values, same order)
+        elif name == "permute" and perm is None and _perm_args(x) == (2, 0, 1):
+            perm, x = (2, 0, 1), src
+        else:
+            break
+    if not (isinstance(x, fx.Node) and x.op == "call_function" and x.target is operator.getitem):
+        return None
+    table, index = x.args
+    tshape, dtype = G.shape(table), G.dtype(table)
+    if tshape is None or dtype is None or not dtype.is_floating_point:
+        return None
+    if isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None):
+        idx, form = index[1], "table" if len(tshape) == 2 and perm is None else None
+    elif isinstance(index, fx.Node):
+        idx = index
+        form = "table_t" if len(tshape) == 2 and perm else "table" if len(tshape) == 1 else None
+        form = None if perm and len(tshape) != 2 else form
+    else:
+        return None
+    if form is None or not isinstance(idx, fx.Node):
+        return None
+    idt = G.dtype(idx)
+    if idt is None or idt.is_floating_point or idt == torch.bool:
+        return None
+    ishape = G.shape(idx)
+    if ishape is None or len(ishape) != 2:
+        return None
+    heads = 1 if len(tshape) == 1 else tshape[1 if form == "table_t" else 0]
+    if heads not in (1, score_shape[-3]):
+        return None
+    expr = analyze_position(idx, nq, nk)
+    return None if expr is None else (table, form, expr)
+
+
+def _strip_ones(shape):
+    if shape is None:
+        return None
+    shape = list(shape)
+    while shape and shape[0] == 1:
+        shape.pop(0)
+    return tuple(shape)
+
+
+def _perm_args(n: fx.Node):
+    dims = n.args[1:] if len(n.args) > 2 else n.args[1] if len(n.args) == 2 else None
+    try:
+        return tuple(int(d) for d in dims)
+    except (TypeError, ValueError):
+        return None
 
 
 _AND = {

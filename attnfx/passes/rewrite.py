@@ -46,6 +46,11 @@ def emit_call(graph: fx.Graph, site: Site, lookup: Callable[[fx.Node], fx.Node])
     aux = []
     for i, a in enumerate(site.aux):
         n = lookup(a.node)
+        if a.transform in ("table", "table_t"):  # a bias table: (H, 1, T) or (1, T)
+            if a.transform == "table_t":
+                n = graph.call_method("transpose", (n, 0, 1))
+            aux.append(graph.call_method("unsqueeze", (n, -2)))
+            continue
         if a.transform == "neg":
             n = graph.call_function(operator.neg, (n,))
         elif a.transform == "reciprocal":

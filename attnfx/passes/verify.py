@@ -303,8 +303,12 @@ def _ext_labels(site: Site, ext: list, shapes: dict) -> list[list[frozenset] | N
         for j, p in enumerate(o.permute or range(len(r))):
             lab[p] = r[j]
         add(o.node, lab)
+    tables = {"table": {1: (None,), 2: ("H", None)}, "table_t": {2: (None, "H")}}
     for group, frame in ((site.aux, score), (site.q_mul, qrow)):
         for a in group:
+            if a.transform in tables:  # a bias table: its head dim, if any, is H
+                add(a.node, tables[a.transform].get(len(shapes.get(a.node) or ())))
+                continue
             shp = shapes.get(a.node)
             ok = shp is not None and len(shp) <= len(frame)
             add(a.node, list(frame[len(frame) - len(shp) :]) if ok else None)

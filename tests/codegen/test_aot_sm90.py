@@ -80,8 +80,8 @@ def _spec(d, dtype, kind):
         pred = MaskPredicate(sympy.Or(sympy.Lt(K, 4), window)).to_key()
         ops_.append(ScoreOp("fill_pred", -math.inf, pred=pred))
     elif kind in ("natten", "nattenrpb"):  # 2-D NA 128x128 k=31, tiled token order (tiles)
-        if kind == "nattenrpb":  # NAT's relative position bias, gathered: a full tile
-            ops_.append(ScoreOp("add_aux", aux=0))
+        if kind == "nattenrpb":  # NAT's relative position bias, read from its table
+            ops_.append(ScoreOp("add_table_aux", aux=0, expr=_natten_rpb_tiled(128, 31)))
             aux = ("float32",)
         ops_.append(ScoreOp("fill_pred", -math.inf, pred=_natten_tiled(128, 31)))
     elif kind in ("sink", "sinkmask"):  # gpt-oss: learned per-head sink, causal (+ hf mask)
@@ -115,6 +115,18 @@ def _natten_tiled(side: int, k: int) -> str:
         conds += [sympy.Ge(ka, start), sympy.Lt(ka, start + k)]
     plain = MaskPredicate(sympy.And(*conds)).to_key()
     return Layout((side, side), (8, 8)).permuted(plain)
+
+
+def _natten_rpb_tiled(side: int, k: int) -> str:
+    """NAT's relative position bias index into its (2k-1, 2k-1) table on a side x side
+    grid, on the tiled token order (8x8 blocks)."""
+    from attnfx.passes.recognize.neighborhood import Layout
+
+    idx = 0
+    for stride in (side, 1):
+        qa, ka = sympy.Mod(sympy.floor(Q / stride), side), sympy.Mod(sympy.floor(K / stride), side)
+        idx = idx * (2 * k - 1) + sympy.Min(2 * k - 2, sympy.Max(0, ka - qa + k - 1))
+    return Layout((side, side), (8, 8)).permuted(sympy.srepr(idx))
 
 
 CASES = [(d, "float16", "causal") for d in (16, 64, 80, 128, 256)]

@@ -320,7 +320,7 @@ def test_relative_position_bias_takes_the_tiled_order(monkeypatch):
     with torch.no_grad():
         (plain,) = attnfx.explain(m, x).rewritten
     assert site.density < 0.75 * plain.density  # the tiled order was taken
-    assert any(op.op == "add_aux" for op in site.spec.score_ops)  # with the bias
+    assert any(op.op == "add_table_aux" for op in site.spec.score_ops)  # with the bias
 
 
 def test_position_expression_takes_the_tiled_order(monkeypatch):

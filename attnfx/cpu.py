@@ -75,6 +75,11 @@ def profitable(spec: AttentionSpec, needs_grad: bool) -> bool:
     ``cpu="auto"``, the default) so that attnfx never makes a CPU model slower."""
     if spec.routing is not None or _sdpa_plan(spec) is None:
         return False  # routed: the gathers cost what inductor's code costs (bench_routed)
+    if spec.table_aux:
+        # a bias table is gathered into an N×N mask on every call (the table may change):
+        # NeighborhoodAttention2D 64x64 k=13 with its bias ran 1.25 s against inductor's
+        # 0.59 s (no_grad, 2 threads)
+        return False
     return not needs_grad or spec.fully_masked == "zero"
 
 

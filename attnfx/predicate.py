@@ -98,6 +98,14 @@ def materialize_expr(expr, nq: int, nk: int, device=None):
     return torch.as_tensor(out, device=device).to(torch.float32).expand(nq, nk)
 
 
+def evaluate_expr(expr, q, k, nq: int, nk: int):
+    """An index expression at index tensors ``q`` and ``k`` (broadcast against each
+    other) of an ``nq`` × ``nk`` call, in exact integer (or float) arithmetic."""
+    import torch
+
+    return torch.as_tensor(_eval_torch(expr, {Q: q, K: k, NQ: nq, NK: nk}))
+
+
 def _rebind(expr):
     """Parsed symbols lose their assumptions; map them back onto ours."""
     return expr.xreplace({s: _SYMBOLS[s.name] for s in expr.free_symbols if s.name in _SYMBOLS})

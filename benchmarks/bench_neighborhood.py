@@ -31,6 +31,11 @@ reshaped into buckets of ``w`` tokens, k and v joined with the buckets before an
 band over the tokens (``attnfx.passes.recognize.bucketed``); the other providers take
 the same kept pairs as a token mask.
 
+A shape with ``:rpb`` (``2d:56x56:7:rpb``) adds NAT's relative position bias, a
+(H, 2k-1, 2k-1) table gathered at the key's per-axis offset from the query: attnfx reads
+it from the table inside the kernel (``add_table_aux``), flex in a ``score_mod``,
+``sdpa-masked`` takes the gathered (1, H, N, N) bias with -inf outside the window.
+
 Useful FLOPs (FlashAttention's convention, applied to the kept pairs only): forward =
 4 * B * H * D * pairs, forward+backward = 3.5 x forward; ``sdpa-dense`` is credited the
 same useful FLOPs (its extra work is waste).  Times: median of
@@ -58,9 +63,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-# Targets of the neighborhood issue (H100/H200, bf16, D64): the grids and windows.
-DEFAULT_SHAPES = "2d:128x128:31,2d:96x96:13,2d:128x128:7,1d:16384:1025,bucket:16384:512"
-DRY_SHAPES = "2d:8x8:3,1d:24:5,cbucket:48:8"
+# Targets of the neighborhood issue (H100/H200, bf16, D64): the grids and windows; and
+# NAT's first stage (56x56, k=7) with its relative position bias.
+DEFAULT_SHAPES = (
+    "2d:128x128:31,2d:96x96:13,2d:128x128:7,1d:16384:1025,bucket:16384:512,2d:56x56:7:rpb"
+)
+DRY_SHAPES = "2d:8x8:3,2d:8x8:3:rpb,1d:24:5,cbucket:48:8"
 PROVIDERS = ("attnfx", "inductor", "flex", "flex-tiled", "sdpa-masked", "sdpa-dense", "eager")
 
 
@@ -69,6 +77,7 @@ class Shape:
     grid: tuple[int, ...]
     kernel: int  # the window; for a bucketed shape, the bucket size w
     bucket: str | None = None  # "bucket" (one bucket back and one ahead) or "cbucket"
+    rpb: bool = False  # NAT's relative position bias: a learnable (H, 2k-1, ...) table
 
     @property
     def n(self) -> int:
@@ -77,15 +86,18 @@ class Shape:
     def label(self) -> str:
         if self.bucket:
             return f"{self.bucket} {self.n} w={self.kernel}"
-        return f"{len(self.grid)}-D {'x'.join(map(str, self.grid))} k={self.kernel}"
+        rpb = " rpb" if self.rpb else ""
+        return f"{len(self.grid)}-D {'x'.join(map(str, self.grid))} k={self.kernel}{rpb}"
 
 
 def parse_shapes(text: str) -> list[Shape]:
     out = []
     for item in text.split(","):
         try:
-            dims, grid, k = item.strip().split(":")
+            dims, grid, k, *extra = item.strip().split(":")
             g = tuple(int(x) for x in grid.split("x"))
+            if extra not in ([], ["rpb"]) or (extra and dims.endswith("bucket")):
+                raise ValueError
             if dims in ("bucket", "cbucket"):
                 if len(g) != 1 or int(k) < 1 or g[0] % int(k) or g[0] < 2 * int(k):
                     raise ValueError
@@ -95,10 +107,10 @@ def parse_shapes(text: str) -> list[Shape]:
                 raise ValueError
         except ValueError:
             raise SystemExit(  # noqa: B904 - the message says it all
-                f"bad shape {item!r}: want '<n>d:<L1>x...:<kernel>' (e.g. 2d:96x96:13) or"
+                f"bad shape {item!r}: want '<n>d:<L1>x...:<kernel>[:rpb]' (e.g. 2d:96x96:13) or"
                 " '[c]bucket:<N>:<w>' with w dividing N (e.g. bucket:16384:512)"
             )
-        out.append(Shape(g, int(k)))
+        out.append(Shape(g, int(k), rpb=bool(extra)))
     return out
 
 
@@ -146,23 +158,44 @@ def bucketed_core(w: int, causal: bool):
     return fn
 
 
-def core_of(shape: Shape):
+def core_of(shape: Shape, table: torch.Tensor | None = None):
     if shape.bucket:
         return bucketed_core(shape.kernel, shape.bucket == "cbucket")
-    return core(shape.grid, shape.kernel)
+    return core(shape.grid, shape.kernel, table)
 
 
-def core(grid: tuple[int, ...], kernel: int):
-    """The attention core as the reference modules write it (the mask from index
-    arithmetic inside the traced function, so the recognizer reads the window)."""
-    from attnfx.nn.neighborhood import neighborhood_mask
+def rpb_table(shape: Shape, heads: int, device, dtype) -> torch.Tensor | None:
+    """The shape's relative position bias table (H, 2k-1, ...), or None."""
+    if not shape.rpb:
+        return None
+    g = torch.Generator().manual_seed(1)
+    size = (heads, *(2 * shape.kernel - 1 for _ in shape.grid))
+    return torch.randn(size, generator=g).to(device=device, dtype=dtype)
+
+
+def core(grid: tuple[int, ...], kernel: int, table: torch.Tensor | None = None):
+    """The attention core as the reference modules write it (the mask, and the relative
+    position bias's index, from index arithmetic inside the traced function, so the
+    recognizer reads the window and the table read)."""
+    from attnfx.nn.neighborhood import neighborhood_mask, relative_index
 
     def fn(q, k, v):
         s = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        if table is not None:
+            idx = relative_index(grid, kernel).to(q.device)
+            s = s + table.to(s.dtype).flatten(1)[:, idx]
         keep = neighborhood_mask(grid, kernel, device=q.device)
         return s.masked_fill(~keep, float("-inf")).softmax(dim=-1) @ v
 
     return fn
+
+
+def rpb_dense(shape: Shape, table: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """(1, H, N, N) additive mask: the bias gathered, -inf outside the window."""
+    from attnfx.nn.neighborhood import relative_index
+
+    idx = relative_index(shape.grid, shape.kernel).to(table.device)
+    return table.flatten(1)[:, idx].masked_fill(~m, float("-inf")).unsqueeze(0)
 
 
 def tiled_order(grid: tuple[int, ...], tile: int = 8) -> torch.Tensor:
@@ -178,7 +211,7 @@ def tiled_order(grid: tuple[int, ...], tile: int = 8) -> torch.Tensor:
     return idx.view(h // th, th, w // tw, tw).permute(0, 2, 1, 3).flatten()
 
 
-def flex_fn(shape: Shape, device, perm: torch.Tensor | None):
+def flex_fn(shape: Shape, device, perm: torch.Tensor | None, table=None):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     from attnfx.nn.neighborhood import window
@@ -210,24 +243,40 @@ def flex_fn(shape: Shape, device, perm: torch.Tensor | None):
 
     bm = create_block_mask(mask_mod, None, None, shape.n, shape.n, device=str(device))
     fa = torch.compile(flex_attention) if device.type == "cuda" else flex_attention
-    return lambda q, k, v: fa(q, k, v, block_mask=bm)
+    if table is None:
+        return lambda q, k, v: fa(q, k, v, block_mask=bm)
+    flat, span = table.float().flatten(1), 2 * shape.kernel - 1
+
+    def score_mod(score, b, h, q_idx, kv_idx):  # NAT's bias: per-axis offsets, clamped
+        qi, ki = order[q_idx], order[kv_idx]
+        idx = 0
+        for a, length in enumerate(grid):  # row-major: the first axis is the slowest
+            stride = math.prod(grid[a + 1 :])
+            qc, kc = (qi // stride) % length, (ki // stride) % length
+            idx = idx * span + (kc - qc + shape.kernel - 1).clamp(0, span - 1)
+        return score + flat[h, idx]
+
+    return lambda q, k, v: fa(q, k, v, score_mod=score_mod, block_mask=bm)
 
 
-def build(name: str, shape: Shape, device, m: torch.Tensor):
+def build(name: str, shape: Shape, device, m: torch.Tensor, table=None):
     """(fn, input permutation or None) for a provider."""
     if name == "attnfx":
         import attnfx  # noqa: F401 - registers the backend
 
-        return torch.compile(core_of(shape), backend="attnfx"), None
+        return torch.compile(core_of(shape, table), backend="attnfx"), None
     if name == "inductor":
-        return torch.compile(core_of(shape)), None
+        return torch.compile(core_of(shape, table)), None
     if name == "eager":
-        return core_of(shape), None
+        return core_of(shape, table), None
     if name == "flex":
-        return flex_fn(shape, device, None), None
+        return flex_fn(shape, device, None, table), None
     if name == "flex-tiled":
         perm = tiled_order(shape.grid)
-        return flex_fn(shape, device, perm), perm
+        return flex_fn(shape, device, perm, table), perm
+    if name == "sdpa-masked" and table is not None:
+        bias = rpb_dense(shape, table, m)
+        return (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=bias)), None
     if name == "sdpa-masked":
         return (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=m)), None
     if name == "sdpa-dense":
@@ -263,11 +312,12 @@ def run_case(name, shape, args, device, dtype) -> dict:
 
     q, k, v = rnd(), rnd(), rnd()
     m = mask(shape, device)
+    table = rpb_table(shape, h, device, dtype)
     pairs = int(m.sum())
     row["density"] = pairs / shape.n**2
     flops = 4 * b * h * d * pairs
     try:
-        fn, perm = build(name, shape, device, m)
+        fn, perm = build(name, shape, device, m, table)
         if perm is not None:  # the permutation is a layout choice, not timed
             perm = perm.to(device)
             q, k, v = (t[:, :, perm] for t in (q, k, v))
@@ -283,7 +333,8 @@ def run_case(name, shape, args, device, dtype) -> dict:
         else:
             inv = torch.argsort(perm) if perm is not None else slice(None)
             q1, k1, v1 = (t[first][:, :, inv].double() for t in (q, k, v))
-            ref = core_of(shape)(q1, k1, v1)
+            t1 = table[:1].double() if table is not None else None
+            ref = core_of(shape, t1)(q1, k1, v1)
             if perm is not None:  # flex-tiled: back to its permuted order
                 ref = ref[:, :, perm]
             row["rel_err"] = float((out[first].double() - ref).norm() / ref.norm())

@@ -26,7 +26,8 @@ parent prints a table with the ratios to inductor and writes JSON.
 
 ``--workload na2d:S:K``: ``attnfx.nn.NeighborhoodAttention2D`` (16 channels, one head,
 window K) on an S x S grid instead: its N² mask built by index arithmetic is what the
-mask pass and verification run at compile time.
+mask pass and verification run at compile time.  ``na2d:S:K:rpb`` adds NAT's relative
+position bias (an N² gather of its (1, 2K-1, 2K-1) table at an N² int64 index).
 
 With ``--repeat R`` every mode runs R times (fresh subprocesses); the table shows the
 median.  Timings on a shared machine are noisy: compare runs made side by side.
@@ -64,8 +65,9 @@ def _child(args) -> dict:
     if args.workload.startswith("na2d:"):
         from attnfx.nn import NeighborhoodAttention2D
 
-        _, side, kernel = args.workload.split(":")
-        model = NeighborhoodAttention2D(16, 1, int(kernel)).eval()
+        _, side, kernel, *extra = args.workload.split(":")
+        rpb = extra == ["rpb"]  # NAT's relative position bias, gathered from its table
+        model = NeighborhoodAttention2D(16, 1, int(kernel), rel_pos_bias=rpb).eval()
         inputs = (torch.randn(1, int(side), int(side), 16),)
     else:
         shape = (args.b, args.h, args.n, args.d)
@@ -147,7 +149,7 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=4096)
     p.add_argument("--d", type=int, default=64)
     p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument("--workload", default="causal", help="causal | na2d:<side>:<window>")
+    p.add_argument("--workload", default="causal", help="causal | na2d:<side>:<window>[:rpb]")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--timeout", type=float, default=1200)
     p.add_argument("--out", default="benchmarks/out/bench_verify_cpu.json")

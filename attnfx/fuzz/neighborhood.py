@@ -25,6 +25,12 @@ model).  Choices (values simplest first, as the shrinker tries them):
     grid        the token grid: (n,), (a, b) or (a, b, c), small
     nb_kernel   kernel size per axis (may exceed the axis: clamped)
     nb_dil      dilation (natten only), nb_causal: causal per axis (natten only)
+    nb_rpb      none | heads | shared | swin: a learnable relative position bias added
+                to the scores, read from a small table at an index built from the
+                positions (NAT's per-axis ``relative_index`` for natten, a clamped
+                ``k − q`` otherwise): an (H, T) table indexed ``[:, idx]``, a (T,) one
+                shared by the heads, or Swin's (T, H) one ``[idx].permute(2, 0, 1)``;
+                read back as ``add_table_aux`` (not for bucket)
 
 Every window is drawn narrower than its axis on at least one axis, so the mask is never
 all-true nor plain causal: each program is labelled ``neighborhood``.
@@ -57,7 +63,9 @@ SIMPLER = {
     "nb_back": (1,),
     "nb_ahead": (0,),
     "nb_exact": (False,),
+    "nb_rpb": ("none",),
 }
+RPB_FORMS = ("none", "heads", "shared", "swin")
 
 
 def choices(draw, device: str) -> dict:
@@ -79,6 +87,7 @@ def choices(draw, device: str) -> dict:
             "nb_back": draw(st.sampled_from((1, 1, 2))),
             "nb_ahead": draw(st.sampled_from((0, 1))),
             "nb_exact": draw(st.booleans()),
+            "nb_rpb": draw(st.sampled_from(RPB_FORMS)),
         }
     )
     return c
@@ -97,6 +106,7 @@ DEFAULTS = {
     "nb_back": 1,
     "nb_ahead": 0,
     "nb_exact": False,
+    "nb_rpb": "none",
 }
 
 
@@ -137,6 +147,8 @@ def normalize(c: dict) -> dict:
         ks = (max(1, min(ks[0], grid[0] // c["nb_dil"]) - 1),) + ks[1:]
         if ks[0] * c["nb_dil"] >= grid[0]:
             ks, c["nb_dil"] = (1,) + ks[1:], 1
+    if c["nb_rpb"] not in RPB_FORMS or c["nb_form"] == "bucket":
+        c["nb_rpb"] = "none"
     c["grid"], c["nb_kernel"] = grid, ks
     c["NQ"] = c["NKV"] = math.prod(grid)
     c["cross"], c["dynamic"] = False, False
@@ -223,10 +235,49 @@ def bucket_lines(c) -> list[str]:
     return L + [f"o = ({pv}).reshape(q.shape[0], q.shape[1], n_, d_)"]
 
 
+def _rpb_size(c) -> int:
+    """Entries of the bias table: NAT's (2k−1)^n, else offsets −R..R."""
+    if c["nb_form"] == "natten":
+        return math.prod(2 * k - 1 for k in c["nb_kernel"])
+    return 2 * _rpb_reach(c) + 1
+
+
+def _rpb_reach(c) -> int:
+    return max(c["nb_kernel"]) // 2 + 1
+
+
+def rpb_lines(c) -> list[str]:
+    """``s`` plus the relative position bias read from ``self.rpb``."""
+    form = c["nb_rpb"]
+    if form == "none":
+        return []
+    if c["nb_form"] == "natten":
+        grid, ks = c["grid"], c["nb_kernel"]
+        L = [f"idx = relative_index({grid!r}, {ks!r}, {c['nb_dil']}).to(s.device)"]
+    else:
+        r = _rpb_reach(c)
+        L = [
+            "pos = torch.arange(nq, device=s.device)",
+            f"idx = (pos[None, :] - pos[:, None]).clamp({-r}, {r}) + {r}",
+        ]
+    read = {"heads": "self.rpb[:, idx]", "shared": "self.rpb[idx]",
+            "swin": "self.rpb[idx].permute(2, 0, 1)"}[form]  # fmt: skip
+    return L + [f"s = s + {read}"]
+
+
+def rpb_init(c) -> list[str]:
+    form = c["nb_rpb"]
+    if form == "none":
+        return []
+    t, h = _rpb_size(c), c["H"]
+    shape = {"heads": f"({h}, {t})", "shared": f"({t},)", "swin": f"({t}, {h})"}[form]
+    return [f"self.rpb = nn.Parameter(0.5 * torch.randn{shape})"]
+
+
 def body(c) -> list[str]:
     if c["nb_form"] == "bucket":
         return bucket_lines(c)
-    L = sm.scores_lines(c) + mask_lines(c)
+    L = sm.scores_lines(c) + rpb_lines(c) + mask_lines(c)
     if c["nb_fill"] == "where":
         L.append('s = torch.where(keep, s, float("-inf"))')
     else:
@@ -237,11 +288,13 @@ def body(c) -> list[str]:
 
 def header(c) -> list[str]:
     if c["nb_form"] == "natten":
-        return ["from attnfx.nn.neighborhood import neighborhood_mask"]
+        return ["from attnfx.nn.neighborhood import neighborhood_mask, relative_index"]
     return []
 
 
-FRAME = Frame(KIND, body=body, mask_inputs={}, header=header, known_gaps=sm.KNOWN_GAPS)
+FRAME = Frame(
+    KIND, body=body, mask_inputs={}, header=header, init=rpb_init, known_gaps=sm.KNOWN_GAPS
+)
 
 
 def render(c: dict) -> Program:

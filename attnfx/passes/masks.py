@@ -189,7 +189,7 @@ def analyze_position(node: fx.Node, nq, nk):
     ``-(k - q).abs()``, bucketed forms with ``//`` and ``clamp``) as an integer-valued
     expression over ``Q``, ``K``, ``NQ``, ``NK``; None when it is not one.  Checked
     against the materialized tensor, like predicates."""
-    from attnfx.predicate import materialize_expr
+    from attnfx.predicate import evaluate_expr
 
     try:
         nq, nk = _raw(nq), _raw(nk)
@@ -209,14 +209,38 @@ def analyze_position(node: fx.Node, nq, nk):
         expr = _canonical(v.expr.xreplace({_D[0]: K, _D[1]: Q}).xreplace(_size_map(nq, nk)))
         if expr.free_symbols - {Q, K, NQ, NK} or not expr.has(Q) or not expr.has(K):
             return None
-        nq_v, nk_v = int(_raw(nq).xreplace(_hints(cone))), int(_raw(nk).xreplace(_hints(cone)))
-        got = _run_subgraph(node, cone, _hints(cone)).to(torch.float32)
-        want = materialize_expr(expr, nq_v, nk_v)
-        if not torch.equal(got.expand(*got.shape[:-2], nq_v, nk_v), want.expand_as(got)):
-            return None
+        hints = _hints(cone)
+        nq_v, nk_v = int(_raw(nq).xreplace(hints)), int(_raw(nk).xreplace(hints))
+
+        def compare(got, rows):
+            got = got.reshape((1,) * max(0, 2 - got.dim()) + tuple(got.shape))
+            if got.shape[-1] not in (1, nk_v) or got.shape[-2] not in (1, len(rows)):
+                raise _Refuse("position shape")
+            got = got.expand(*got.shape[:-2], len(rows), nk_v)
+            want = evaluate_expr(expr, rows[:, None], torch.arange(nk_v)[None, :], nq_v, nk_v)
+            if not torch.equal(got.to(torch.float64), want.to(torch.float64).expand_as(got)):
+                raise _Refuse("position disagrees with its expression")
+
+        if _numel_at(cone, hints) > _VERIFY_MAX_NUMEL:
+            # a block of query rows at a time: no (NQ, NK) int64 temporaries
+            _check_rows(node, cone, hints, nq_v, nk_v, compare)
+        else:
+            compare(_run_subgraph(node, cone, hints), torch.arange(nq_v))
         return expr
     except Exception:  # noqa: BLE001 - not a form we read: the bias stays a tensor
         return None
+
+
+def _numel_at(cone, assign) -> int:
+    """The largest tensor of the cone, in elements, at the sizes ``assign``."""
+    return max(
+        (
+            math.prod(int(_raw(d).xreplace(assign)) for d in n.meta["example_value"].shape)
+            for n in cone
+            if _is_tensor_node(n)
+        ),
+        default=1,
+    )
 
 
 def _hints(cone) -> dict:
@@ -1031,6 +1055,8 @@ def _run_subgraph(root: fx.Node, cone: list[fx.Node], assign: dict) -> torch.Ten
 # a seeded draw of the others.
 _VERIFY_ALL_ROWS_PAIRS = 1 << 28
 _VERIFY_SAMPLED_ROWS = 8192
+# Elements of a large tensor computed per block of rows (32 MB of int64 temporaries each).
+_ROWS_BLOCK_NUMEL = 1 << 22
 _VERIFY_EDGE_ROWS = 512
 # Ops a too-large tensor of the cone may come from: elementwise (each output row reads
 # the same rows of its broadcast inputs), fills, tril/triu, casts, expands and views that
@@ -1045,9 +1071,17 @@ _ROW_VIEWS = {"view", "flatten", "getitem"}
 
 def _verify_rows(pred: MaskPredicate, root: fx.Node, cone: list[fx.Node], assign, nq, nk):
     """Check the subgraph against ``pred`` at its own (static) sizes without holding a
-    (NQ, NK) tensor: tensors of the cone up to the size limit are computed whole, the
-    larger ones (which must be row-wise: ``_ROW_*``, with the query axis at dim -2) a
-    block of query rows at a time, each block compared with the predicate on its rows."""
+    (NQ, NK) tensor (``_check_rows``)."""
+    _check_rows(
+        root, cone, assign, nq, nk, lambda got, rows: _compare_rows(pred, got, rows, nq, nk)
+    )
+
+
+def _check_rows(root: fx.Node, cone: list[fx.Node], assign, nq, nk, compare) -> None:
+    """Run the subgraph at its own (static) sizes without holding a (NQ, NK) tensor:
+    tensors of the cone up to the size limit are computed whole, the larger ones (which
+    must be row-wise: ``_ROW_*``, with the query axis at dim -2) a block of query rows
+    at a time, each block handed to ``compare(value, rows)`` (which raises ``_Refuse``)."""
     shapes = {
         n: tuple(int(_raw(d).xreplace(assign)) for d in n.meta["example_value"].shape)
         for n in cone
@@ -1075,11 +1109,10 @@ def _verify_rows(pred: MaskPredicate, root: fx.Node, cone: list[fx.Node], assign
     small = [n for n in cone if n not in big_set]
     env = _run_nodes(small, {}, assign, None, nq)
     if root not in big_set:  # small enough after all (a broadcast mask): check it whole
-        rows = torch.arange(nq)
-        _compare_rows(pred, env[root], rows, nq, nk)
+        compare(env[root], torch.arange(nq))
         return
     batch = max(1, math.prod(shapes[root]) // nq)
-    per = max(1, _VERIFY_MAX_NUMEL // batch)
+    per = max(1, min(_ROWS_BLOCK_NUMEL, _VERIFY_MAX_NUMEL) // batch)
     if nq * nk <= _VERIFY_ALL_ROWS_PAIRS:
         rows = torch.arange(nq)
     else:
@@ -1091,8 +1124,8 @@ def _verify_rows(pred: MaskPredicate, root: fx.Node, cone: list[fx.Node], assign
     whole = nq * nk <= _VERIFY_ALL_ROWS_PAIRS and root.meta["example_value"].dtype == torch.bool
     blocks = []
     for block in rows.split(per):
-        got = _run_nodes(big, env, assign, block, nq)[root]
-        _compare_rows(pred, got, block, nq, nk)
+        got = _run_nodes(big, env, assign, block, nq, keep=(root,))[root]
+        compare(got, block)
         if whole:
             blocks.append(got)
     if whole and blocks:
@@ -1122,14 +1155,25 @@ def _compare_rows(pred: MaskPredicate, got: torch.Tensor, rows, nq: int, nk: int
         raise _Refuse("predicate disagrees with materialized mask")
 
 
-def _run_nodes(nodes, env: dict, assign, rows, nq: int) -> dict:
+def _run_nodes(nodes, env: dict, assign, rows, nq: int, keep=None) -> dict:
     """Run ``nodes`` (in graph order) eagerly on the CPU at sizes ``assign``.  With
     ``rows``, each node computes only those query rows (dim -2): its tensor inputs that
     span the query axis at dim -2 are cut to them, and sizes it creates at dim -2 are
-    ``len(rows)``."""
+    ``len(rows)``.  With ``keep``: only those nodes' values are returned (of ``nodes``),
+    each other value dropped after its last use (a block's temporaries do not pile up)."""
     env = dict(env)
     cpu = torch.device("cpu")
     cut = {}  # nodes already holding only ``rows``
+    last: dict = {}
+    if keep is not None:
+        for i, n in enumerate(nodes):
+            for a in n.all_input_nodes:
+                last[a] = i
+        done_at: dict = {}
+        for a, i in last.items():
+            if a not in keep:
+                done_at.setdefault(i, []).append(a)
+        own = set(nodes)
 
     def value(a):
         if isinstance(a, torch.device):
@@ -1154,7 +1198,11 @@ def _run_nodes(nodes, env: dict, assign, rows, nq: int) -> dict:
         return sizes
 
     try:
-        for n in nodes:
+        for i, n in enumerate(nodes):
+            if keep is not None:  # values whose last use was the node before
+                for a in done_at.get(i - 1, ()):
+                    if a in own:
+                        env.pop(a, None)
             ev = n.meta["example_value"]
             if not isinstance(ev, torch.Tensor):
                 env[n] = _scalar_at(ev, assign)
@@ -1209,6 +1257,7 @@ def _run_nodes(nodes, env: dict, assign, rows, nq: int) -> dict:
             env[n] = out
             if rows is not None:
                 cut[n] = True
+
     except _Refuse:
         raise
     except Exception as e:

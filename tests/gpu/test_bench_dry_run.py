@@ -171,3 +171,22 @@ def test_neighborhood_bucketed_dry_run(tmp_path):
         assert "error" not in r and r["rel_err"] < 1e-2, r
     # kept pairs: the first bucket keeps 1..4 keys, the others 5..8 (one bucket back)
     assert abs(rows["attnfx"]["density"] - (10 + 5 * 26) / 24**2) < 1e-9
+
+
+def test_neighborhood_rpb_dry_run(tmp_path):
+    """``bench_neighborhood.py --dry-run`` on a tiny 2-D shape with NAT's relative
+    position bias: attnfx reads the table inside the op (the site through the
+    interpreter kernels), flex adds it in a score_mod, SDPA takes the gathered bias; all
+    agree with the float64 core."""
+    env = _env(tmp_path)
+    env.pop("ATTNFX_CPU_REWRITE", None)  # (as users run it)
+    out = tmp_path / "nb.json"
+    cmd = [sys.executable, str(NEIGHBORHOOD), "--dry-run", "--shapes", "2d:8x8:3:rpb"]
+    cmd += ["--providers", "attnfx,flex,sdpa-masked,eager", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "2-D 8x8 k=3 rpb" in proc.stdout
+    rows = {r["provider"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["attnfx"]["site"] == "rewritten.neighborhood", rows["attnfx"]
+    for r in rows.values():
+        assert "error" not in r and r["rel_err"] < 1e-2, r

@@ -144,7 +144,10 @@ def _specs(nq, nk, dtype):
     expr = sympy.Min(2 * W, sympy.Max(0, K - Q + W))
     base = dict(head_dim=D, head_dim_v=D, dtype=dtype, out_dtype=dtype, aux_dtypes=("float32",))
     table = AttentionSpec(
-        score_ops=(ScoreOp("mul", D**-0.5), ScoreOp("add_table_aux", aux=0, expr=sympy.srepr(expr))),
+        score_ops=(
+            ScoreOp("mul", D**-0.5),
+            ScoreOp("add_table_aux", aux=0, expr=sympy.srepr(expr)),
+        ),
         **base,
     )
     dense = AttentionSpec(score_ops=(ScoreOp("mul", D**-0.5), ScoreOp("add_aux", aux=0)), **base)
@@ -202,3 +205,20 @@ def test_index_range_is_exact_beyond_interval_arithmetic():
     # a floor by a non-constant is not bounded by the interval rules: evaluated
     assert index_range(sympy.srepr(sympy.floor((K + 7) / (Q + 1))), 5, 3) == (1, 9)
     assert index_range(sympy.srepr(sympy.Min(4, sympy.Max(0, K - Q + 2))), 100, 100) == (0, 4)
+
+
+def test_large_index_is_checked_by_row_blocks(monkeypatch):
+    """An index tensor past the whole-tensor limit (2^24 pairs) is checked against its
+    expression a block of query rows at a time: the (N, N) int64 temporaries of its
+    index arithmetic are never built whole (here the whole-subgraph run is disabled)."""
+    from attnfx.passes import masks
+
+    def whole(*args, **kwargs):
+        raise AssertionError("the index subgraph ran whole")
+
+    monkeypatch.setattr(masks, "_run_subgraph", whole)
+    n = 4100  # 4100^2 > 2^24
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, H, n, 16, generator=g) for _ in range(3))
+    site = _site(RelTable("heads"), q, k, v)
+    assert [op.op for op in site.spec.score_ops].count("add_table_aux") == 1

@@ -331,3 +331,17 @@ def test_exact_evaluation_does_not_run_the_ops_own_paths(monkeypatch):
             failures, stats = _check(_program(**{**ILL_GRAD, "grads": grads}), verify="off")
         assert "mismatch" in {c for c, _ in failures}, (names, failures, stats)
         assert "ill_conditioned" not in stats, (names, stats)
+
+
+@pytest.mark.parametrize("rpb", ["heads", "shared", "swin"])
+def test_relative_position_bias_lane(rpb):
+    """A neighborhood program with a learnable relative position bias (read back as a
+    table the op reads at NAT's index): rewritten, and its forward and input gradients
+    pass against float64 through the generated kernels.  (The harness compares input
+    gradients; the table's gradient is tested in ``tests/passes/test_table_bias.py``.)"""
+    c = dict(kind="neighborhood", nb_form="natten", grid=(4, 5), nb_kernel=(3, 3), nb_rpb=rpb)
+    p = grammar.render({**c, "grads": True, "interp": True, "H": 2, "HK": 2, "dtype": "float16"})
+    assert p.grads and "self.rpb = nn.Parameter" in p.source
+    failures, stats = _check(p)
+    assert not failures, failures
+    assert stats["rewritten"] == {"neighborhood": 1} and stats["launches"] >= 4

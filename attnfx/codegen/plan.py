@@ -356,10 +356,20 @@ _LEAN = {
 _TILES_LEAN_FWD = {64: [(128, 64, 8, 3, _TMA, False, _CAP)]}
 
 
+# A bias table read per score (``add_table_aux``) at D128: the default 16x32 dK/dV tile
+# spilled 8 bytes on its offset tile (sm_90 report, kind relbias); 32x128 does not and
+# runs wgmma.
+_TABLE_DKDV = {128: [(32, 128, 8, 2)]}
+
+
 def _tile_aux(spec: AttentionSpec) -> bool:
-    """Whether a score op reads an aux tensor as a whole tile (``aux_bcast`` "full"): a
-    per-query or per-key vector costs a few registers, a tile as many as the scores."""
-    return any(op.aux is not None and spec.aux_broadcast(op.aux) == "full" for op in spec.score_ops)
+    """Whether a score op reads an aux tensor as a whole tile (``aux_bcast`` "full", or a
+    table read at an index per score: a tile of offsets and values): a per-query or
+    per-key vector costs a few registers, a tile as many as the scores."""
+    return any(
+        op.aux is not None and (spec.aux_broadcast(op.aux) == "full" or op.entry.operand == "table")
+        for op in spec.score_ops
+    )
 
 
 def _lean(spec: AttentionSpec) -> bool:
@@ -404,6 +414,8 @@ def configs(spec: AttentionSpec, interpret: bool = False) -> dict[str, list[Conf
                 table[kernel] = [*first, *table[kernel]]
     elif d in _TILES_LEAN_FWD and _tiles_lean(spec) and spec.act.normalized:
         table["fwd"] = [*_TILES_LEAN_FWD[d], *table["fwd"]]
+    if d in _TABLE_DKDV and spec.table_aux:
+        table["bwd_dkdv"] = [*_TABLE_DKDV[d], *table["bwd_dkdv"]]
     if spec.dtype == "float32":  # fp32 tiles take twice the registers and shared memory
         table = {
             "fwd": [(max(16, c[0] // 2), c[1], c[2], 1, *c[4:]) for c in table["fwd"]],

@@ -331,13 +331,13 @@ def softmax_forward_bound(block_m: int, block_n: int, num_warps: int, d: int, dv
 # Specs the report and its tests look at
 # ---------------------------------------------------------------------------------------
 
-REPORT_KINDS = ("softmax", "causal", "sigmoid", "temperature", "softcap")
+REPORT_KINDS = ("softmax", "causal", "sigmoid", "temperature", "softcap", "relbias")
 
 
 def sample_spec(kind: str, d: int, dtype: str = "bfloat16"):
     """A representative spec per kind: softmax (scale only), causal, sigmoid (FlashSigmoid
     bias −log 4096), temperature (a per-query multiplier), softcap (Gemma-2's 30·tanh(s/30),
-    causal)."""
+    causal), relbias (a relative position bias table, ``add_table_aux``)."""
     import math
 
     import sympy
@@ -358,6 +358,10 @@ def sample_spec(kind: str, d: int, dtype: str = "bfloat16"):
         bcast = ("row",)  # one temperature per query row, as the launcher reads it
     elif kind == "softcap":
         ops += [ScoreOp("mul", 1 / 30), ScoreOp("tanh"), ScoreOp("mul", 30.0), causal]
+    elif kind == "relbias":  # a relative position bias table read at clamp(K - Q) + 64
+        idx = sympy.Min(128, sympy.Max(0, K - Q + 64))
+        ops.append(ScoreOp("add_table_aux", aux=0, expr=sympy.srepr(idx)))
+        aux, bcast = ("float32",), ("col",)  # (B, H, 1, T): as the launcher reads it
     elif kind != "softmax":
         raise ValueError(f"unknown kind {kind!r}; known: {REPORT_KINDS}")
     return AttentionSpec(

@@ -79,6 +79,10 @@ def _spec(d, dtype, kind):
         window = sympy.And(sympy.Le(K, Q), sympy.Lt(Q - K, 256))
         pred = MaskPredicate(sympy.Or(sympy.Lt(K, 4), window)).to_key()
         ops_.append(ScoreOp("fill_pred", -math.inf, pred=pred))
+    elif kind == "relbias":  # a relative position bias table read at clamp(K - Q) + 64
+        idx = sympy.Min(128, sympy.Max(0, K - Q + 64))
+        ops_.append(ScoreOp("add_table_aux", aux=0, expr=sympy.srepr(idx)))
+        aux, bcast = ("float32",), ("col",)  # (B, H, 1, T), as the launcher reads it
     elif kind in ("natten", "nattenrpb"):  # 2-D NA 128x128 k=31, tiled token order (tiles)
         if kind == "nattenrpb":  # NAT's relative position bias, read from its table
             ops_.append(ScoreOp("add_table_aux", aux=0, expr=_natten_rpb_tiled(128, 31)))
@@ -140,6 +144,7 @@ CASES += [(64, "bfloat16", "sink"), (64, "bfloat16", "sinkmask"), (128, "float16
 CASES += [(128, "float16", "chunk"), (64, "bfloat16", "sinkwin")]  # the tiles schedule
 CASES += [(64, "float16", "temp"), (128, "bfloat16", "temp"), (64, "float16", "kpad")]
 CASES += [(64, "bfloat16", "natten"), (64, "float16", "nattenrpb")]  # tiles, tiled order
+CASES += [(64, "bfloat16", "relbias"), (128, "float16", "relbias")]  # a bias table
 IDS = [f"{d}-{t}-{k}" for d, t, k in CASES]
 # cases whose every candidate config is compiled (the others: the default configs)
 FULL = {(64, "float16", "causal"), (256, "float16", "causal"), (128, "bfloat16", "softcap")}

@@ -47,7 +47,7 @@ def is_dtensor(x) -> bool:
 _OPS = (
     ("attention", 4, 2, 0, 1),
     ("attention_backward", 7, 3, 1, 2),
-    ("attention_aux_backward", 5, None, 1, 2),
+    ("attention_aux_backward", 7, None, 1, 2),
 )
 
 
@@ -70,7 +70,7 @@ def register() -> bool:
         prop = DTensor._op_dispatcher.sharding_propagator
         for name, spec_at, n_out, q_at, k_at in _OPS:
             op = getattr(torch.ops.attnfx, name).default
-            strategy = _strategy(n_out, q_at, k_at)
+            strategy = _strategy(n_out, q_at, k_at, spec_at)
             # the spec (and ``which``) in the cache key: the number of outputs depends on it
             prop.register_op_strategy(
                 op, strategy, RuntimeSchemaInfo(static_argnum=spec_at, needs_pytree=True)
@@ -79,14 +79,15 @@ def register() -> bool:
         return True
 
 
-def _strategy(n_out: int | None, q_at: int, k_at: int):
+def _strategy(n_out: int | None, q_at: int, k_at: int, spec_at: int):
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor._ops.utils import expand_to_full_mesh_op_strategy
 
     def strategy(op_schema):
         mesh = op_schema.get_mesh_from_args()
         n_in = len(op_schema.args_strategy)
-        outs = n_out if n_out is not None else len(op_schema.args_schema[6])
+        # (a list result: one gradient per index of ``which``, the argument after the spec)
+        outs = n_out if n_out is not None else len(op_schema.args_schema[spec_at + 1])
         rules = [[Replicate()] * (outs + n_in)]
         for dim in (0, 1):  # batch, heads
             rules.append([Shard(dim)] * (outs + n_in))

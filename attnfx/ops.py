@@ -173,20 +173,49 @@ def _(dout, q, k, v, aux, out, lse, spec):
 
 @torch.library.custom_op("attnfx::attention_aux_backward", mutates_args=())
 def attention_aux_backward_op(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, aux: list[Tensor], spec: str, which: list[int]
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    aux: list[Tensor],
+    out: Tensor,
+    lse: Tensor,
+    spec: str,
+    which: list[int],
 ) -> list[Tensor]:
-    """Gradients of the aux tensors ``which`` (learnable score biases / multipliers), each
-    (B, Hq, NQ, NK) in its dtype, summed over its broadcast dims before rounding
-    (``concentrate_gradient``).  PyTorch, in blocks of query rows (bounded memory), on any
-    device: the kernels do not produce dS."""
+    """Gradients of the aux tensors ``which`` (learnable score biases / multipliers,
+    bias tables), each of its shape ((B, Hq, NQ, NK), a table's (B, Hq, 1, T)) in its
+    dtype, summed over its broadcast dims before rounding (``concentrate_gradient``).
+    Bias tables followed by additions and fills only (``plan.table_grads``), where the
+    kernels run: the dQ kernel adds dS into them (``run_backward(table_grads=...)``,
+    from the saved ``out`` and ``lse``).  The others: PyTorch, in blocks of query rows
+    (bounded memory), on any device."""
     from attnfx import cpu
+    from attnfx.reference import concentrate_gradient
 
     s = AttentionSpec.from_key(spec).resolved(q.shape[-1], v.shape[-1])
-    return [g.contiguous() for g in cpu.reference_aux_backward(dout, q, k, v, aux, s, which)]
+    grads: dict[int, Tensor] = {}
+    if use_triton(q.device) and s.table_aux:
+        from attnfx.codegen import make_plan, run_backward
+
+        ks, kaux = lower_symbolic(s, aux, q, k)
+        tables = [i for i in which if i in make_plan(ks).table_grads]
+        if tables:
+            dts = run_backward(ks, dout, q, k, v, kaux, out, lse, table_grads=tables)
+            for i, dt in zip(tables, dts):
+                a = aux[i]
+                dims = [d for d in (0, 1) if a.stride(d) == 0 and a.shape[d] > 1]
+                total = dt.sum(dim=dims, keepdim=True) if dims else dt
+                grads[i] = concentrate_gradient(total.unsqueeze(-2), a)
+    rest = [i for i in which if i not in grads]
+    if rest:
+        for i, g in zip(rest, cpu.reference_aux_backward(dout, q, k, v, aux, s, rest)):
+            grads[i] = g
+    return [grads[i].contiguous() for i in which]
 
 
 @attention_aux_backward_op.register_fake
-def _(dout, q, k, v, aux, spec, which):
+def _(dout, q, k, v, aux, out, lse, spec, which):
     b, h, nq, _ = q.shape
     tables = AttentionSpec.from_key(spec).table_aux
     return [
@@ -212,7 +241,7 @@ def _backward(ctx, dout, dlse):
     daux = [None] * ctx.n_aux
     which = [i for i in ctx.aux_grad if i != ctx.sink]
     if which:
-        grads = attention_aux_backward_op(dout, q, k, v, list(aux), ctx.spec, which)
+        grads = attention_aux_backward_op(dout, q, k, v, list(aux), out, lse, ctx.spec, which)
         for i, g in zip(which, grads):
             daux[i] = g
     if ctx.sink in ctx.aux_grad:

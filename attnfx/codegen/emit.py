@@ -693,13 +693,44 @@ def _dq_inner_args(spec: AttentionSpec, plan: Plan, sched) -> Signature:
             *_values("dq", "q", "do", "m_row", "delta", "K_blk", "V_blk"),
             *(_values("lg_row") if plan.row_norm else []),
             *_inner_aux_ptrs(plan),
+            *[Param(f"DT{i}", arg=f"DT{i}_blk") for i in plan.table_grads],
             *_values("stride_kn", "stride_kd", "stride_vn", "stride_vd"),
             *_inner_aux_strides(plan),
             *_values("offs_m", "offs_d", "offs_dv", "N_Q", "N_K"),
             *sched.inner_params(True),
-            *_consts(plan, "BLOCK_N", "HEAD_DIM", "HEAD_DIM_V", "APPLY_MASK"),
+            *_consts(
+                plan,
+                "BLOCK_N",
+                "HEAD_DIM",
+                "HEAD_DIM_V",
+                "APPLY_MASK",
+                *(("TABLE_GRAD",) if plan.table_grads else ()),
+            ),  # fmt: skip
         ),
     )
+
+
+def _table_grad_lines(spec: AttentionSpec, plan: Plan, gate: bool) -> list[str]:
+    """dQ with TABLE_GRAD: each bias table's gradient, dS of the final scores (the
+    tables of ``Plan.table_grads`` are followed by additions and fills only), added into
+    the entry each pair reads (float32 atomics: the order of the sum is not fixed, as in
+    eager's ``index_add_`` on CUDA)."""
+    if not plan.table_grads:
+        return []
+    t = _Tile("mn")
+    dsf = spec.act.ds_expr("p", "dp", "1.0", "[:, None]")
+    lines = [
+        "if TABLE_GRAD:  # the bias tables' gradients: dS of the final scores per entry",
+        f"    {_gated('dsf', dsf, 'keep', gate)}",
+        "    inside = (offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K)",
+    ]
+    for i in plan.table_grads:
+        (op,) = [op for op in spec.score_ops if op.aux == i]
+        lines.append(
+            f"    tl.atomic_add(DT{i} + ({t.index(op.sym)}).to(tl.int64), dsf, mask=inside, "
+            f'sem="relaxed")  # aux{i}[{op.sym}]'
+        )
+    return lines
 
 
 def _dq_source(spec: AttentionSpec, plan: Plan, dims: _Dims, sched) -> str:
@@ -727,12 +758,17 @@ def _dq_source(spec: AttentionSpec, plan: Plan, dims: _Dims, sched) -> str:
         ),
         probabilities=dq_p,
         ds=dq_ds,
+        table_grad=_table_grad_lines(spec, plan, gate),
     )
     rows = "(offs_m[:, None] < N_Q)"
     kernel_src = templates.fill(
         templates.DQ,
         params=KERNEL_ARGS["bwd_dq"](spec, plan).declaration(),
         aux_bases=_aux_bases(plan, "off_h"),
+        table_grad_bases=[
+            f"DT{i}_blk = DT{i} + off_b * stride_dt{i}b + off_h * stride_dt{i}h"
+            for i in plan.table_grads
+        ],
         load_q=_load(
             "Q_blk + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd",
             _mask(rows, dims.d("col")),

@@ -55,11 +55,11 @@ _INTERPRETER_LOCK = threading.RLock()
 
 def _serialized_under_interpreter(fn):
     @functools.wraps(fn)
-    def run(spec, *tensors):
+    def run(spec, *tensors, **kwargs):
         if _interpret(tensors[0]):
             with _INTERPRETER_LOCK:
-                return fn(spec, *tensors)
-        return fn(spec, *tensors)
+                return fn(spec, *tensors, **kwargs)
+        return fn(spec, *tensors, **kwargs)
 
     return run
 
@@ -100,6 +100,7 @@ def _shape_consts(spec: AttentionSpec, plan: Plan, interpret: bool) -> dict:
     picks its own through its signature)."""
     extra = {"TANH_IMPL": tanh_impl(spec, interpret)} if plan.uses_tanh else {}
     return dict(
+        TABLE_GRAD=False,  # (the dQ kernel's bias-table gradients: run_table_grads)
         GROUP=spec.gqa_group,
         HEAD_DIM=spec.head_dim,
         HEAD_DIM_V=spec.head_dim_v,
@@ -265,8 +266,10 @@ def run_forward(spec: AttentionSpec, q, k, v, aux) -> tuple[torch.Tensor, torch.
 
 
 @_serialized_under_interpreter
-def run_backward(spec: AttentionSpec, dout, q, k, v, aux, out, lse):
-    """(dq, dk, dv), contiguous, in the dtypes of q, k, v."""
+def run_backward(spec: AttentionSpec, dout, q, k, v, aux, out, lse, table_grads=None):
+    """(dq, dk, dv), contiguous, in the dtypes of q, k, v.  With ``table_grads`` (aux
+    indices of ``Plan.table_grads``): instead, those bias tables' gradients, (B, H, T)
+    float32 each, from the dQ kernel run with TABLE_GRAD (dK/dV are not run)."""
     spec = spec.resolved(q.shape[-1], v.shape[-1])
     spec = with_aux_broadcast(spec, aux)
     _check(spec, q, k, v)
@@ -278,14 +281,22 @@ def run_backward(spec: AttentionSpec, dout, q, k, v, aux, out, lse):
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dts = {
+        f"dt{i}": torch.zeros((B, H, aux[i].shape[-1]), dtype=torch.float32, device=q.device)
+        for i in plan.table_grads
+    }
+    if table_grads is not None:
+        assert set(table_grads) <= set(plan.table_grads), (table_grads, plan.table_grads)
     if B * H * NQ == 0 or NK == 0:
+        if table_grads is not None:
+            return [dts[f"dt{i}"] for i in table_grads]
         return dq.zero_(), dk.zero_(), dv.zero_()
     softmax = spec.act.normalized  # a row normalizer: the preprocess, dead rows
     delta = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
     m_row = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
     # the tensors every backward kernel may read, by their signature names
     tensors = {"q": q, "k": k, "v": v, "o": out, "do": dout, "lse": lse}
-    tensors.update(delta=delta, m=m_row, **_aux_tensors(plan, aux))
+    tensors.update(delta=delta, m=m_row, **_aux_tensors(plan, aux), **dts)
     if plan.row_norm:  # log(l) of the rows whose huge float32 lse lost it (0 elsewhere)
         tensors["lg"] = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
     if signature.dead_rows_fix(spec, plan):
@@ -306,6 +317,21 @@ def run_backward(spec: AttentionSpec, dout, q, k, v, aux, out, lse):
     else:
         delta.zero_()
         m_row.zero_()
+
+    if table_grads is not None:
+        # the dQ kernel adding dS into the tables (atomics: no tuning launches, which
+        # would add into them too)
+        sig = signature.dq_args(spec, plan)
+        cfg = _candidates(spec, "bwd_dq", interpret)[0]
+        st, ss = _schedule_args(spec, plan, NQ, NK, cfg, False, q.device)
+        args = sig.bind({**tensors, "dq": dq, **st}, {**scalars, **ss})
+        grid = (triton.cdiv(NQ, cfg.BLOCK_M), B * H)
+        _launch(
+            getattr(mod, sig.name), sig, grid, args, dict(consts_of(cfg), TABLE_GRAD=True),
+            cfg, interpret,
+        )  # fmt: skip
+        LAUNCHES["bwd_dq"] += 1
+        return [dts[f"dt{i}"] for i in table_grads]
 
     # dK/dV and dQ: tuned on scratch copies of their outputs (tl.store only, but the
     # benchmark launches must never touch the real gradients)
@@ -381,6 +407,7 @@ def kernel_targets(spec: AttentionSpec, candidates: bool = True) -> list[KernelT
     types.update(dict.fromkeys(("lse", "delta", "m", "lg"), "fp32"))
     types.update(dead="i32", tile_off="i32", tile_idx="i32")
     types.update({f"a{i}": _tt(spec.aux_dtypes[i]) for i in plan.aux_used})
+    types.update({f"dt{i}": "fp32" for i in plan.table_grads})
     consts = _shape_consts(spec, plan, interpret=False)
 
     def div16(p) -> bool:
@@ -392,10 +419,12 @@ def kernel_targets(spec: AttentionSpec, candidates: bool = True) -> list[KernelT
         d = spec.head_dim_v if p.tensor in ("v", "o", "do", "dv") else spec.head_dim
         return d % 16 == 0
 
-    def build(name, fn, sig, cfg, index):
+    def build(name, fn, sig, cfg, index, **extra):
         assert sig.names == list(fn.arg_names), (sig.names, fn.arg_names)
         cs = sig.pick(
-            dict(consts, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, **cfg.habit_constexprs())
+            dict(
+                consts, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, **cfg.habit_constexprs(), **extra
+            )
         )
         types_, cx = {}, {}
         for p in sig.params:
@@ -423,4 +452,6 @@ def kernel_targets(spec: AttentionSpec, candidates: bool = True) -> list[KernelT
         fn = getattr(mods["fwd" if name == "fwd" else "bwd"], sig.name)
         for i, c in enumerate(cfgs[name] if candidates else cfgs[name][:1]):
             out.append(build(name, fn, sig, c, i))
+        if name == "bwd_dq" and plan.table_grads:  # the bias-table gradient variant
+            out.append(build("bwd_dq_table", fn, sig, cfgs[name][0], 0, TABLE_GRAD=True))
     return out

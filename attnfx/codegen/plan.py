@@ -81,6 +81,10 @@ class Plan:
     # log2 e) inside the exp2 and to the row max: one FFMA per score instead of an FMUL
     # more; set when the rest of the program is -inf fills only (they stay -inf scaled)
     scale_in_exp: float | None = None
+    # bias tables (``add_table_aux``) whose gradient the dQ kernel scatters (TABLE_GRAD):
+    # those followed only by additions and fills, so that their gradient is dS of the
+    # final scores on the kept pairs
+    table_grads: tuple[int, ...] = ()
 
     @property
     def can_skip(self) -> bool:
@@ -137,7 +141,22 @@ def make_plan(spec: AttentionSpec) -> Plan:
         fold_start=max((i + 1 for i, op in enumerate(ops) if op.entry.log2 == "before"), default=0),
         schedule=Schedule(kind, skip_op, skip_prefix),
         scale_in_exp=_scale_in_exp(spec, fold),
+        table_grads=_table_grads(spec),
     )
+
+
+def _table_grads(spec: AttentionSpec) -> tuple[int, ...]:
+    """The table aux tensors whose gradient is dS of the final scores: each read by one
+    ``add_table_aux`` op, after which come only additions and fills (derivative 1 on the
+    kept pairs, 0 on the filled ones: the dQ kernel's gate)."""
+    out = []
+    for i in sorted(spec.table_aux):
+        at = [j for j, op in enumerate(spec.score_ops) if op.aux == i]
+        if len(at) == 1 and all(
+            op.entry.form in ("add", "fill") for op in spec.score_ops[at[0] + 1 :]
+        ):
+            out.append(i)
+    return tuple(out)
 
 
 def _scale_in_exp(spec: AttentionSpec, fold: bool) -> float | None:

@@ -217,6 +217,20 @@ def dkdv_args(spec: AttentionSpec, plan: Plan) -> Signature:
     )
 
 
+def table_grad_ptrs(plan: Plan) -> list[Param]:
+    """The bias tables' gradient buffers (B, H, T) float32 the dQ kernel adds into when
+    TABLE_GRAD (``Plan.table_grads``)."""
+    return [Param(f"DT{i}", "ptr", tensor=f"dt{i}") for i in plan.table_grads]
+
+
+def table_grad_strides(plan: Plan) -> list[Param]:
+    return [
+        Param(f"stride_dt{i}{c}", "stride", tensor=f"dt{i}", dim=d)
+        for i in plan.table_grads
+        for d, c in enumerate("bh")
+    ]
+
+
 def dq_args(spec: AttentionSpec, plan: Plan) -> Signature:
     return Signature(
         "_attn_bwd_dq",
@@ -224,11 +238,14 @@ def dq_args(spec: AttentionSpec, plan: Plan) -> Signature:
             *ptrs(Q="q", K="k", V="v", DO="do", M="m", Delta="delta", DQ="dq"),
             *(ptrs(Lg="lg") if plan.row_norm else []),
             *aux_ptrs(plan),
+            *table_grad_ptrs(plan),
             *strides("q", "k", "v", "do", "dq"),
             *aux_strides(plan),
+            *table_grad_strides(plan),
             *ints("H_Q", "N_Q", "N_K"),
             *schedule_params(plan),
             *consts(*_SHAPES),
+            *(consts("TABLE_GRAD") if plan.table_grads else []),
             *_tanh(plan),
         ),
     )

@@ -220,6 +220,7 @@ def _attn_bwd_dq_inner(
         # -- dP = dO V^T; dS; dQ += dS K
         dp = tl.dot(do, vT{prec})
         {ds}
+        {table_grad}
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq{prec})
     return dq
 """
@@ -239,6 +240,7 @@ def _attn_bwd_dq(
     V_blk = V + off_b * stride_vb + off_hk * stride_vh
     DO_blk = DO + off_b * stride_dob + off_h * stride_doh
     {aux_bases}
+    {table_grad_bases}
     row_off = pid_bh.to(tl.int64) * N_Q
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)

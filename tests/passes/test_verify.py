@@ -403,7 +403,7 @@ def test_learnable_bias_losing_its_gradient_is_rejected(monkeypatch, verdicts, s
     monkeypatch.setattr(
         ops,
         "attention_aux_backward_op",
-        lambda dout, q, k, v, aux, spec, which: [torch.zeros_like(aux[i]) for i in which],
+        lambda dout, q, k, v, aux, out, lse, spec, which: [torch.zeros_like(aux[i]) for i in which],
     )
     m = LearnedBias()
     if sdpa:

@@ -249,3 +249,27 @@ def test_broadcast_aux_gradient_is_summed_before_rounding(dtype, monkeypatch):
         err_r = (gg.to(dt).double() - gg).abs().mean().item()  # gold rounded once
         assert err_c <= err_e, (err_c, err_e)
         assert err_c <= 1.25 * err_r, (err_c, err_r)
+
+
+def test_opcheck_bias_table_and_its_gradient():
+    """A bias table (``add_table_aux``): the op and its aux backward (the table's
+    gradient, (B, H, 1, T)) pass opcheck, fake impls included."""
+    import sympy
+
+    q, k, v = _qkv(hk=4)
+    expr = sympy.srepr(sympy.Min(6, sympy.Max(0, K - Q + 3)))
+    spec = _spec(
+        score_ops=(ScoreOp("mul", 0.25), ScoreOp("add_table_aux", aux=0, expr=expr)),
+        aux_dtypes=("float32",),
+    )
+    table = torch.randn(1, 4, 1, 7).expand(2, 4, 1, 7).requires_grad_()
+    aux = ops.broadcast_aux(q, k, [table], spec)
+    torch.library.opcheck(ops.attention_op, (q, k, v, aux, spec.key))
+    out, lse = ops.attention_op(q, k, v, aux, spec.key)
+    dout = torch.randn_like(out)
+    # (the aux backward has no double backward: its inputs are plain tensors)
+    det = [a.detach() for a in aux]
+    args = (dout, q, k, v, det, out.detach(), lse.detach(), spec.key, [0])
+    torch.library.opcheck(ops.attention_aux_backward_op, args)
+    (g,) = ops.attention_aux_backward_op(*args)
+    assert g.shape == (2, 4, 1, 7)

@@ -352,3 +352,41 @@ def test_position_expression_takes_the_tiled_order(monkeypatch):
     assert any(op.op == "add_pos_aux" for op in site.spec.score_ops)
     (pos,) = [op for op in site.spec.score_ops if op.op == "add_pos_aux"]
     assert pos.expr != MaskPredicate(K - Q).to_key()  # on tiled positions
+
+
+def test_tile_shaped_like_the_window(monkeypatch):
+    """A window much taller than wide ((15, 3) on 32x128) takes blocks shaped like it
+    (16x4, ``shaped_tile``) when they visit fewer tile pairs than 8x8 blocks; a square
+    window keeps 8x8.  Outputs and gradients match eager in that order."""
+    from attnfx.passes.recognize import neighborhood
+
+    monkeypatch.setattr(neighborhood, "_runs_kernels", lambda device: True)
+    torch.manual_seed(0)
+    m = NeighborhoodAttention2D(C, H, (15, 3))
+    x = torch.randn(1, 32, 128, C)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        (site,) = attnfx.explain(m, x).rewritten
+    monkeypatch.setattr(neighborhood, "shaped_tile", lambda nb: None)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        (square,) = attnfx.explain(m, x).rewritten
+    assert site.density < 0.9 * square.density, (site.density, square.density)
+    monkeypatch.undo()
+    monkeypatch.setattr(neighborhood, "_runs_kernels", lambda device: True)
+    seen = []
+    real = neighborhood._choose_layout
+
+    def spy(s, nb):
+        real(s, nb)
+        seen.append(s.layout)
+
+    monkeypatch.setattr(neighborhood, "_choose_layout", spy)
+    attnfx.reset_counters()
+    torch._dynamo.reset()
+    assert_rewrites_match_eager(
+        m, [x], kind="neighborhood", grad=True, grad_idx=(0,), options={"inner": "eager"}
+    )
+    assert seen and all(lay is not None and lay.tile == (16, 4) for lay in seen)
+    nb = neighborhood.Neighborhood(tuple(neighborhood.Axis(96, 13, 1, False) for _ in range(2)))
+    assert neighborhood.shaped_tile(nb) is None  # a square window: 8x8

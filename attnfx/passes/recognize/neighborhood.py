@@ -327,11 +327,36 @@ def _layout_spec(spec, layout: Layout):
     return dataclasses.replace(spec, score_ops=tuple(on_tiles(op) for op in spec.score_ops))
 
 
+def shaped_tile(nb: Neighborhood) -> tuple[int, ...] | None:
+    """A block of ``prod(TILE)`` tokens shaped like the window: per axis a power of two
+    proportional to the window's span (kernel × dilation, at most the axis), so that a
+    query block's keys fill few key blocks (a (3, 31) window: 2x32 rather than 8x8).
+    None where no such block divides the grid or it is ``TILE`` itself."""
+    base = TILE.get(len(nb.axes))
+    if base is None:
+        return None
+    total = math.log2(math.prod(base))
+    spans = [math.log2(max(1, min(a.kernel * a.dilation, a.length))) for a in nb.axes]
+    shift = (total - sum(spans)) / len(spans)
+    want = [x + shift for x in spans]
+    exps = [math.floor(w) for w in want]
+    # the exponents sum to log2 of the block: the largest fractional parts round up
+    for i in sorted(range(len(want)), key=lambda i: exps[i] - want[i])[: int(total) - sum(exps)]:
+        exps[i] += 1
+    tile = tuple(2 ** max(0, e) for e in exps)
+    if math.prod(tile) != math.prod(base) or tile == base:
+        return None
+    if any(a.length % t for a, t in zip(nb.axes, tile)):
+        return None
+    return tile
+
+
 def _choose_layout(site, nb: Neighborhood) -> None:
     """Use the tiled token order when the op runs the generated kernels, the grid divides
-    into ``TILE`` blocks and the forward kernel then visits at least 10% fewer (query tile,
-    key tile) pairs.  Aux tensors over the scores (a relative position bias gathered
-    from its table, per-query or per-key terms) are put in the same order."""
+    into blocks (``TILE``, or a block shaped like the window: ``shaped_tile``, whichever
+    visits fewer tile pairs) and the forward kernel then visits at least 10% fewer (query
+    tile, key tile) pairs than in row-major order.  Aux tensors over the scores (a full
+    bias, per-query or per-key terms) are put in the same order."""
     from attnfx.passes import graph as G
     from attnfx.report import site_density
 
@@ -348,21 +373,30 @@ def _choose_layout(site, nb: Neighborhood) -> None:
         return  # a symbolic length: the grid, and the token order, hold at one length only
     if n != length:
         return  # a ragged grid (a shorter last chunk): no whole tiles
-    if any(ln % t for ln, t in zip(lengths, tile)) or all(ln == t for ln, t in zip(lengths, tile)):
-        return
     d, dv = (G.int_hint(G.shape(o.node)[-1]) for o in (site.q, site.v))
     if d is None or dv is None:
         return
-    layout = Layout(lengths, tile)
+    tiles = [t for t in (tile, shaped_tile(nb)) if t is not None]
+    tiles = [
+        t
+        for t in tiles
+        if not any(ln % b for ln, b in zip(lengths, t))
+        and any(ln != b for ln, b in zip(lengths, t))
+    ]
     try:
-        tiled = _layout_spec(site.spec, layout)
         before = site_density(site.spec, n, n, d, dv)
-        after = site_density(tiled, n, n, d, dv)  # the tile map the kernels will walk
+        best = None
+        for t in tiles:
+            layout = Layout(lengths, t)
+            tiled = _layout_spec(site.spec, layout)
+            after = site_density(tiled, n, n, d, dv)  # the tile map the kernels will walk
+            if after is not None and (best is None or after < best[0]):
+                best = (after, tiled, layout)
     except Exception:  # noqa: BLE001 - no density: keep the row-major order
         return
-    if before is None or after is None or after > 0.9 * before:
+    if before is None or best is None or best[0] > 0.9 * before:
         return
-    site.spec, site.layout = tiled, layout
+    _, site.spec, site.layout = best
 
 
 def _runs_kernels(device) -> bool:

@@ -312,3 +312,26 @@ def test_gpt_end_to_end_compile():
         check_strides=False,
         context="gpt blocks.0.qkv.weight.grad",
     )
+
+
+# ---------------------------------------------------------------------------------------
+# NAT's relative position bias: the table read in the kernels, its gradient by the dQ
+# kernel's TABLE_GRAD atomics
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_neighborhood_relative_position_bias_end_to_end(dtype):
+    import attnfx
+    from attnfx.nn import NeighborhoodAttention2D
+    from attnfx.testing import assert_rewrites_match_eager
+
+    torch.manual_seed(0)
+    m = NeighborhoodAttention2D(64, 2, 7, rel_pos_bias=True)
+    with torch.no_grad():
+        m.rpb.normal_()  # (a bias that matters: the init's std 0.02 barely moves scores)
+    m = m.to(device="cuda", dtype=dtype)
+    x = torch.randn(2, 24, 40, 64, device="cuda").to(dtype)
+    attnfx.reset_counters()
+    torch._dynamo.reset()
+    assert_rewrites_match_eager(m, [x], kind="neighborhood", grad=True, grad_idx=(0,), params=True)

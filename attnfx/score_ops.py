@@ -374,6 +374,8 @@ class AddTableAux(ScoreOpKind):
         """Raise where the index expression leaves the table (of ``size`` entries) for a
         pair inside the lengths: the kernels would read past it; eager's gather raises."""
         lo, hi = index_range(op.expr, nq, nk)
+        if lo < 0 or hi >= size:  # (interval bounds may be loose: the exact range decides)
+            lo, hi = index_range(op.expr, nq, nk, exact=True)
         if lo < 0 or hi >= size:
             raise IndexError(
                 f"score op {op.describe()}: index {op.sym} spans [{lo}, {hi}] at lengths "
@@ -398,17 +400,17 @@ _RANGE_BLOCK = 1 << 22
 
 
 @functools.lru_cache(maxsize=256)
-def index_range(expr_key: str, nq: int, nk: int) -> tuple[int, int]:
+def index_range(expr_key: str, nq: int, nk: int, exact: bool = False) -> tuple[int, int]:
     """(min, max) of an integer index expression over the pairs inside the lengths:
-    interval arithmetic when it bounds the expression, else evaluated a block of query
-    rows at a time."""
+    bounds by interval arithmetic when it bounds the expression (they may be loose), or
+    with ``exact`` (or no bounds), the range evaluated a block of query rows at a time."""
     from attnfx.predicate import K, _bounded
     from attnfx.spec import _parse_expr
 
     expr = _parse_expr(expr_key)
     known = {Q: (0, nq - 1), K: (0, nk - 1), NQ: (nq, nq), NK: (nk, nk)}
     _, r = _bounded(expr.xreplace({NQ: sympy.Integer(nq), NK: sympy.Integer(nk)}), known)
-    if r is not None:
+    if r is not None and not exact:
         return int(r[0]), int(r[1])
     lo, hi = None, None
     rows = max(1, _RANGE_BLOCK // max(1, nk))

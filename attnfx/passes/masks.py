@@ -218,7 +218,9 @@ def analyze_position(node: fx.Node, nq, nk):
                 raise _Refuse("position shape")
             got = got.expand(*got.shape[:-2], len(rows), nk_v)
             want = evaluate_expr(expr, rows[:, None], torch.arange(nk_v)[None, :], nq_v, nk_v)
-            if not torch.equal(got.to(torch.float64), want.to(torch.float64).expand_as(got)):
+            if got.is_floating_point() or want.is_floating_point():
+                got, want = got.to(torch.float64), want.to(torch.float64)
+            if not torch.equal(got, want.to(got.dtype).expand_as(got)):
                 raise _Refuse("position disagrees with its expression")
 
         if _numel_at(cone, hints) > _VERIFY_MAX_NUMEL:

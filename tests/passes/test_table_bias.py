@@ -229,6 +229,26 @@ def test_index_outside_the_table_is_an_error():
     assert torch.isfinite(out).all()
 
 
+def test_loose_interval_bounds_do_not_refuse_an_index_inside_the_table():
+    """(K + 1) % 2 + K % 2 + 2 is 3 everywhere; interval arithmetic bounds it by [2, 4],
+    past a 4-entry table: the exact range decides, and the op runs as eager would."""
+    from attnfx.score_ops import index_range
+
+    key = sympy.srepr(sympy.Mod(K + 1, 2) + sympy.Mod(K, 2) + 2)
+    assert index_range(key, 8, 8) == (2, 4)
+    q, k, v = _qkv(8)
+    spec = AttentionSpec(
+        score_ops=(ScoreOp("add_table_aux", aux=0, expr=key),),
+        aux_dtypes=("float32",), head_dim=D, head_dim_v=D, dtype="float32",
+        out_dtype="float32",
+    )  # fmt: skip
+    assert index_range(key, 8, 8, exact=True) == (3, 3)
+    table = torch.zeros(1, 1, 1, 4)
+    table[..., 3] = 1.0
+    out = ops.attention(q, k, v, spec, [table])
+    torch.testing.assert_close(out, torch.softmax(q @ k.transpose(-2, -1) + 1.0, -1) @ v)
+
+
 def test_index_range_is_exact_beyond_interval_arithmetic():
     from attnfx.score_ops import index_range
 

@@ -153,7 +153,11 @@ def score_program(
         if i not in spec.table_aux:  # (a table is read by its op, at its index expression)
             out.append(_aux_load(i, spec.aux_broadcast(i), t))
     if keep is not None:
-        out.append(f"{keep} = ({t.m} >= 0) & ({t.n} < N_K)")
+        init = f"{keep} = ({t.m} >= 0) & ({t.n} < N_K)"
+        if guard_skip and keep_in_masked_tiles_only(spec, plan):
+            out += ["if APPLY_MASK:  # (full tiles keep every pair: no keep tile)", "    " + init]
+        else:
+            out.append(init)
     pairs = _vector_products(spec, plan if guard_skip else None)
     for idx, op in enumerate(spec.score_ops):
         e.L = LOG2E if e.scaled else 1.0
@@ -283,10 +287,28 @@ def _state_init(
     return spec.act.init_lines(m, lsum, sink, plan.fold_log2e)
 
 
-def _gated(name: str, expr: str, keep: str, gate: bool) -> str:
+def keep_in_masked_tiles_only(spec: AttentionSpec, plan: Plan) -> bool:
+    """Whether the kept-pairs tile matters only where APPLY_MASK: the one fill of the
+    score program is the skip predicate, which full tiles never evaluate (every pair of
+    a full tile is kept, and its keys and queries exist or are never stored)."""
+    fills = [i for i, op in enumerate(spec.score_ops) if op.entry.form == "fill"]
+    return plan.can_skip and fills == [plan.skip_op]
+
+
+def _gated(name: str, expr: str, keep: str, gate: bool, masked_only: bool = False) -> list[str]:
+    """``name = expr``, zero where ``keep`` is False when ``gate`` (on masked tiles only
+    with ``masked_only``: ``keep_in_masked_tiles_only``)."""
     if not gate:
-        return f"{name} = {expr}"
-    return f"{name} = tl.where({keep}, {expr}, 0.0)  # filled scores: exactly zero gradient"
+        return [f"{name} = {expr}"]
+    gated = f"{name} = tl.where({keep}, {expr}, 0.0)  # filled scores: exactly zero gradient"
+    if not masked_only:
+        return [gated]
+    return [
+        "if APPLY_MASK:",
+        f"    {gated}",
+        "else:  # a full tile: every pair kept",
+        f"    {name} = {expr}",
+    ]
 
 
 def _row_norm_lines(spec: AttentionSpec, plan: Plan, dims: _Dims) -> list[str]:
@@ -581,7 +603,8 @@ def _dkdv_activation(spec: AttentionSpec, plan: Plan, gate: bool) -> tuple[list[
     """dK/dV: (probabilities pT, dS^T) of the activation, on the transposed tile."""
     act = spec.act
     p_lines = act.p_lines("pT", "sT", "[None, :]", plan.fold_log2e, plan.row_norm)
-    ds_lines = [_gated("dsT", act.ds_expr("pT", "dpT", "fT", "[None, :]"), "keepT", gate)]
+    masked = keep_in_masked_tiles_only(spec, plan)
+    ds_lines = _gated("dsT", act.ds_expr("pT", "dpT", "fT", "[None, :]"), "keepT", gate, masked)
     if act.normalized:
         p_lines.insert(
             0, "# -- probabilities from the saved log-sum-exp (NaN for all -inf rows, like eager)"
@@ -594,7 +617,8 @@ def _dq_activation(spec: AttentionSpec, plan: Plan, gate: bool) -> tuple[list[st
     """dQ: (probabilities p, dS) of the activation."""
     act = spec.act
     dq_p = act.p_lines("p", "s", "[:, None]", plan.fold_log2e, plan.row_norm)
-    dq_ds = [_gated("ds", act.ds_expr("p", "dp", "f", "[:, None]"), "keep", gate)]
+    masked = keep_in_masked_tiles_only(spec, plan)
+    dq_ds = _gated("ds", act.ds_expr("p", "dp", "f", "[:, None]"), "keep", gate, masked)
     return dq_p, dq_ds
 
 
@@ -721,7 +745,10 @@ def _table_grad_lines(spec: AttentionSpec, plan: Plan, gate: bool) -> list[str]:
     dsf = spec.act.ds_expr("p", "dp", "1.0", "[:, None]")
     lines = [
         "if TABLE_GRAD:  # the bias tables' gradients: dS of the final scores per entry",
-        f"    {_gated('dsf', dsf, 'keep', gate)}",
+        *(
+            f"    {ln}"
+            for ln in _gated("dsf", dsf, "keep", gate, keep_in_masked_tiles_only(spec, plan))
+        ),
         "    inside = (offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K)",
     ]
     for i in plan.table_grads:

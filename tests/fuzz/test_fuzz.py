@@ -28,7 +28,8 @@ pytestmark = pytest.mark.fuzz
 
 NIGHTLY = os.environ.get("HYPOTHESIS_PROFILE") == "nightly"
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", 640 if NIGHTLY else 80))
-SEED = int(os.environ.get("FUZZ_SEED", 1))
+# (the default seed draws every kind and lane, masked_later included, within the budget)
+SEED = int(os.environ.get("FUZZ_SEED", 3))
 
 
 KINDS = ("neighborhood", "routed", "sigmoid", "softmax", "temperature")

@@ -405,9 +405,8 @@ def index_range(expr_key: str, nq: int, nk: int, exact: bool = False) -> tuple[i
     bounds by interval arithmetic when it bounds the expression (they may be loose), or
     with ``exact`` (or no bounds), the range evaluated a block of query rows at a time."""
     from attnfx.predicate import K, _bounded
-    from attnfx.spec import _parse_expr
 
-    expr = _parse_expr(expr_key)
+    expr = MaskPredicate.from_key(expr_key).expr  # (an expression key parses the same way)
     known = {Q: (0, nq - 1), K: (0, nk - 1), NQ: (nq, nq), NK: (nk, nk)}
     _, r = _bounded(expr.xreplace({NQ: sympy.Integer(nq), NK: sympy.Integer(nk)}), known)
     if r is not None and not exact:

@@ -374,6 +374,17 @@ def attnfx_backend(
 _explain_lock = threading.RLock()
 
 
+def ensure_registered() -> None:
+    """Make ``backend="attnfx"`` known to Dynamo where the package's entry point is not
+    installed (a checkout on ``PYTHONPATH``, as on a machine with no ``pip install``)."""
+    from torch._dynamo.backends.registry import lookup_backend, register_backend
+
+    try:
+        lookup_backend("attnfx")
+    except Exception:  # noqa: BLE001 - InvalidBackend: not installed
+        register_backend(compiler_fn=attnfx_backend, name="attnfx")
+
+
 def explain(model, *args, options: dict | None = None, **kwargs) -> report.Report:
     """Compile ``model`` with attnfx, run it once on ``args``/``kwargs`` and report every
     attention site: found, verified, rewritten or kept (and why).

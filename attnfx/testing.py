@@ -288,7 +288,8 @@ def assert_rewrites_match_eager(
     kw = {"transcendental": transcendental}
     assert_attention_close(cand, base, gold, context="output", **kw)
     if grad:
-        cot = torch.randn(cand.shape, generator=torch.Generator().manual_seed(7)).to(cand.dtype)
+        cot = torch.randn(cand.shape, generator=torch.Generator().manual_seed(7))
+        cot = cot.to(device=cand.device, dtype=cand.dtype)
         cand.backward(cot)
         base.backward(cot)
         gold.backward(cot.double())

@@ -262,8 +262,9 @@ def flex_fn(shape: Shape, device, perm: torch.Tensor | None, table=None):
 def build(name: str, shape: Shape, device, m: torch.Tensor, table=None):
     """(fn, input permutation or None) for a provider."""
     if name == "attnfx":
-        import attnfx  # noqa: F401 - registers the backend
+        from attnfx.backend import ensure_registered
 
+        ensure_registered()  # (a checkout run without ``pip install``)
         return torch.compile(core_of(shape, table), backend="attnfx"), None
     if name == "inductor":
         return torch.compile(core_of(shape, table)), None

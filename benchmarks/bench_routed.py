@@ -118,6 +118,9 @@ def _providers(args, n, w):
 
     causal = args.causal
     opts = {"cpu": "always"} if args.device == "cpu" else None
+    from attnfx.backend import ensure_registered
+
+    ensure_registered()  # (a checkout run without ``pip install``)
     compiled = {
         "inductor": torch.compile(layer, backend="inductor", dynamic=False),
         "attnfx": torch.compile(layer, backend="attnfx", options=opts, dynamic=False),

@@ -1235,10 +1235,18 @@ def _hoist_constants(nodes: set, ext: list) -> tuple[set, list, dict]:
     except Exception as e:  # noqa: BLE001 - a form the CPU run cannot take: run it in place
         log.debug("attnfx verify: constants not hoisted: %s", e)
         return nodes, ext, {}
-    values = {n: env[n] for n in frontier}
+    # (run on the CPU: each value goes back to its node's device, where the region runs)
+    values = {n: _on_device(env[n], n) for n in frontier}
     # the constant nodes nothing outside them reads go; the frontier enters as inputs
     ext = sorted([*ext, *frontier], key=order.__getitem__)
     return nodes - const, ext, values
+
+
+def _on_device(value, node: fx.Node):
+    ev = G.example_value(node)
+    if isinstance(value, torch.Tensor) and isinstance(ev, torch.Tensor):
+        return value.to(ev.device)
+    return value
 
 
 def _local(x):

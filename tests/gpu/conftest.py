@@ -12,6 +12,14 @@ import pytest
 HERE = Path(__file__).resolve().parent
 
 
+def pytest_configure(config):
+    # the GPU machines run a checkout without ``pip install``: no entry point names the
+    # backend there
+    from attnfx.backend import ensure_registered
+
+    ensure_registered()
+
+
 @pytest.hookimpl(trylast=True)  # after -m has deselected
 def pytest_collection_modifyitems(config, items):
     shard = os.environ.get("ATTNFX_TEST_SHARD")

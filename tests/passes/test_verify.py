@@ -687,3 +687,19 @@ def test_no_hoisting_where_the_region_writes_in_place(monkeypatch):
     assert torch.equal(values[keep], torch.arange(64).view(8, 8) > 5)
     nodes, ext, keep = region(write=True)
     assert verify._hoist_constants(nodes, ext) == (nodes, ext, {})
+
+
+def test_hoisted_constants_go_to_the_region_device():
+    """Hoisted constants are computed on the CPU (``masks.run_constant_nodes``); the
+    region runs where its tensors live, so each value goes to its node's device (on a
+    GPU, a CPU mask beside CUDA scores made every neighborhood site fail verification)."""
+    import torch.fx as fx
+
+    from attnfx.passes import verify
+
+    g = fx.Graph()
+    n = g.placeholder("mask")
+    n.meta["example_value"] = torch.empty(4, 4, dtype=torch.bool, device="meta")
+    moved = verify._on_device(torch.ones(4, 4, dtype=torch.bool), n)
+    assert moved.device.type == "meta" and moved.dtype == torch.bool
+    assert verify._on_device(3, n) == 3  # (a Python value stays as it is)

@@ -152,19 +152,25 @@ def test_prewarm_worker_runs_its_shard(bench, tmp_path):
     assert "[warm 0/1] 1 units" in proc.stdout
 
 
+def _neighborhood_dry_run(tmp_path, shapes: str, providers: str) -> tuple[str, dict]:
+    """``bench_neighborhood.py --dry-run`` as users run it: (its stdout, JSON rows by
+    provider)."""
+    env = _env(tmp_path)
+    env.pop("ATTNFX_CPU_REWRITE", None)  # (as users run it)
+    out = tmp_path / "nb.json"
+    cmd = [sys.executable, str(NEIGHBORHOOD), "--dry-run", "--shapes", shapes]
+    cmd += ["--providers", providers, "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout, {r["provider"]: r for r in json.loads(out.read_text())["rows"]}
+
+
 def test_neighborhood_bucketed_dry_run(tmp_path):
     """``bench_neighborhood.py --dry-run`` on a tiny bucketed shape: attnfx (the read-back
     site through the interpreter kernels), its inductor baseline and eager, the table
     and the JSON."""
-    env = _env(tmp_path)
-    env.pop("ATTNFX_CPU_REWRITE", None)  # (as users run it)
-    out = tmp_path / "nb.json"
-    cmd = [sys.executable, str(NEIGHBORHOOD), "--dry-run", "--shapes", "cbucket:24:4"]
-    cmd += ["--providers", "attnfx,inductor,eager", "--json", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "vs ind" in proc.stdout and "cbucket 24 w=4" in proc.stdout
-    rows = {r["provider"]: r for r in json.loads(out.read_text())["rows"]}
+    stdout, rows = _neighborhood_dry_run(tmp_path, "cbucket:24:4", "attnfx,inductor,eager")
+    assert "vs ind" in stdout and "cbucket 24 w=4" in stdout
     assert set(rows) == {"attnfx", "inductor", "eager"}
     assert rows["attnfx"]["site"] == "rewritten.neighborhood", rows["attnfx"]
     for r in rows.values():
@@ -178,15 +184,8 @@ def test_neighborhood_rpb_dry_run(tmp_path):
     position bias: attnfx reads the table inside the op (the site through the
     interpreter kernels), flex adds it in a score_mod, SDPA takes the gathered bias; all
     agree with the float64 core."""
-    env = _env(tmp_path)
-    env.pop("ATTNFX_CPU_REWRITE", None)  # (as users run it)
-    out = tmp_path / "nb.json"
-    cmd = [sys.executable, str(NEIGHBORHOOD), "--dry-run", "--shapes", "2d:8x8:3:rpb"]
-    cmd += ["--providers", "attnfx,flex,sdpa-masked,eager", "--json", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "2-D 8x8 k=3 rpb" in proc.stdout
-    rows = {r["provider"]: r for r in json.loads(out.read_text())["rows"]}
+    stdout, rows = _neighborhood_dry_run(tmp_path, "2d:8x8:3:rpb", "attnfx,flex,sdpa-masked,eager")
+    assert "2-D 8x8 k=3 rpb" in stdout
     assert rows["attnfx"]["site"] == "rewritten.neighborhood", rows["attnfx"]
     for r in rows.values():
         assert "error" not in r and r["rel_err"] < 1e-2, r

@@ -50,7 +50,7 @@ from attnfx import score_ops
 from attnfx.layout import torch_dtype
 from attnfx.predicate import K, Q
 from attnfx.reference import probabilities, reference_aux_gradients
-from attnfx.score_ops import TorchEnv
+from attnfx.score_ops import TorchEnv, compact
 from attnfx.spec import AttentionSpec
 
 # Upper bound of one block's float32 score tensor in the blocked path (measured on 2
@@ -176,7 +176,7 @@ def _multipliers(muls, aux, nq, nk):
         elif op.entry.operand == "sym":
             scale *= _value_at(op, nq, nk)
         else:
-            t = _compact(aux[op.aux])
+            t = compact(aux[op.aux])
             if t.shape[-1] != 1:
                 return None
             t = t.to(_ACC)
@@ -202,15 +202,6 @@ def _combined_mask(spec, ops, aux, nq, nk, dtype, device):
             )
         mask = term if mask is None else mask + term
     return mask, finite_fill
-
-
-def _compact(t: Tensor) -> Tensor:
-    """A broadcast (stride-0) view shrunk back to the size-1 dims it was expanded from,
-    so that combining masks does not materialize B·H·N²."""
-    idx = tuple(
-        slice(0, 1) if st == 0 and sz > 1 else slice(None) for sz, st in zip(t.shape, t.stride())
-    )
-    return t[idx]
 
 
 def _finite(t: Tensor) -> bool:
@@ -266,7 +257,7 @@ def _prepare(q, k, v, aux, spec):
         if mask is False:
             return None
     else:
-        mask = _mask(spec, ops, causal_op, [_compact(a) for a in aux], nq, nk)
+        mask = _mask(spec, ops, causal_op, [compact(a) for a in aux], nq, nk)
         if mask is False:
             return None
     return dict(attn_mask=mask, is_causal=causal_op is not None, scale=scale, rows=rows)

@@ -191,7 +191,7 @@ def attention_aux_backward_op(
     from the saved ``out`` and ``lse``).  The others: PyTorch, in blocks of query rows
     (bounded memory), on any device."""
     from attnfx import cpu
-    from attnfx.reference import concentrate_gradient
+    from attnfx.reference import broadcast_dims, concentrate_gradient
 
     s = AttentionSpec.from_key(spec).resolved(q.shape[-1], v.shape[-1])
     grads: dict[int, Tensor] = {}
@@ -203,10 +203,11 @@ def attention_aux_backward_op(
         if tables:
             dts = run_backward(ks, dout, q, k, v, kaux, out, lse, table_grads=tables)
             for i, dt in zip(tables, dts):
-                a = aux[i]
-                dims = [d for d in (0, 1) if a.stride(d) == 0 and a.shape[d] > 1]
-                total = dt.sum(dim=dims, keepdim=True) if dims else dt
-                grads[i] = concentrate_gradient(total.unsqueeze(-2), a)
+                # (B, H, T) -> the table's (B, H, 1, T), summed over its broadcast dims
+                total = dt.unsqueeze(-2)
+                dims = broadcast_dims(aux[i])
+                total = total.sum(dim=dims, keepdim=True) if dims else total
+                grads[i] = concentrate_gradient(total, aux[i])
     rest = [i for i in which if i not in grads]
     if rest:
         for i, g in zip(rest, cpu.reference_aux_backward(dout, q, k, v, aux, s, rest)):

@@ -88,7 +88,7 @@ class TorchEnv:
         """A ``table`` operand read at its index expression: (…, nq, nk).  The table is
         (B, H, 1, T), stride 0 where broadcast; each distinct (batch, head) table is read
         once and the result broadcast back (no B·H·N² copy where the table is shared)."""
-        a = _compact(self.aux[op.aux])
+        a = compact(self.aux[op.aux])
         out = a[..., 0, :].to(dtype)[..., self.table_index(op)]
         return out.expand(*self.aux[op.aux].shape[:-2], *out.shape[-2:])
 
@@ -421,8 +421,10 @@ def index_range(expr_key: str, nq: int, nk: int, exact: bool = False) -> tuple[i
     return lo, hi
 
 
-def _compact(t: Tensor) -> Tensor:
-    """A broadcast (stride-0) view shrunk back to the size-1 dims it was expanded from."""
+def compact(t: Tensor) -> Tensor:
+    """A broadcast (stride-0) view shrunk back to the size-1 dims it was expanded from,
+    so that combining or gathering does not materialize B·H·N² (the CPU path's masks,
+    the tables)."""
     idx = tuple(
         slice(0, 1) if st == 0 and sz > 1 else slice(None) for sz, st in zip(t.shape, t.stride())
     )

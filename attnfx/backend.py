@@ -124,7 +124,10 @@ def rewrite_graph(
     )
     new = G.copy_module(base)
     canonicalize(new)
-    sites = find_sites(new)
+    # On CPU (cpu="auto") many sites are kept for speed: their analyses' checks against
+    # the materialized masks and indices (N² work) wait until a site is to be rewritten.
+    defer = options.cpu == "auto" and _cpu_graph(example_inputs)
+    sites = find_sites(new, defer_proofs=defer)
     if options.cpu == "auto":
         # bucketed local attention on CPU: the op's path would run the token mask densely
         # (N² work) where the bucketed form does N·(buckets looked at)·w
@@ -142,6 +145,11 @@ def rewrite_graph(
             why = _cpu_refusal(s) if s.spec is not None else None
             if why is not None:
                 s.spec, s.reason = None, why
+    for s in matched:
+        why = masks.run_proofs(s.proofs) if s.spec is not None else None
+        if why is not None:
+            log.debug("attnfx: %s at %s kept: %s", s.kind, s.where, why)
+            s.spec, s.reason = None, why
     matched = [s for s in sites if s.spec is not None]
 
     verdicts: dict[int, verify.Verdict] = {}
@@ -222,6 +230,15 @@ def _density(site) -> float | None:
     if None in (nq, nk, d, dv):
         return None
     return report.site_density(site.spec, nq, nk, d, dv)
+
+
+def _cpu_graph(example_inputs) -> bool:
+    """Whether the graph's tensors are all on the CPU, where the op runs the CPU path
+    (not the kernels under ATTNFX_INTERPRET)."""
+    from attnfx import ops
+
+    devices = {x.device for x in example_inputs if isinstance(x, torch.Tensor)}
+    return bool(devices) and all(d.type == "cpu" and not ops.use_triton(d) for d in devices)
 
 
 def _on_cpu(site) -> bool:

@@ -27,6 +27,7 @@ Where the op runs:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import torch
@@ -91,23 +92,34 @@ def lower_symbolic(
     compiled kernel serves every length."""
     if not any(op.entry.aux_form for op in spec.score_ops):
         return spec, aux
-
+    lowered, sym_ops = _lowered_spec(spec.key)
     b, h, nq, _ = q.shape
     nk, device = k.shape[-2], q.device
     shape = (b, h, nq, nk)
-
     aux = list(aux)
+    for op in sym_ops:
+        val = torch.tensor(op.value_at(nq, nk), dtype=torch.float32, device=device)
+        aux.append(val.expand(shape))
+    return lowered, aux
+
+
+@functools.lru_cache(maxsize=256)
+def _lowered_spec(key: str):
+    """(the spec with each symbolic scalar op read from a new float32 aux tensor, those
+    ops in the order of their aux tensors): one spec object per key, so that the
+    launcher's recipes (keyed by ``spec.key``) do not re-serialize it on every call."""
+    spec = AttentionSpec.from_key(key)
     dts = list(spec.aux_dtypes)
-    ops = []
+    ops, sym_ops = [], []
     for op in spec.score_ops:
         if op.entry.aux_form:
-            val = torch.tensor(op.value_at(nq, nk), dtype=torch.float32, device=device)
-            aux.append(val.expand(shape))
             dts.append("float32")
-            ops.append(type(op)(op.entry.aux_form, aux=len(aux) - 1))
+            sym_ops.append(op)
+            ops.append(type(op)(op.entry.aux_form, aux=len(dts) - 1))
         else:
             ops.append(op)
-    return dataclasses.replace(spec, score_ops=tuple(ops), aux_dtypes=tuple(dts)), aux
+    lowered = dataclasses.replace(spec, score_ops=tuple(ops), aux_dtypes=tuple(dts))
+    return lowered, tuple(sym_ops)
 
 
 # ---------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@
 #   NA_TIMEOUT (100)        NA_ARGS (extra arguments for bench_neighborhood.py, e.g. --bwd)
 #   ROUTED_TIMEOUT (100: routed attention, benchmarks/bench_routed.py; 0 skips it)
 #   ROUTED_ARGS (extra arguments for bench_routed.py)
+#   HOST_TIMEOUT (90: host time per op call, benchmarks/bench_host.py; 0 skips it)
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -92,6 +93,16 @@ for ((i = 0; i < GPU_TEST_SHARDS; i++)); do
 done
 TEST_SUMMARY="GPU tests: rc=$TEST_RC (logs: $TEST_LOG.*.log) t=$(elapsed)s"
 echo "$TEST_SUMMARY"
+
+HOST_TIMEOUT="${HOST_TIMEOUT:-90}"
+if [ "$HOST_TIMEOUT" -gt 0 ]; then
+  echo "=== [1b] host time per op call (limit ${HOST_TIMEOUT}s) t=$(elapsed)s"
+  timeout "$HOST_TIMEOUT" "$PY" benchmarks/bench_host.py --json "$OUT/host.json" \
+    >"$OUT/host.txt" 2>"$OUT/host.log"
+  HOST_RC=$?
+  cat "$OUT/host.txt"
+  [ "$HOST_RC" -ne 0 ] && { echo "host benchmark rc=$HOST_RC"; tail -n 10 "$OUT/host.log"; }
+fi
 
 echo "=== [2] short benchmark (limit ${BENCH_TIMEOUT}s) t=$(elapsed)s"
 # shellcheck disable=SC2086

@@ -70,3 +70,70 @@ def test_the_policy_counts_its_refusals():
     cm = torch.compile(Sigmoid(), backend="attnfx", options={"cpu": "auto"})
     torch.testing.assert_close(cm(*qkv), Sigmoid()(*qkv))
     assert attnfx.counters[f"kept.{SLOWER}"] == 1, dict(attnfx.counters)
+
+
+class CausalByIndex(nn.Module):
+    """A causal mask built from positions: its predicate is read back and checked."""
+
+    def forward(self, q, k, v):
+        n = q.shape[-2]
+        i = torch.arange(n)
+        s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        s = s.masked_fill(i[None, :] > i[:, None], float("-inf"))
+        return s.softmax(-1) @ v
+
+
+def _count_proofs(monkeypatch):
+    from attnfx.passes import masks
+
+    ran = []
+    for name in ("_verify", "_check_rows"):
+        real = getattr(masks, name)
+
+        def counted(*a, _real=real, _name=name, **kw):
+            ran.append(_name)
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(masks, name, counted)
+    return ran
+
+
+def test_a_kept_cpu_site_never_runs_its_mask_and_index_checks(monkeypatch):
+    """NAT with its bias table on CPU is kept (inductor is faster): the N² checks of its
+    mask and of the table's index are the rewrite's, and are not run for it."""
+    from attnfx.nn import NeighborhoodAttention2D
+
+    m = NeighborhoodAttention2D(32, 2, 3, rel_pos_bias=True)
+    x = torch.randn(1, 6, 7, 32)
+    ran = _count_proofs(monkeypatch)
+    (site,) = attnfx.explain(m, x, options={"cpu": "auto"}).sites
+    assert site.status == "kept" and site.reason == SLOWER, site
+    assert site.kind == "neighborhood"  # recognized, then kept
+    assert ran == []
+    (site,) = attnfx.explain(m, x, options={"cpu": "always"}).sites
+    assert site.status == "rewritten" and "_verify" in ran  # rewritten: checked
+
+
+def test_a_rewritten_cpu_site_runs_its_checks(monkeypatch):
+    ran = _count_proofs(monkeypatch)
+    qkv = [torch.randn(1, 2, 32, 16) for _ in range(3)]
+    (site,) = attnfx.explain(CausalByIndex(), *qkv, options={"cpu": "auto"}).sites
+    assert site.status == "rewritten" and site.spec.mask_class.kind == "causal", site
+    assert ran == ["_verify"]
+
+
+def test_a_deferred_check_that_fails_keeps_the_site(monkeypatch):
+    from attnfx.passes import masks
+
+    def wrong(*a, **kw):
+        raise masks._Refuse("pair (3, 5) differs")
+
+    monkeypatch.setattr(masks, "_verify", wrong)
+    qkv = [torch.randn(1, 2, 32, 16) for _ in range(3)]
+    attnfx.reset_counters()
+    (site,) = attnfx.explain(CausalByIndex(), *qkv, options={"cpu": "auto"}).sites
+    assert site.status == "kept", site
+    assert site.reason == "mask disagrees with its expression: pair (3, 5) differs"
+    torch._dynamo.reset()
+    cm = torch.compile(CausalByIndex(), backend="attnfx", options={"cpu": "auto"})
+    torch.testing.assert_close(cm(*qkv), CausalByIndex()(*qkv))

@@ -155,6 +155,8 @@ class Autotuner:
         self._mem: dict[TuneKey, Config] = {}
         self._lock = threading.RLock()
         self.log: list[dict] = []  # one entry per tuning run (tests, debugging)
+        # bumped when choices are forgotten: launch recipes made from them are stale
+        self.generation = 0
 
     def root(self) -> Path:
         return self._root or (cache.cache_dir() / "autotune")
@@ -165,6 +167,7 @@ class Autotuner:
     def clear_memory(self) -> None:
         with self._lock:
             self._mem.clear()
+            self.generation += 1
 
     def _load(self, key: TuneKey, candidates: Sequence[Config]) -> Config | None:
         """The stored choice for ``key``; None (re-tune) for any entry that cannot be

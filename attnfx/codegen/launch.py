@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import os
 import threading
 
 import torch
@@ -17,6 +18,7 @@ import triton
 
 from attnfx.codegen import autotune, cache, signature, tiles
 from attnfx.codegen.plan import (
+    FEATURES_ENV,
     Config,
     Plan,
     ScheduleKind,
@@ -129,10 +131,6 @@ def _schedule_args(spec, plan, nq, nk, cfg: Config, transposed: bool, device):
     return {}, dict(zip(_BAND_BOUNDS, skip_bounds(spec, plan, nq, nk), strict=True))
 
 
-def _launch(fn, sig, grid, args, consts, cfg: Config, interpret: bool):
-    fn[grid](*args, **sig.pick(consts), **cfg.launch_kwargs(interpret))
-
-
 def _check(spec: AttentionSpec, q, k, v):
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
@@ -219,35 +217,135 @@ def _pick(spec, kernel, fn, cands, interpret, nq, nk, device, grid_of, make_args
     )
 
 
-@_serialized_under_interpreter
-def run_forward(spec: AttentionSpec, q, k, v, aux) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse): out (B, Hq, NQ, Dv) in ``spec.out_dtype``, laid out in memory as
-    ``spec.out_layout`` says (``attnfx.ops.empty_output``); lse (B, Hq, NQ) float32."""
-    from attnfx.layout import empty_output
+# ---------------------------------------------------------------------------------------
+# Launch recipes: what a call needs besides its tensors, found once per spec and shapes
+# ---------------------------------------------------------------------------------------
 
+
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+    """One kernel launch with everything fixed but the tensors: the function, its
+    argument binder, grid, constexprs and launch options, and the schedule's arguments
+    (band bounds or tile lists) at the recipe's lengths."""
+
+    name: str  # the LAUNCHES counter's key
+    fn: object
+    sig: signature.Signature
+    grid: tuple
+    kwargs: dict  # constexprs + num_warps / num_stages / maxnreg
+    sched_tensors: dict
+    sched_scalars: dict
+
+    def __call__(self, tensors: dict, scalars: dict) -> None:
+        args = self.sig.bind({**tensors, **self.sched_tensors}, {**scalars, **self.sched_scalars})
+        self.fn[self.grid](*args, **self.kwargs)
+        LAUNCHES[self.name] += 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _Recipe:
+    """The launches of one spec at one set of shapes on one device: the per-call work is
+    then allocating the outputs, binding pointers and strides, and the launches.
+
+    Finding one costs the spec's plan, signatures, candidate configs (the autotuner's
+    choice on CUDA), band bounds and tile lists: about half a millisecond of host time,
+    more than a whole kernel at N=4096.  ``module`` is the generated module the launches
+    came from: a recipe whose module left the module cache is found again."""
+
+    spec: AttentionSpec  # resolved, with the aux tensors' broadcast patterns
+    plan: Plan
+    module_key: tuple
+    module: object
+    generation: int  # the autotuner's (a cleared choice is found again)
+    launches: dict  # kernel name -> _Launch
+
+    def current(self) -> bool:
+        return (
+            cache._modules.get(self.module_key) is self.module
+            and self.generation == autotune.TUNER.generation
+        )
+
+
+_RECIPES: collections.OrderedDict = collections.OrderedDict()
+_RECIPES_MAX = 512
+_recipes_lock = threading.Lock()
+
+
+def _recipe_key(part: str, spec: AttentionSpec, q, k, v, aux, tma: bool = False) -> tuple:
+    """What a launch depends on besides the tensors' data: the spec, the aux tensors'
+    broadcast patterns, every length, the device, TMA's alignment and the environment
+    switches that change configs (forced habits, autotuning)."""
+    return (
+        part,
+        spec.key,
+        tuple(aux_broadcast(a) for a in aux),
+        tuple(q.shape),
+        tuple(k.shape),
+        v.shape[-1],
+        q.device,
+        tma,
+        q.dtype,
+        os.environ.get(FEATURES_ENV, ""),
+        os.environ.get(autotune.ENV, ""),
+    )
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _recipe(key: tuple, build) -> _Recipe:
+    with _recipes_lock:
+        r = _RECIPES.get(key)
+        if r is not None and r.current():
+            _RECIPES.move_to_end(key)
+            return r
+    r = build()
+    if r is not None and not _capturing(key[6]):
+        # (a choice made inside a CUDA graph capture may be a default the tuner later
+        # replaces: not remembered)
+        with _recipes_lock:
+            _RECIPES[key] = r
+            while len(_RECIPES) > _RECIPES_MAX:
+                _RECIPES.popitem(last=False)
+    return r
+
+
+def clear_recipes() -> None:
+    with _recipes_lock:
+        _RECIPES.clear()
+
+
+def _prepare(spec: AttentionSpec, part: str, q, k, v, aux, interpret: bool):
+    """(spec resolved at q's and v's head dims with the aux broadcast patterns, its plan,
+    the module key, the module)."""
     spec = spec.resolved(q.shape[-1], v.shape[-1])  # one kernel per concrete head dim
     spec = with_aux_broadcast(spec, aux)
     _check(spec, q, k, v)
+    mod = cache.load_module(spec, part, interpret)
+    return spec, make_plan(spec), (spec.kernel_key, part, interpret), mod
+
+
+def _forward_recipe(spec: AttentionSpec, q, k, v, aux, tma_ok: bool) -> _Recipe:
+    from attnfx.layout import empty_output
+
     interpret = _interpret(q)
-    plan = make_plan(spec)
-    mod = cache.load_module(spec, "fwd", interpret)
+    generation = autotune.TUNER.generation
+    spec, plan, mkey, mod = _prepare(spec, "fwd", q, k, v, aux, interpret)
     B, H, NQ, _ = q.shape
     NK = k.shape[2]
-    # the output in the spec's memory order (bhnd or bnhd); the kernel writes through
-    # its strides
-    out = empty_output(q, v, spec)
-    lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
-    if B * H * NQ == 0:
-        return out, lse
     sig = signature.forward_args(spec, plan)
     tensors = {"q": q, "k": k, "v": v, **_aux_tensors(plan, aux)}
     scalars = {"H_Q": H, "N_Q": NQ, "N_K": NK}
     consts = _shape_consts(spec, plan, interpret)
+    out = empty_output(q, v, spec)
+    lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
 
     def make_args(scratch: bool, c: Config):
-        o, ls = (torch.empty_like(out), torch.empty_like(lse)) if scratch else (out, lse)
+        assert scratch  # (tuning launches only: the real one goes through the recipe)
         st, ss = _schedule_args(spec, plan, NQ, NK, c, False, q.device)
-        return sig.bind({**tensors, "o": o, "lse": ls, **st}, {**scalars, **ss})
+        o = {"o": torch.empty_like(out), "lse": torch.empty_like(lse)}
+        return sig.bind({**tensors, **o, **st}, {**scalars, **ss})
 
     def consts_of(c: Config):
         return dict(consts, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, **c.habit_constexprs())
@@ -255,92 +353,95 @@ def run_forward(spec: AttentionSpec, q, k, v, aux) -> tuple[torch.Tensor, torch.
     def grid_of(c: Config):
         return (triton.cdiv(NQ, c.BLOCK_M), B * H)
 
-    cands = _candidates(spec, "fwd", interpret, _tma_ok(q, k, v))
+    cands = _candidates(spec, "fwd", interpret, tma_ok)
     if not interpret and any(c.tma for c in cands):
         _ensure_allocator(q.device)
     fn = mod._attn_fwd
-    cfg = _pick(spec, "fwd", fn, cands, interpret, NQ, NK, q.device, grid_of, make_args, consts_of)
-    _launch(fn, sig, grid_of(cfg), make_args(False, cfg), consts_of(cfg), cfg, interpret)
-    LAUNCHES["fwd"] += 1
-    return out, lse
+    cfg = cands[0]
+    if B * H * NQ:
+        cfg = _pick(spec, "fwd", fn, cands, interpret, NQ, NK, q.device, grid_of, make_args, consts_of)  # fmt: skip
+    st, ss = _schedule_args(spec, plan, NQ, NK, cfg, False, q.device) if B * H * NQ else ({}, {})
+    fwd = _Launch(
+        "fwd", fn, sig, grid_of(cfg),
+        dict(sig.pick(consts_of(cfg)), **cfg.launch_kwargs(interpret)), st, ss,
+    )  # fmt: skip
+    return _Recipe(spec, plan, mkey, mod, generation, {"fwd": fwd})
 
 
 @_serialized_under_interpreter
-def run_backward(spec: AttentionSpec, dout, q, k, v, aux, out, lse, table_grads=None):
-    """(dq, dk, dv), contiguous, in the dtypes of q, k, v.  With ``table_grads`` (aux
-    indices of ``Plan.table_grads``): instead, those bias tables' gradients, (B, H, T)
-    float32 each, from the dQ kernel run with TABLE_GRAD (dK/dV are not run)."""
-    spec = spec.resolved(q.shape[-1], v.shape[-1])
-    spec = with_aux_broadcast(spec, aux)
-    _check(spec, q, k, v)
+def run_forward(spec: AttentionSpec, q, k, v, aux) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse): out (B, Hq, NQ, Dv) in ``spec.out_dtype``, laid out in memory as
+    ``spec.out_layout`` says (``attnfx.ops.empty_output``); lse (B, Hq, NQ) float32."""
+    from attnfx.layout import empty_output
+
+    tma_ok = _tma_ok(q, k, v)
+    key = _recipe_key("fwd", spec, q, k, v, aux, tma_ok)
+    r = _recipe(key, lambda: _forward_recipe(spec, q, k, v, aux, tma_ok))
+    _check(r.spec, q, k, v)
+    B, H, NQ, _ = q.shape
+    # the output in the spec's memory order (bhnd or bnhd); the kernel writes through
+    # its strides
+    out = empty_output(q, v, r.spec)
+    lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
+    if B * H * NQ == 0:
+        return out, lse
+    tensors = {"q": q, "k": k, "v": v, "o": out, "lse": lse, **_aux_tensors(r.plan, aux)}
+    r.launches["fwd"](tensors, {"H_Q": H, "N_Q": NQ, "N_K": k.shape[2]})
+    return out, lse
+
+
+_BACKWARD = ("bwd_dkdv", "bwd_dq")
+
+
+def _backward_recipe(spec: AttentionSpec, dout, q, k, v, aux, out, lse) -> _Recipe:
     interpret = _interpret(q)
-    plan = make_plan(spec)
-    mod = cache.load_module(spec, "bwd", interpret)
+    generation = autotune.TUNER.generation
+    spec, plan, mkey, mod = _prepare(spec, "bwd", q, k, v, aux, interpret)
     B, H, NQ, _ = q.shape
     HK, NK = k.shape[1], k.shape[2]
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    dts = {
-        f"dt{i}": torch.zeros((B, H, aux[i].shape[-1]), dtype=torch.float32, device=q.device)
-        for i in plan.table_grads
-    }
-    if table_grads is not None:
-        assert set(table_grads) <= set(plan.table_grads), (table_grads, plan.table_grads)
-    if B * H * NQ == 0 or NK == 0:
-        if table_grads is not None:
-            return [dts[f"dt{i}"] for i in table_grads]
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    softmax = spec.act.normalized  # a row normalizer: the preprocess, dead rows
-    delta = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
-    m_row = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
-    # the tensors every backward kernel may read, by their signature names
-    tensors = {"q": q, "k": k, "v": v, "o": out, "do": dout, "lse": lse}
-    tensors.update(delta=delta, m=m_row, **_aux_tensors(plan, aux), **dts)
-    if plan.row_norm:  # log(l) of the rows whose huge float32 lse lost it (0 elsewhere)
-        tensors["lg"] = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
-    if signature.dead_rows_fix(spec, plan):
-        tensors["dead"] = torch.isneginf(lse).any(-1).to(torch.int32).contiguous()
-    scalars = {"H_Q": H, "N_Q": NQ, "N_K": NK}
     consts = _shape_consts(spec, plan, interpret)
+    launches: dict[str, _Launch] = {}
+    if B * H * NQ == 0 or NK == 0:
+        return _Recipe(spec, plan, mkey, mod, generation, launches)
+    scalars = {"H_Q": H, "N_Q": NQ, "N_K": NK}
+    tensors = _backward_tensors(plan, spec, dout, q, k, v, aux, out, lse)
+    tensors.update(dq=q, dk=k, dv=v)  # (shapes and strides only: tuning uses scratch)
 
     def consts_of(c: Config):
         return dict(consts, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N)
 
-    if softmax:
+    def make(name, sig, fn, cfg, grid, transposed: bool | None, **extra):
+        # transposed: the schedule's lists of key tiles (dK/dV); None: no schedule
+        st, ss = ({}, {})
+        if transposed is not None:
+            st, ss = _schedule_args(spec, plan, NQ, NK, cfg, transposed, q.device)
+        kw = dict(sig.pick(dict(consts_of(cfg), **extra)), **cfg.launch_kwargs(interpret))
+        return _Launch(name, fn, sig, grid, kw, st, ss)
+
+    if spec.act.normalized:  # a row normalizer: the preprocess, dead rows
         cfg = _candidates(spec, "bwd_pre", interpret)[0]
         sig = signature.preprocess_args(spec, plan)
         grid = (triton.cdiv(NQ, cfg.BLOCK_M), B * H)
-        args = sig.bind(tensors, scalars)
-        _launch(mod._attn_bwd_preprocess, sig, grid, args, consts_of(cfg), cfg, interpret)
-        LAUNCHES["bwd_pre"] += 1
-    else:
-        delta.zero_()
-        m_row.zero_()
-
-    if table_grads is not None:
+        launches["bwd_pre"] = make("bwd_pre", sig, mod._attn_bwd_preprocess, cfg, grid, None)
+    if plan.table_grads:
         # the dQ kernel adding dS into the tables (atomics: no tuning launches, which
         # would add into them too)
         sig = signature.dq_args(spec, plan)
         cfg = _candidates(spec, "bwd_dq", interpret)[0]
-        st, ss = _schedule_args(spec, plan, NQ, NK, cfg, False, q.device)
-        args = sig.bind({**tensors, "dq": dq, **st}, {**scalars, **ss})
         grid = (triton.cdiv(NQ, cfg.BLOCK_M), B * H)
-        _launch(
-            getattr(mod, sig.name), sig, grid, args, dict(consts_of(cfg), TABLE_GRAD=True),
-            cfg, interpret,
-        )  # fmt: skip
-        LAUNCHES["bwd_dq"] += 1
-        return [dts[f"dt{i}"] for i in table_grads]
-
+        launches["bwd_dq_table"] = make(
+            "bwd_dq", sig, getattr(mod, sig.name), cfg, grid, False, TABLE_GRAD=True
+        )
     # dK/dV and dQ: tuned on scratch copies of their outputs (tl.store only, but the
     # benchmark launches must never touch the real gradients)
-    for kernel, outs in (("bwd_dkdv", {"dk": dk, "dv": dv}), ("bwd_dq", {"dq": dq})):
+    for kernel in _BACKWARD:
         sig = signature.KERNEL_ARGS[kernel](spec, plan)
         dkdv = kernel == "bwd_dkdv"
+        outs = ("dk", "dv") if dkdv else ("dq",)
 
         def make_args(scratch: bool, c: Config, sig=sig, outs=outs, dkdv=dkdv):
-            o = {n: torch.empty_like(t) for n, t in outs.items()} if scratch else outs
+            assert scratch
+            o = {n: torch.empty_like(tensors[n]) for n in outs}
             st, ss = _schedule_args(spec, plan, NQ, NK, c, dkdv, q.device)
             return sig.bind({**tensors, **o, **st}, {**scalars, **ss})
 
@@ -352,8 +453,61 @@ def run_backward(spec: AttentionSpec, dout, q, k, v, aux, out, lse, table_grads=
         fn = getattr(mod, sig.name)
         cands = _candidates(spec, kernel, interpret)
         cfg = _pick(spec, kernel, fn, cands, interpret, NQ, NK, q.device, grid_of, make_args, consts_of)  # fmt: skip
-        _launch(fn, sig, grid_of(cfg), make_args(False, cfg), consts_of(cfg), cfg, interpret)
-        LAUNCHES[kernel] += 1
+        launches[kernel] = make(kernel, sig, fn, cfg, grid_of(cfg), dkdv)
+    return _Recipe(spec, plan, mkey, mod, generation, launches)
+
+
+def _backward_tensors(plan, spec, dout, q, k, v, aux, out, lse) -> dict:
+    """The inputs every backward kernel may read, by their signature names."""
+    tensors = {"q": q, "k": k, "v": v, "o": out, "do": dout, "lse": lse}
+    tensors.update(_aux_tensors(plan, aux))
+    B, H, NQ = lse.shape
+    for name in ("delta", "m") + (("lg",) if plan.row_norm else ()):
+        # lg: log(l) of the rows whose huge float32 lse lost it (0 elsewhere)
+        tensors[name] = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
+    if signature.dead_rows_fix(spec, plan):
+        tensors["dead"] = torch.isneginf(lse).any(-1).to(torch.int32).contiguous()
+    for i in plan.table_grads:
+        tensors[f"dt{i}"] = torch.zeros(
+            (B, H, aux[i].shape[-1]), dtype=torch.float32, device=q.device
+        )
+    return tensors
+
+
+@_serialized_under_interpreter
+def run_backward(spec: AttentionSpec, dout, q, k, v, aux, out, lse, table_grads=None):
+    """(dq, dk, dv), contiguous, in the dtypes of q, k, v.  With ``table_grads`` (aux
+    indices of ``Plan.table_grads``): instead, those bias tables' gradients, (B, H, T)
+    float32 each, from the dQ kernel run with TABLE_GRAD (dK/dV are not run)."""
+    key = _recipe_key("bwd", spec, q, k, v, aux)
+    r = _recipe(key, lambda: _backward_recipe(spec, dout, q, k, v, aux, out, lse))
+    _check(r.spec, q, k, v)
+    plan = r.plan
+    if table_grads is not None:
+        assert set(table_grads) <= set(plan.table_grads), (table_grads, plan.table_grads)
+    B, H, NQ, _ = q.shape
+    NK = k.shape[2]
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if B * H * NQ == 0 or NK == 0:
+        if table_grads is not None:
+            return [torch.zeros((B, H, aux[i].shape[-1]), dtype=torch.float32, device=q.device)
+                    for i in table_grads]  # fmt: skip
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    tensors = _backward_tensors(plan, r.spec, dout, q, k, v, aux, out, lse)
+    tensors.update(dq=dq, dk=dk, dv=dv)
+    scalars = {"H_Q": H, "N_Q": NQ, "N_K": NK}
+    if "bwd_pre" in r.launches:
+        r.launches["bwd_pre"](tensors, scalars)
+    else:  # no row normalizer (sigmoid): no preprocess
+        tensors["delta"].zero_()
+        tensors["m"].zero_()
+    if table_grads is not None:
+        r.launches["bwd_dq_table"](tensors, scalars)
+        return [tensors[f"dt{i}"] for i in table_grads]
+    for kernel in _BACKWARD:
+        r.launches[kernel](tensors, scalars)
     return dq, dk, dv
 
 

@@ -11,6 +11,7 @@ its types from it -- so the positional order is written in exactly one place: th
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from attnfx.codegen.plan import Plan, ScheduleKind
 from attnfx.spec import AttentionSpec
@@ -78,27 +79,54 @@ class Signature:
         return _lines([given.get(p.name, p.arg or p.name) for p in self.params], indent)
 
     # -- binding (launcher) ---------------------------------------------------------------
+    @functools.cached_property
+    def _binder(self):
+        return _make_binder(self.name, tuple(self.runtime))
+
     def bind(self, tensors: dict, scalars: dict) -> tuple:
         """The positional runtime arguments: pointers and strides from ``tensors`` (by the
         parameter's tensor name), scalars from ``scalars`` (by parameter name)."""
-        out = []
-        for p in self.runtime:
-            try:
-                if p.kind == "ptr":
-                    out.append(tensors[p.tensor])
-                elif p.kind == "stride":
-                    out.append(tensors[p.tensor].stride(p.dim))
-                else:
-                    out.append(scalars[p.name])
-            except KeyError as e:
-                raise KeyError(f"{self.name}: no value for {p.name} ({e})") from None
-        return tuple(out)
+        try:
+            return self._binder(tensors, scalars)
+        except KeyError as e:
+            missing = [
+                p.name
+                for p in self.runtime
+                if (
+                    p.tensor not in tensors
+                    if p.kind in ("ptr", "stride")
+                    else p.name not in scalars
+                )
+            ]
+            raise KeyError(f"{self.name}: no value for {missing[0]} ({e})") from None
 
     def pick(self, consts: dict) -> dict:
         """The constexprs this function declares, from a superset ``consts``."""
         missing = [n for n in self.constexprs if n not in consts]
         assert not missing, f"{self.name}: no value for constexprs {missing}"
         return {n: consts[n] for n in self.constexprs}
+
+
+@functools.lru_cache(maxsize=512)
+def _make_binder(name: str, runtime: tuple[Param, ...]):
+    """``Signature.bind`` as one generated expression (it runs on every launch): the
+    strides of each tensor read once, the arguments in the signature's order.  Cached by
+    the parameter list: signatures are rebuilt whenever a launch recipe is."""
+    strided = list(dict.fromkeys(p.tensor for p in runtime if p.kind == "stride"))
+    slot = {t: i for i, t in enumerate(strided)}
+    items = []
+    for p in runtime:
+        if p.kind == "ptr":
+            items.append(f"T[{p.tensor!r}]")
+        elif p.kind == "stride":
+            items.append(f"s{slot[p.tensor]}[{p.dim}]")
+        else:
+            items.append(f"S[{p.name!r}]")
+    body = "".join(f"    s{i} = T[{t!r}].stride()\n" for i, t in enumerate(strided))
+    src = f"def bind(T, S):\n{body}    return ({', '.join(items)},)\n"
+    scope: dict = {}
+    exec(compile(src, f"<attnfx bind {name}>", "exec"), scope)  # noqa: S102
+    return scope["bind"]
 
 
 def _lines(items: list[str], indent: int) -> str:

@@ -37,6 +37,8 @@ the mask holds that constant.
 from __future__ import annotations
 
 import builtins
+import contextlib
+import contextvars
 import dataclasses
 import math
 import operator
@@ -91,6 +93,52 @@ class _V:
 # ---------------------------------------------------------------------------------------
 
 
+# ---------------------------------------------------------------------------------------
+# proofs: each analysis derives its expression symbolically, then checks it against the
+# materialized tensor (every pair, in row blocks when large).  Inside ``deferring_proofs``
+# the checks are collected instead, for the caller to run once it knows the site will be
+# rewritten: a CPU site the backend keeps anyway (``cpu="auto"``) then never pays for
+# them (NeighborhoodAttention2D 96x96 with its bias: 6 s of checks on 85M pairs).
+# ---------------------------------------------------------------------------------------
+
+_DEFERRED: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "attnfx_deferred_proofs", default=None
+)
+
+
+@contextlib.contextmanager
+def deferring_proofs(into: list):
+    """Collect the checks of the analyses run inside into ``into`` (pairs (what, check));
+    ``run_proofs`` runs them.  A result used before its proof ran must not reach a
+    rewrite: the backend runs a site's proofs before verifying and rewriting it."""
+    token = _DEFERRED.set(into)
+    try:
+        yield into
+    finally:
+        _DEFERRED.reset(token)
+
+
+def _prove(what: str, check) -> None:
+    """Run ``check`` (raises ``_Refuse`` on a disagreement) now, or collect it."""
+    sink = _DEFERRED.get()
+    if sink is None:
+        check()
+    else:
+        sink.append((what, check))
+
+
+def run_proofs(proofs) -> str | None:
+    """Run collected checks; the first failure's reason, or None when all hold."""
+    for what, check in proofs:
+        try:
+            check()
+        except _Refuse as e:
+            return f"{what} disagrees with its expression: {e}"
+        except Exception as e:  # noqa: BLE001 - a check that cannot run proves nothing
+            return f"{what} could not be checked: {type(e).__name__}: {e}"
+    return None
+
+
 def analyze_mask(node: fx.Node, nq, nk) -> MaskAnalysis:
     """Read the mask produced by ``node`` as a predicate over ``Q``, ``K``, ``NQ``, ``NK``.
 
@@ -140,7 +188,7 @@ def _analyze(root: fx.Node, nq, nk) -> MaskAnalysis:
         raise _Refuse(f"size symbol(s) {names} are neither the query nor the key length")
 
     pred = MaskPredicate(expr)
-    _verify(pred, root, cone, nq, nk)
+    _prove("mask", lambda: _verify(pred, root, cone, nq, nk))
     return MaskAnalysis(pred, "", _dead_nodes(root, cone), value)
 
 
@@ -223,11 +271,14 @@ def analyze_position(node: fx.Node, nq, nk):
             if not torch.equal(got, want.to(got.dtype).expand_as(got)):
                 raise _Refuse("position disagrees with its expression")
 
-        if _numel_at(cone, hints) > _VERIFY_MAX_NUMEL:
-            # a block of query rows at a time: no (NQ, NK) int64 temporaries
-            _check_rows(node, cone, hints, nq_v, nk_v, compare)
-        else:
-            compare(_run_subgraph(node, cone, hints), torch.arange(nq_v))
+        def check():
+            if _numel_at(cone, hints) > _VERIFY_MAX_NUMEL:
+                # a block of query rows at a time: no (NQ, NK) int64 temporaries
+                _check_rows(node, cone, hints, nq_v, nk_v, compare)
+            else:
+                compare(_run_subgraph(node, cone, hints), torch.arange(nq_v))
+
+        _prove("position index", check)
         return expr
     except Exception:  # noqa: BLE001 - not a form we read: the bias stays a tensor
         return None

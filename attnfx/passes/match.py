@@ -102,6 +102,9 @@ class Site:
     # a shape the op's output is reshaped to (the program's output node: heads merged or
     # split from the (..., N, Dv) result); None: the op's own
     out_shape: tuple | None = None
+    # checks of the mask and index analyses not yet run (``masks.deferring_proofs``): the
+    # backend runs them before verifying and rewriting the site
+    proofs: list = dataclasses.field(default_factory=list)
 
     @property
     def operand_nodes(self) -> list[fx.Node]:

@@ -189,3 +189,22 @@ def test_neighborhood_rpb_dry_run(tmp_path):
     assert rows["attnfx"]["site"] == "rewritten.neighborhood", rows["attnfx"]
     for r in rows.values():
         assert "error" not in r and r["rel_err"] < 1e-2, r
+
+
+def test_host_benchmark_runs_on_the_cpu(tmp_path):
+    """``bench_host.py`` on the CPU (launch replaced by a no-op): every row measured and
+    the JSON written (the ratios are the benchmark's to report, not a test's)."""
+    out = tmp_path / "host.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_host.py"), "--calls", "20",
+         "--repeats", "3", "--variants", "softmax,causal", "--json", str(out)],
+        capture_output=True, text=True, env=_env(tmp_path), cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert "no-op" in data["device"]
+    by = {(r["variant"], r["row"]): r["us_per_call"] for r in data["rows"]}
+    for v in ("softmax", "causal"):
+        rows = ("attnfx fwd", "attnfx fwd+bwd", "attnfx fwd, no recipe", "custom-op floor fwd+bwd")
+        assert all(by[(v, r)] > 0 for r in rows)
+    assert "recipes speed the fwd call up" in proc.stdout

@@ -220,8 +220,14 @@ _RANGE = 2.0**120
 
 
 def _magnitude(t: Tensor) -> float:
-    lo, hi = torch.aminmax(t)
-    return max(-float(lo), float(hi))
+    """max |t|, or inf when an element is not finite (aminmax propagates NaN): one pass
+    that also proves the tensor finite."""
+    if t.numel() == 0:
+        return 0.0
+    lo, hi = (float(x) for x in torch.aminmax(t))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return math.inf
+    return max(-lo, hi)
 
 
 def _may_overflow(q: Tensor, k: Tensor) -> bool:
@@ -247,11 +253,12 @@ def _prepare(q, k, v, aux, spec):
     scale, rows = mult
     if rows is not None and not _finite(rows):
         return None
-    for t in (q, k, v):
-        if not _finite(t):
-            return None
-    if _may_overflow(q, k):
-        return None  # the blocked path computes this call in float64
+    # one pass per operand: q's and k's min/max prove them finite and bound q·kᵀ
+    mq, mk = _magnitude(q), _magnitude(k)
+    if not (math.isfinite(mq) and math.isfinite(mk)) or not _finite(v):
+        return None
+    if mq * mk * q.shape[-1] >= _RANGE:
+        return None  # may overflow float32: the blocked path computes it in float64
     if all(op.pred is not None for op in ops):  # the mask depends on the lengths only
         mask = _static_mask(spec.key, nq, nk)
         if mask is False:

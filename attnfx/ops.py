@@ -131,6 +131,10 @@ def _lowered_spec(key: str):
 def attention_op(
     q: Tensor, k: Tensor, v: Tensor, aux: list[Tensor], spec: str
 ) -> tuple[Tensor, Tensor]:
+    return _forward_impl(q, k, v, aux, spec)
+
+
+def _forward_impl(q, k, v, aux, spec: str) -> tuple[Tensor, Tensor]:
     # A symbolic head dim (dynamic=True) and a scale over it are read from q and v here.
     s = AttentionSpec.from_key(spec).resolved(q.shape[-1], v.shape[-1])
     _check_inputs(q, k, v, aux, s)
@@ -180,6 +184,10 @@ def attention_backward_op(
     lse: Tensor,
     spec: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward_impl(dout, q, k, v, aux, out, lse, spec)
+
+
+def _backward_impl(dout, q, k, v, aux, out, lse, spec: str) -> tuple[Tensor, Tensor, Tensor]:
     s = AttentionSpec.from_key(spec).resolved(q.shape[-1], v.shape[-1])
     if use_triton(q.device):
         from attnfx.codegen import run_backward
@@ -263,10 +271,13 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, *aux)
 
 
-def _backward(ctx, dout, dlse):
+def _backward(ctx, dout, dlse, direct: bool = False):
+    """The op's backward (``direct``: the implementation called without the custom op's
+    dispatch, for ``_EagerAttention``)."""
     q, k, v, out, lse, *aux = ctx.saved_tensors
     dout = dout.contiguous()
-    dq, dk, dv = attention_backward_op(dout, q, k, v, list(aux), out, lse, ctx.spec)
+    bwd = _backward_impl if direct else attention_backward_op
+    dq, dk, dv = bwd(dout, q, k, v, list(aux), out, lse, ctx.spec)
     daux = [None] * ctx.n_aux
     which = [i for i in ctx.aux_grad if i != ctx.sink]
     if which:
@@ -446,10 +457,64 @@ def routed_attention(
 def attention(
     q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, aux: list[Tensor] | None = None
 ) -> Tensor:
-    """Run ``spec`` on (B, H, N, D) tensors through the attnfx custom op."""
-    aux = _for_dtensors(q, aux or [])
-    out, _ = attention_op(q, k, v, broadcast_aux(q, k, aux, spec), spec.key)
+    """Run ``spec`` on (B, H, N, D) tensors through the attnfx custom op (in eager code
+    on plain tensors: its implementation under a ``torch.autograd.Function``, see
+    ``_EagerAttention``)."""
+    aux = broadcast_aux(q, k, _for_dtensors(q, aux or []), spec)
+    if _plain_eager(q, k, v, *aux):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *aux)):
+            out, _ = _EagerAttention.apply(spec.key, q, k, v, *aux)
+        else:  # nothing to differentiate: the implementation alone
+            out, _ = _forward_impl(q, k, v, aux, spec.key)
+        return out
+    out, _ = attention_op(q, k, v, aux, spec.key)
     return out
+
+
+def _plain_eager(*tensors: Tensor) -> bool:
+    """Whether the op may be run without torch's custom-op dispatch: eager code (not
+    traced or compiled), no Python dispatch or torch-function mode (a FLOP counter, a
+    fake or functional mode must see the op), plain tensors (no subclass, no DTensor,
+    none wrapped by torch.func's vmap or grad)."""
+    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+        return False
+    if _current_dispatch_mode() is not None:
+        return False
+    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return all(type(t) is Tensor and not is_wrapped(t) for t in tensors)
+
+
+def _current_dispatch_mode():
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode()
+
+
+class _EagerAttention(torch.autograd.Function):
+    """``attnfx::attention`` with its registered autograd, for eager calls on plain
+    tensors: the same forward and backward implementations, called directly.  Torch's
+    custom-op dispatch and its Python autograd wrapper cost several times attnfx's own
+    host time per call (``benchmarks/bench_host.py``: a no-op custom op of the same
+    signature takes ~50 µs per forward and ~400 µs per forward + backward on a 2-core
+    CPU), which bounds the throughput of every launch smaller than that.  A backward that
+    builds a graph (``create_graph=True``: gradient penalties) goes through the backward
+    op, whose own autograd gives the double backward."""
+
+    @staticmethod
+    def forward(ctx, spec: str, q, k, v, *aux):
+        out, lse = _forward_impl(q, k, v, list(aux), spec)
+        ctx.spec = spec
+        ctx.n_aux = len(aux)
+        ctx.aux_grad = [i for i, a in enumerate(aux) if a.requires_grad]
+        ctx.sink = AttentionSpec.from_key(spec).sink
+        ctx.save_for_backward(q, k, v, out, lse, *aux)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        dq, dk, dv, daux, _ = _backward(ctx, dout, dlse, direct=not torch.is_grad_enabled())
+        return None, dq, dk, dv, *daux
 
 
 def _for_dtensors(q: Tensor, aux: list[Tensor]) -> list[Tensor]:

@@ -5,12 +5,16 @@ it (N=4096 D64 softmax forward: about 0.17 ms at 400 TFLOP/s), and then the host
 the GPU, sets the throughput.  This benchmark times calls on tiny tensors, where the
 kernel is negligible, so that the time per call is the host's.
 
-Rows (time per call, µs; median of repeats):
+Rows (time per call, µs; the fastest of the repeats: noise only adds to host time):
 
-attnfx fwd            ``attnfx.ops.attention`` without grad (the custom op, run_forward)
+attnfx fwd            ``attnfx.ops.attention`` without grad (eager: the op's implementation
+                      under ``_EagerAttention``, run_forward)
+attnfx fwd, op        the custom op ``attnfx::attention`` called as a compiled graph
+                      calls it (torch's dispatch, then the same implementation)
 attnfx fwd, no recipe the same with the launch recipes disabled (``_RECIPES_MAX = 0``:
                       plan, signatures, configs and bounds found on every call)
-attnfx fwd+bwd        forward and ``backward()`` (the op's autograd, run_backward)
+attnfx fwd+bwd        forward and ``backward()`` (``_EagerAttention``, run_backward)
+attnfx fwd+bwd, op    the same through the custom ops and their registered autograd
 attnfx fwd+bwd, no recipe
 custom-op floor       a torch custom op of the same signature that only allocates its
                       outputs, its autograd a second such op (as attnfx's backward is):
@@ -31,7 +35,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -107,19 +110,22 @@ def _floor_op():
     return floor
 
 
-def _time(fn, calls: int, repeats: int, sync) -> float:
-    """Median µs per call over ``repeats`` batches of ``calls``."""
-    for _ in range(3):
-        fn()
-    sync()
-    per = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(calls):
+def _time_all(cases: dict, calls: int, repeats: int, sync) -> dict:
+    """µs per call of each case: the fastest of ``repeats`` batches of ``calls``, the
+    cases' batches interleaved (a drifting machine slows them alike)."""
+    for fn in cases.values():
+        for _ in range(3):
             fn()
-        sync()
-        per.append((time.perf_counter() - t) / calls * 1e6)
-    return statistics.median(per)
+    sync()
+    best = dict.fromkeys(cases, float("inf"))
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            t = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync()
+            best[name] = min(best[name], (time.perf_counter() - t) / calls * 1e6)
+    return best
 
 
 def main(argv=None) -> int:
@@ -145,10 +151,9 @@ def main(argv=None) -> int:
     for variant in a.variants.split(","):
         spec = _spec(variant, a.n, a.d, str(dtype).removeprefix("torch."))
         cases = _cases(ops, launch, floor, spec, variant, shape, device, dtype, cuda)
-        for name, fn in cases.items():
-            us = _time(fn, a.calls, a.repeats, sync)
+        for name, us in _time_all(cases, a.calls, a.repeats, sync).items():
             rows.append({"variant": variant, "row": name, "us_per_call": round(us, 1)})
-    print(f"host time per call, µs (median of {a.repeats} x {a.calls} calls), device: {where}")
+    print(f"host time per call, µs (fastest of {a.repeats} x {a.calls} calls), device: {where}")
     print(f"shape (B, H, N, D) = {shape}, {dtype}")
     names = list(dict.fromkeys(r["row"] for r in rows))
     variants = list(dict.fromkeys(r["variant"] for r in rows))
@@ -161,8 +166,10 @@ def main(argv=None) -> int:
         print(
             f"{v}: recipes speed the fwd call up {by['attnfx fwd, no recipe'] / by['attnfx fwd']:.2f}x, "
             f"fwd+bwd {by['attnfx fwd+bwd, no recipe'] / by['attnfx fwd+bwd']:.2f}x; "
-            f"attnfx over torch's floor: fwd +{by['attnfx fwd'] - by['custom-op floor fwd']:.0f} µs, "
-            f"fwd+bwd +{by['attnfx fwd+bwd'] - by['custom-op floor fwd+bwd']:.0f} µs"
+            f"the op's dispatch over the eager path: fwd {by['attnfx fwd, op'] / by['attnfx fwd']:.2f}x, "
+            f"fwd+bwd {by['attnfx fwd+bwd, op'] / by['attnfx fwd+bwd']:.2f}x; attnfx's own on top of "
+            f"torch's floor (op rows): fwd +{by['attnfx fwd, op'] - by['custom-op floor fwd']:.0f} µs, "
+            f"fwd+bwd +{by['attnfx fwd+bwd, op'] - by['custom-op floor fwd+bwd']:.0f} µs"
         )
     if a.json:
         with open(a.json, "w") as f:
@@ -184,6 +191,13 @@ def _cases(ops, launch, floor, spec, variant, shape, device, dtype, cuda) -> dic
     def fwdbwd():
         ops.attention(qg, kg, vg, spec).backward(dout)
 
+    def op_fwd():
+        with torch.no_grad():
+            ops.attention_op(q, k, v, [], spec.key)
+
+    def op_fwdbwd():
+        ops.attention_op(qg, kg, vg, [], spec.key)[0].backward(dout)
+
     def floor_fwd():
         with torch.no_grad():
             floor(q, k, v, [], spec.key)
@@ -194,6 +208,8 @@ def _cases(ops, launch, floor, spec, variant, shape, device, dtype, cuda) -> dic
     cases = {"attnfx fwd": fwd, "attnfx fwd+bwd": fwdbwd}
     for name, fn in list(cases.items()):
         cases[f"{name}, no recipe"] = _without_recipes(launch, fn)
+    cases["attnfx fwd, op"] = op_fwd
+    cases["attnfx fwd+bwd, op"] = op_fwdbwd
     cases["custom-op floor fwd"] = floor_fwd
     cases["custom-op floor fwd+bwd"] = floor_fwdbwd
     if cuda:

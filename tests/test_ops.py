@@ -273,3 +273,88 @@ def test_opcheck_bias_table_and_its_gradient():
     torch.library.opcheck(ops.attention_aux_backward_op, args)
     (g,) = ops.attention_aux_backward_op(*args)
     assert g.shape == (2, 4, 1, 7)
+
+
+# ---------------------------------------------------------------------------------------
+# Eager calls: the op's implementation under an autograd.Function (_EagerAttention)
+# ---------------------------------------------------------------------------------------
+
+
+def _bias_case():
+    q, k, v = _qkv()
+    bias = torch.randn(1, 4, 10, 12, generator=torch.Generator().manual_seed(1))
+    causal = ScoreOp("fill_pred", value=float("-inf"), pred=MaskPredicate(K <= Q).to_key())
+    spec = _spec(
+        score_ops=(ScoreOp("mul", 0.25), ScoreOp("add_aux", aux=0), causal),
+        aux_dtypes=("float32",), gqa_group=2,
+    )  # fmt: skip
+    return spec, (q, k, v), bias
+
+
+def _run(fn, spec, qkv, bias):
+    leaves = [t.clone().requires_grad_() for t in (*qkv, bias)]
+    out = fn(*leaves)
+    out.backward(torch.ones_like(out))
+    return out.detach(), [t.grad for t in leaves]
+
+
+def test_eager_calls_skip_the_custom_op_and_agree_with_it(monkeypatch):
+    """Plain eager tensors: no custom-op dispatch, and the same numbers (out, dq, dk,
+    dv, the learnable bias's gradient) as the op with its registered autograd."""
+    spec, qkv, bias = _bias_case()
+    via_op = _run(
+        lambda q, k, v, b: ops.attention_op(q, k, v, ops.broadcast_aux(q, k, [b], spec), spec.key)[0],
+        spec, qkv, bias,
+    )  # fmt: skip
+
+    def boom(*a, **kw):
+        raise AssertionError("the custom op was dispatched")
+
+    monkeypatch.setattr(ops, "attention_op", boom)
+    monkeypatch.setattr(ops, "attention_backward_op", boom)
+    eager = _run(lambda q, k, v, b: ops.attention(q, k, v, spec, [b]), spec, qkv, bias)
+    assert torch.equal(eager[0], via_op[0])
+    for got, want in zip(eager[1], via_op[1]):
+        assert torch.equal(got, want)
+
+
+def test_modes_and_transforms_see_the_op():
+    """A dispatch mode (a FLOP counter, fake or functional tensors) must see
+    ``attnfx::attention``; torch.func transforms get the op (no vmap rule: an error,
+    never a kernel run on a wrapped tensor)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    spec, (q, k, v), bias = _bias_case()
+    with Seen() as seen:
+        ops.attention(q, k, v, spec, [bias])
+    assert any("attnfx.attention" in o for o in seen.ops), seen.ops
+    with pytest.raises(Exception, match="vmap|batching rule|Batching"):
+        torch.func.vmap(lambda qq: ops.attention(qq, k, v, spec, [bias]))(q[None])
+
+
+def test_eager_double_backward_goes_through_the_backward_op():
+    """``create_graph=True`` (a gradient penalty): the backward is the backward op, whose
+    own autograd gives the second derivative — as the op path's."""
+    spec, qkv, _ = _bias_case()
+    spec = _spec(gqa_group=2)
+
+    def second(fn):
+        q, k, v = (t.clone().requires_grad_() for t in qkv)
+        out = fn(q, k, v)
+        (g,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+        (gg,) = torch.autograd.grad(g.square().sum(), k)
+        return gg
+
+    eager = second(lambda q, k, v: ops.attention(q, k, v, spec))
+    via_op = second(lambda q, k, v: ops.attention_op(q, k, v, [], spec.key)[0])
+    torch.testing.assert_close(eager, via_op)
+    assert eager.abs().sum() > 0

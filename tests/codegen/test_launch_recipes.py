@@ -169,3 +169,30 @@ def test_a_dtype_that_does_not_match_the_recipe_is_refused():
     launch.run_forward(spec, q, k, v, [])
     with pytest.raises(TypeError):
         launch.run_forward(spec, q, k.double(), v, [])
+
+
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "NK - NQ",
+        "NK - NQ + 3",
+        "Max(NK - NQ, 0) - 7",
+        "Min(NQ, NK) - 1",
+        "floor(NK/2) - NQ",  # a fraction: sympy's exact path
+        "NK - NQ - 2*Max(1, NK - 4)",
+        "1/NK",  # a power: sympy's exact path
+    ],
+)
+def test_band_bounds_are_sympy_floor_at_every_length(expr):
+    """The band's bounds come from a compiled function of the lengths where Python's
+    integer arithmetic is exact; everything else from sympy: both equal sympy's floor."""
+    from attnfx.codegen import plan
+    from attnfx.predicate import NK, NQ
+
+    e = sympy.sympify(expr, locals={"NQ": NQ, "NK": NK})
+    key = sympy.srepr(e)
+    for nq, nk in [(1, 1), (7, 13), (64, 64), (1000, 3), (4097, 8191)]:
+        want = int(sympy.floor(e.subs({NQ: nq, NK: nk})))
+        assert plan._eval_bound(key, nq, nk) == want, (expr, nq, nk)
+    compiled = plan._bound_fn(key) is not None
+    assert compiled == (expr not in ("floor(NK/2) - NQ", "1/NK"))

@@ -294,14 +294,14 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _recipe(key: tuple, build) -> _Recipe:
+def _recipe(key: tuple, device: torch.device, build) -> _Recipe:
     with _recipes_lock:
         r = _RECIPES.get(key)
         if r is not None and r.current():
             _RECIPES.move_to_end(key)
             return r
     r = build()
-    if r is not None and not _capturing(key[6]):
+    if r is not None and not _capturing(device):
         # (a choice made inside a CUDA graph capture may be a default the tuner later
         # replaces: not remembered)
         with _recipes_lock:
@@ -376,7 +376,7 @@ def run_forward(spec: AttentionSpec, q, k, v, aux) -> tuple[torch.Tensor, torch.
 
     tma_ok = _tma_ok(q, k, v)
     key = _recipe_key("fwd", spec, q, k, v, aux, tma_ok)
-    r = _recipe(key, lambda: _forward_recipe(spec, q, k, v, aux, tma_ok))
+    r = _recipe(key, q.device, lambda: _forward_recipe(spec, q, k, v, aux, tma_ok))
     _check(r.spec, q, k, v)
     B, H, NQ, _ = q.shape
     # the output in the spec's memory order (bhnd or bnhd); the kernel writes through
@@ -441,7 +441,11 @@ def _backward_recipe(spec: AttentionSpec, dout, q, k, v, aux, out, lse) -> _Reci
 
         def make_args(scratch: bool, c: Config, sig=sig, outs=outs, dkdv=dkdv):
             assert scratch
-            o = {n: torch.empty_like(tensors[n]) for n in outs}
+            # contiguous, as the real gradients are
+            o = {
+                n: torch.empty(tensors[n].shape, dtype=tensors[n].dtype, device=q.device)
+                for n in outs
+            }
             st, ss = _schedule_args(spec, plan, NQ, NK, c, dkdv, q.device)
             return sig.bind({**tensors, **o, **st}, {**scalars, **ss})
 
@@ -480,7 +484,7 @@ def run_backward(spec: AttentionSpec, dout, q, k, v, aux, out, lse, table_grads=
     indices of ``Plan.table_grads``): instead, those bias tables' gradients, (B, H, T)
     float32 each, from the dQ kernel run with TABLE_GRAD (dK/dV are not run)."""
     key = _recipe_key("bwd", spec, q, k, v, aux)
-    r = _recipe(key, lambda: _backward_recipe(spec, dout, q, k, v, aux, out, lse))
+    r = _recipe(key, q.device, lambda: _backward_recipe(spec, dout, q, k, v, aux, out, lse))
     _check(r.spec, q, k, v)
     plan = r.plan
     if table_grads is not None:

@@ -235,7 +235,12 @@ def _may_overflow(q: Tensor, k: Tensor) -> bool:
     summation would not): one min/max pass over q and k, no temporary."""
     if q.dtype == torch.float64 or q.numel() == 0 or k.numel() == 0:
         return False
-    return _magnitude(q) * _magnitude(k) * q.shape[-1] >= _RANGE
+    return _beyond_range(_magnitude(q), _magnitude(k), q.shape[-1])
+
+
+def _beyond_range(mq: float, mk: float, d: int) -> bool:
+    # (a NaN bound compares False, as before: NaN inputs stay NaN on either path)
+    return mq * mk * d >= _RANGE
 
 
 def _prepare(q, k, v, aux, spec):
@@ -257,7 +262,7 @@ def _prepare(q, k, v, aux, spec):
     mq, mk = _magnitude(q), _magnitude(k)
     if not (math.isfinite(mq) and math.isfinite(mk)) or not _finite(v):
         return None
-    if mq * mk * q.shape[-1] >= _RANGE:
+    if _beyond_range(mq, mk, q.shape[-1]):
         return None  # may overflow float32: the blocked path computes it in float64
     if all(op.pred is not None for op in ops):  # the mask depends on the lengths only
         mask = _static_mask(spec.key, nq, nk)

@@ -503,11 +503,7 @@ class _EagerAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: str, q, k, v, *aux):
         out, lse = _forward_impl(q, k, v, list(aux), spec)
-        ctx.spec = spec
-        ctx.n_aux = len(aux)
-        ctx.aux_grad = [i for i, a in enumerate(aux) if a.requires_grad]
-        ctx.sink = AttentionSpec.from_key(spec).sink
-        ctx.save_for_backward(q, k, v, out, lse, *aux)
+        _setup_context(ctx, (q, k, v, list(aux), spec), (out, lse))  # as the op's
         ctx.mark_non_differentiable(lse)
         return out, lse
 

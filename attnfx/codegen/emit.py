@@ -151,7 +151,10 @@ def score_program(
     fold = s is not None and plan.fold_log2e
     for i in plan.aux_used:
         if i not in spec.table_aux:  # (a table is read by its op, at its index expression)
-            out.append(_aux_load(i, spec.aux_broadcast(i), t))
+            load = [_aux_load(i, spec.aux_broadcast(i), t)]
+            if guard_skip:  # full tiles lie inside the walked axis's length
+                load = _by_tail(load, [_aux_load(i, spec.aux_broadcast(i), t, inside=True)])
+            out += load
     if keep is not None:
         init = f"{keep} = ({t.m} >= 0) & ({t.n} < N_K)"
         if guard_skip and keep_in_masked_tiles_only(spec, plan):
@@ -217,20 +220,21 @@ def _vector_products(spec: AttentionSpec, plan: Plan | None) -> set[int]:
 # ---------------------------------------------------------------------------------------
 
 
-def _aux_load(i: int, bcast: str, t: _Tile) -> str:
+def _aux_load(i: int, bcast: str, t: _Tile, inside: bool = False) -> str:
     """Aux tensor ``i`` over the tile, read as it varies (``AttentionSpec.aux_bcast``): a
-    tile, a column of per-query values, a row of per-key values, or one value."""
+    tile, a column of per-query values, a row of per-key values, or one value.
+    ``inside``: a full tile, whose walked axis needs no tail mask (keys for the forward
+    and dQ, queries for dK/dV: ``_by_tail``); the tile's own axis keeps its mask."""
     a = f"A{i}"
+    m = None if inside and t.orient == "nm" else f"({t.m} < N_Q)"
+    n = None if inside and t.orient == "mn" else f"({t.n} < N_K)"
     if bcast == "row":
-        return f"a{i} = tl.load({a} + {t.m} * stride_a{i}m, mask={t.m} < N_Q, other=0)  # per query"
+        return f"a{i} = {_load(f'{a} + {t.m} * stride_a{i}m', m, '0')}  # per query"
     if bcast == "col":
-        return f"a{i} = tl.load({a} + {t.n} * stride_a{i}n, mask={t.n} < N_K, other=0)  # per key"
+        return f"a{i} = {_load(f'{a} + {t.n} * stride_a{i}n', n, '0')}  # per key"
     if bcast == "one":
         return f"a{i} = tl.load({a})  # one value per (batch, head)"
-    return (
-        f"a{i} = tl.load({a} + {t.m} * stride_a{i}m + {t.n} * stride_a{i}n, "
-        f"mask=({t.m} < N_Q) & ({t.n} < N_K), other=0)"
-    )
+    return f"a{i} = {_load(f'{a} + {t.m} * stride_a{i}m + {t.n} * stride_a{i}n', _mask(m, n), '0')}"
 
 
 def _aux_bases(plan: Plan, head: str) -> list[str]:
@@ -609,7 +613,6 @@ def _dkdv_activation(spec: AttentionSpec, plan: Plan, gate: bool) -> tuple[list[
         p_lines.insert(
             0, "# -- probabilities from the saved log-sum-exp (NaN for all -inf rows, like eager)"
         )
-        ds_lines.insert(0, "delta = tl.load(D_blk + offs_m, mask=offs_m < N_Q, other=0.0)")
     return p_lines, ds_lines
 
 
@@ -636,6 +639,40 @@ def _preprocess_source(spec: AttentionSpec, plan: Plan, dims: _Dims) -> str:
     )
 
 
+def _dkdv_loads(spec: AttentionSpec, plan: Plan, dims: _Dims, tail: bool) -> dict:
+    """dK/dV's loads of the query tile: ``rows`` Q^T and dO, ``stats`` the saved row max
+    (and log row sum with row_norm), ``delta`` (normalized activations); with the tail
+    mask (``offs_m < N_Q``) when ``tail``."""
+    row = "offs_m < N_Q" if tail else None
+    qptr = "Q_blk + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd"
+    doptr = "DO_blk + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod"
+    qmask = _mask("(offs_m[None, :] < N_Q)" if tail else None, dims.d("row"))
+    domask = _mask("(offs_m[:, None] < N_Q)" if tail else None, dims.dv("col"))
+    stats = [f"m_row = {_load('M_blk + offs_m', row, spec.act.m_other)}"]
+    if plan.row_norm:
+        stats.append(f"lg_row = {_load('L_blk + offs_m', row)}")
+    return dict(
+        rows=[f"qT = {_load(qptr, qmask)}", f"do = {_load(doptr, domask)}.to(qT.dtype)"],
+        stats=stats,
+        delta=[f"delta = {_load('D_blk + offs_m', row)}"] if spec.act.normalized else [],
+    )
+
+
+def _by_tail(masked: list[str], full: list[str]) -> list[str]:
+    """``masked`` in tiles walked with APPLY_MASK, ``full`` in the others.  Only masked
+    tiles can run past the end of the walked axis (keys for the forward and dQ, queries
+    for dK/dV): a full tile lies inside it (``_block_range``, ``tiles.tile_map``) and
+    loads with no compare and select per element."""
+    if not masked or masked == full:
+        return masked
+    return [
+        "if APPLY_MASK:  # the tile may run past the end",
+        *("    " + ln for ln in masked),
+        "else:",
+        *("    " + ln for ln in full),
+    ]
+
+
 def _dkdv_inner_args(spec: AttentionSpec, plan: Plan, sched) -> Signature:
     return Signature(
         "_attn_bwd_dkdv_inner",
@@ -658,26 +695,19 @@ def _dkdv_source(spec: AttentionSpec, plan: Plan, dims: _Dims, sched) -> str:
     prec = _prec(spec)
     inner = _dkdv_inner_args(spec, plan, sched)
     p_lines, ds_lines = _dkdv_activation(spec, plan, gate)
+    loads, full = _dkdv_loads(spec, plan, dims, True), _dkdv_loads(spec, plan, dims, False)
     inner_src = templates.fill(
         templates.DKDV_INNER,
         params=inner.declaration(),
         query_loop=sched.loop(False, "start_m", "BLOCK_M", tl_range=False),
-        load_qT=_load(
-            "Q_blk + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd",
-            _mask("(offs_m[None, :] < N_Q)", dims.d("row")),
-        ),
-        load_do=_load(
-            "DO_blk + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod",
-            _mask("(offs_m[:, None] < N_Q)", dims.dv("col")),
-        ),
+        load_rows=_by_tail(loads["rows"], full["rows"]),
         prec=prec,
         score_program=score_program(
             spec, plan, orient="nm", s="sT", grad="fT", keep="keepT" if gate else None
         ),
-        m_other=spec.act.m_other,
-        load_lg=["lg_row = tl.load(L_blk + offs_m, mask=offs_m < N_Q, other=0.0)"] if rn else [],
+        load_stats=_by_tail(loads["stats"], full["stats"]),
         probabilities=p_lines,
-        ds=ds_lines,
+        ds=_by_tail(loads["delta"], full["delta"]) + ds_lines,
     )
     dead = dead_rows_fix(spec, plan)
     dead_rows = [

@@ -384,9 +384,9 @@ _LEAN = {
         # uncapped, ptxas gave the causal and soft-capped forwards 159 registers: one CTA
         # per SM; capped at 128 they do not spill and two CTAs fit
         "fwd": [(128, 64, 8, 3, False, False, _CAP), (128, 64, 8, 3, _TMA, False, _CAP)],
-        # softmax only: 64 queries per step, 8.2 loop instructions per query against 9.0
-        # at 32x128, same one CTA per SM (soft-capping spills here; sigmoid's 32x128
-        # runs two CTAs per SM, which 64x128 would halve)
+        # softmax only: 64 queries per step, 5.9 loop instructions per query against 6.9
+        # at 32x128, same one CTA per SM (soft-capping and a per-query temperature spill
+        # here; sigmoid's 32x128 runs two CTAs per SM, which 64x128 would halve)
         "bwd_dkdv": [(64, 128, 8, 2)],
     },
     128: {
@@ -456,7 +456,7 @@ def configs(spec: AttentionSpec, interpret: bool = False) -> dict[str, list[Conf
         table["fwd"] = list(_AUX_FWD[d])
     if d in _LEAN and _lean(spec):
         plain = spec.act.normalized and not any(
-            "_tanh" in op.entry.helpers for op in spec.score_ops
+            "_tanh" in op.entry.helpers or op.aux is not None for op in spec.score_ops
         )
         for kernel, first in _LEAN[d].items():
             if plain or not (d == 64 and kernel == "bwd_dkdv"):

@@ -136,15 +136,14 @@ def _attn_bwd_dkdv_inner(
     # Walk the query tiles [lo, hi) of the schedule; APPLY_MASK: the tile may cross the mask.
     {query_loop}
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        # -- Q^T block (BLOCK_D, BLOCK_M) and dO block (BLOCK_M, BLOCK_DV)
-        qT = {load_qT}
-        do = {load_do}.to(qT.dtype)
+        # -- Q^T block (BLOCK_D, BLOCK_M) and dO block (BLOCK_M, BLOCK_DV); a full tile
+        #    lies inside N_Q (no tail mask)
+        {load_rows}
         # -- transposed raw scores sT[n, m] = k[n] . q[m]
         sT = tl.dot(k, qT{prec})
         # -- score program (spec.score_ops, in order) and its derivative fT
         {score_program}
-        m_row = tl.load(M_blk + offs_m, mask=offs_m < N_Q, other={m_other})
-        {load_lg}
+        {load_stats}
         {probabilities}
         # -- dV += P^T dO
         dv = tl.dot(pT.to(qT.dtype), do, dv{prec})

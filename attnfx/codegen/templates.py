@@ -214,8 +214,8 @@ def _attn_bwd_dq_inner(
         # -- score program (spec.score_ops, in order) and its derivative f
         {score_program}
         {probabilities}
-        if APPLY_MASK:  # keys past the end do not exist
-            p = tl.where(offs_n[None, :] < N_K, p, 0.0)
+        if APPLY_MASK:  # keys past the end do not exist (32-bit, relative to the tile)
+            p = tl.where(tl.arange(0, BLOCK_N)[None, :] < N_K - start_n, p, 0.0)
         # -- dP = dO V^T; dS; dQ += dS K
         dp = tl.dot(do, vT{prec})
         {ds}

@@ -184,3 +184,62 @@ def test_nonnegative_operands_print_as_triton_ops():
     assert index_expr(sympy.Mod(sympy.floor(Q / 8) + 3, 5)) == "((3 + (offs_m[:, None] >> 3)) % 5)"
     assert "_floordiv" in index_expr(sympy.floor((K - Q) / 4))
     assert "+ (8)) % (8)" in index_expr(sympy.Mod(K - Q, 8))
+
+
+def test_shift_invariant_predicates_print_on_tile_relative_coordinates():
+    """Expressions of K - Q alone are evaluated on coordinates relative to the loop's
+    tile (``rel_m``, ``rel_n``: 32-bit, one of them a ``tl.arange``); the others keep the
+    absolute indices.  On relative coordinates a query may lie before the key tile, so
+    ``//`` and ``%`` of them print with the floor fix even where the absolute form need
+    not."""
+    from attnfx.codegen import emit
+    from attnfx.codegen.printer import shift_invariant
+
+    invariant = [
+        sympy.Le(K, Q),
+        sympy.Le(K, Q + NK - NQ),
+        sympy.And(sympy.Ge(K, Q - 5), sympy.Le(K, Q + 2)),
+        sympy.Eq(sympy.Mod(K - Q, 3), 1),
+        sympy.Le(sympy.Abs(K - Q), 4),
+        sympy.Ne(K, Q),
+        K - Q + 12,  # a position term (a table index, ALiBi's distance)
+    ]
+    variant = [
+        sympy.Lt(K, 4),
+        sympy.Eq(sympy.floor(K / 4), sympy.floor(Q / 4)),
+        sympy.Or(sympy.Le(K, Q), sympy.Lt(K, 2)),
+        sympy.Ge(2 * K, Q),
+        K + 12,
+    ]
+    assert all(shift_invariant(e) for e in invariant)
+    assert not any(shift_invariant(e) for e in variant)
+
+    fwd, dkdv = emit._Tile("mn", relative=True), emit._Tile("nm", relative=True)
+    assert fwd.index(sympy.Le(K, Q)) == "(rel_n[None, :] <= rel_m[:, None])"
+    assert dkdv.index(sympy.Le(K, Q)) == "(rel_n[:, None] <= rel_m[None, :])"
+    assert "rel_m = offs_m - start_n" in fwd.relative_lines()
+    assert "rel_n = offs_n - start_m" in dkdv.relative_lines()
+    # rel_m may be negative in the forward's tile: K - Q's floor is the floored one
+    assert "_floordiv" in fwd.index(sympy.Ge(sympy.floor((K - Q) / 4), -1))
+    assert "offs_n" in fwd.index(sympy.Lt(K, 4))  # not invariant: absolute indices
+    absolute = emit._Tile("mn")
+    assert absolute.index(sympy.Le(K, Q)) == "(offs_n[None, :] <= offs_m[:, None])"
+    assert not absolute.relative_lines()
+
+    spec = AttentionSpec(
+        score_ops=(
+            ScoreOp("mul", 0.25),
+            ScoreOp("fill_pred", NEG_INF, pred=MaskPredicate(sympy.Le(K, Q)).to_key()),
+        ),
+        head_dim=64,
+        head_dim_v=64,
+    )
+    fwd_src, bwd_src = codegen.generate_source(spec, "fwd"), codegen.generate_source(spec, "bwd")
+    assert "kept1 = (rel_n[None, :] <= rel_m[:, None])" in fwd_src
+    dq = bwd_src[bwd_src.index("def _attn_bwd_dq_inner") :]
+    dkdv = bwd_src[
+        bwd_src.index("def _attn_bwd_dkdv_inner") : bwd_src.index("def _attn_bwd_dq_inner")
+    ]
+    assert "kept1 = (rel_n[None, :] <= rel_m[:, None])" in dq
+    # dK/dV's key rows are fixed per program: absolute indices (no gain measured)
+    assert "kept1 = (offs_n[:, None] <= offs_m[None, :])" in dkdv and "rel_" not in dkdv

@@ -208,7 +208,9 @@ def _finite(t: Tensor) -> bool:
     # A finite sum proves every element finite (NaN and ±inf do not cancel away); one
     # pass, no N-sized temporary. A float32 overflow of a finite tensor only sends the
     # call to the blocked path, which computes the same spec.
-    return bool(torch.isfinite(t.sum(dtype=_ACC)))
+    # (a Python float's isfinite: torch.isfinite on the 0-dim sum is four small ops,
+    # ~50 µs a call on 2 cores)
+    return math.isfinite(float(t.sum(dtype=_ACC)))
 
 
 # Beyond this bound on |q|·|k|·D (float32's largest is 2^128 ≈ 3.4e38), a float32
@@ -258,9 +260,11 @@ def _prepare(q, k, v, aux, spec):
     scale, rows = mult
     if rows is not None and not _finite(rows):
         return None
-    # one pass per operand: q's and k's min/max prove them finite and bound q·kᵀ
-    mq, mk = _magnitude(q), _magnitude(k)
-    if not (math.isfinite(mq) and math.isfinite(mk)) or not _finite(v):
+    # one pass per operand: q's and k's min/max prove them finite and bound q·kᵀ; v's
+    # proves it finite (aminmax is the cheapest full pass: 20 µs against the sum's 57 on
+    # 1x2x1024x64 float32)
+    mq, mk, mv = _magnitude(q), _magnitude(k), _magnitude(v)
+    if not (math.isfinite(mq) and math.isfinite(mk) and math.isfinite(mv)):
         return None
     if _beyond_range(mq, mk, q.shape[-1]):
         return None  # may overflow float32: the blocked path computes it in float64

@@ -375,6 +375,11 @@ _AUX_FWD = {
     128: [(64, 16, 8, 1), (32, 16, 4, 1)],
 }
 _PRE = [(16, 64, 4, 1)]
+# With row_norm the preprocess may walk the keys (rows whose lse lost log(l)): 64 query
+# rows on one warpgroup make its q·kᵀ a wgmma (16 rows: mma.sync), up to D128 and with no
+# aux tile (an additive mask tile at D128 spilled 256 bytes); the common path (delta) is
+# the same row sums over 4x the rows per program.
+_PRE_ROW_NORM = [(64, 64, 4, 1)]
 
 # Lean score programs (``_lean``) at D64 / D128 take these lists first: tuned on the
 # static sm_90 report (benchmarks/sass_report.py), each entry compiled without a spill for
@@ -473,7 +478,8 @@ def configs(spec: AttentionSpec, interpret: bool = False) -> dict[str, list[Conf
             "bwd_dkdv": [(c[0], max(16, c[1] // 2), c[2], 1) for c in table["bwd_dkdv"]],
             "bwd_dq": [(max(16, c[0] // 2), c[1], c[2], 1) for c in table["bwd_dq"]],
         }
-    table["bwd_pre"] = list(_PRE)
+    wide_pre = make_plan(spec).row_norm and d <= 128 and not _tile_aux(spec)
+    table["bwd_pre"] = list(_PRE_ROW_NORM if wide_pre else _PRE)
     out = {}
     for k in ("fwd", "bwd_pre", "bwd_dkdv", "bwd_dq"):
         seen = []

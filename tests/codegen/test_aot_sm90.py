@@ -237,11 +237,15 @@ LEAN += [(64, "bfloat16", "natten")]
 @pytest.mark.parametrize("case", LEAN, ids=[f"{d}-{t}-{k}" for d, t, k in LEAN])
 def test_lean_defaults_use_wgmma_and_two_ctas(case, compiled):
     """Every matrix product of every default kernel is a wgmma (HGMMA, no mma.sync HMMA:
-    the D128 dK/dV default was 16x32 with HMMA only), and the 8-warp forward keeps two
-    CTAs per SM (at D64 the causal and soft-capped forwards took 159 registers and one)."""
-    rows = [r for r in compiled[case] if r["index"] == 0 and r["kernel"] != "bwd_pre"]
-    assert {r["kernel"] for r in rows} == {"fwd", "bwd_dkdv", "bwd_dq"}
+    the D128 dK/dV default was 16x32 with HMMA only; the preprocess's rare row_norm walk
+    of the keys -- a per-query temperature -- was 16 rows of HMMA), and the 8-warp forward
+    keeps two CTAs per SM (at D64 the causal and soft-capped forwards took 159 registers
+    and one)."""
+    rows = [r for r in compiled[case] if r["index"] == 0]
+    assert {r["kernel"] for r in rows} >= {"fwd", "bwd_dkdv", "bwd_dq"}
     for r in rows:
+        if r["kernel"] == "bwd_pre" and not r["mma_kinds"]:
+            continue  # the row sums only (no row_norm): no matrix product
         assert r["mma_kinds"] == {"HGMMA"}, _fmt(r)
     (fwd,) = [r for r in rows if r["kernel"] == "fwd"]
     assert fwd["ctas"] >= 2, _fmt(fwd)

@@ -176,10 +176,13 @@ class Softmax(Activation):
         ]
         if zero:
             # SDPA's semantics: a row whose scores are all -inf (every key filled or
-            # biased to -inf) gives 0; its running max is still -inf here.  (== -inf, not
-            # "not > -inf": a NaN score makes m_i NaN, and the row stays NaN)
+            # biased to -inf) gives 0; its running max is still -inf and its sum exactly
+            # 0 here.  A row of NaN scores has m_i = -inf too (the row max ignores NaN:
+            # max.f32 on the GPU, nanmax in the interpreter) but a NaN sum: it stays NaN,
+            # as SDPA's is
             lines.append(
-                'out = tl.where(m_i[:, None] == float("-inf"), 0.0, out)  # all -inf rows -> 0'
+                'out = tl.where((m_i[:, None] == float("-inf")) & (l_i[:, None] == 0.0), 0.0, out)'
+                "  # all -inf rows -> 0"
             )
         return lines
 

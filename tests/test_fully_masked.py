@@ -84,6 +84,45 @@ def test_op_preserve_keeps_eager_nan(interpret, monkeypatch, tmp_path):
     torch.testing.assert_close(out[:, :, live], ref[:, :, live], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("interpret", [False, True], ids=["reference", "kernel"])
+def test_op_zero_keeps_nan_rows_nan(interpret, monkeypatch, tmp_path):
+    """SDPA semantics zero a row whose scores are all -inf, not a row whose scores are
+    NaN: SDPA gives NaN there.  The kernels' row max ignores NaN (max.f32), so such a row
+    had the running max of an all -inf one and came out 0 -- a NaN turned into a finite
+    number; its sum is NaN, which tells them apart.  Fully masked rows stay 0."""
+    if interpret:
+        monkeypatch.setenv("ATTNFX_INTERPRET", "1")
+        monkeypatch.setenv("ATTNFX_CACHE_DIR", str(tmp_path))
+    q, k, v = _qkv()
+    with torch.no_grad():
+        q[:, :, 3] = float("nan")  # every kept score of row 3 is NaN
+        q[1, 0, 11, 2] = float("inf")  # row 11 of one head: ±inf and NaN scores
+    # a bool mask: its filled scores are -inf even in a NaN row, so that every tile's
+    # max, which skips NaN on the GPU, is -inf there (the interpreter's nanmax too)
+    keep = torch.ones(19, 23, dtype=torch.bool)
+    keep[:, 1::3] = False
+    keep[[0, 7]] = False  # fully masked rows
+    spec = AttentionSpec(
+        score_ops=(ScoreOp("mul", 1 / math.sqrt(D)), ScoreOp("fill_aux", -math.inf, aux=0)),
+        aux_dtypes=("bool",),
+        head_dim=D,
+        head_dim_v=D,
+        dtype="float32",
+        out_dtype="float32",
+        fully_masked="zero",
+    )
+    out = ops.attention(q, k, v, spec, [~keep[None, None]])  # fill_aux fills where True
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    assert ref[:, :, 3].isnan().all() and ref[1, 0, 11].isnan().all()
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert (out[:, :, [0, 7]] == 0).all()
+    torch.testing.assert_close(out.nan_to_num(7.0), ref.nan_to_num(7.0), rtol=1e-5, atol=1e-5)
+    dq, dk, dv = _grads(out, [q, k, v])
+    rq, rk, rv = _grads(ref, [q, k, v])
+    assert dq[:, :, 3].isnan().all() and rq[:, :, 3].isnan().all()
+    assert torch.equal(dq.isnan(), rq.isnan())
+
+
 class _Sdpa(torch.nn.Module):
     def forward(self, q, k, v, mask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

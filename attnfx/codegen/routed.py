@@ -117,7 +117,9 @@ def run_backward(spec: AttentionSpec, dout, q, k, v, qi, ki, slot_o, slot_lse):
     nk = k.shape[2]
     r = spec.routing
     dos = routed.slot_gradient(dout, qi, n, r)  # (B, H, S, Dv) float32, / count
-    delta = torch.empty_like(slot_lse)  # rowsum(P·dP): written by dQ, read by dK/dV
+    # written by dQ's first pass, read by dK/dV: rowsum(P·dP), the row max, 1 / row sum
+    delta = torch.empty_like(slot_lse)
+    mrow, invl = torch.empty_like(slot_lse), torch.empty_like(slot_lse)
     dqs = torch.empty(qi.shape + (d,), dtype=torch.float32, device=q.device)
     dks = torch.empty(ki.shape + (d,), dtype=torch.float32, device=q.device)
     dvs = torch.empty(ki.shape + (v.shape[-1],), dtype=torch.float32, device=q.device)
@@ -130,7 +132,7 @@ def run_backward(spec: AttentionSpec, dout, q, k, v, qi, ki, slot_o, slot_lse):
         _run(
             mod._attn_routed_dq,
             grid,
-            [slot_lse, dos, delta, dqs, *args],
+            [dos, delta, mrow, invl, dqs, *args],
             {**consts, **blocks},
             interpret,
         )
@@ -138,7 +140,7 @@ def run_backward(spec: AttentionSpec, dout, q, k, v, qi, ki, slot_o, slot_lse):
         _run(
             mod._attn_routed_dkdv,
             grid,
-            [slot_lse, dos, delta, dks, dvs, *args],
+            [slot_lse, dos, delta, mrow, invl, dks, dvs, *args],
             {**consts, **blocks},
             interpret,
         )

@@ -26,8 +26,8 @@ _COMMON = [
 ]
 _PARAMS = {
     "fwd": ["SlotO, SlotLse,"] + _COMMON,
-    "dq": ["SlotLse, DOs, Delta, DQs,"] + _COMMON + ["DSCALE: tl.constexpr,"],
-    "dkdv": ["SlotLse, DOs, Delta, DKs, DVs,"] + _COMMON + ["DSCALE: tl.constexpr,"],
+    "dq": ["DOs, Delta, Mrow, InvL, DQs,"] + _COMMON + ["DSCALE: tl.constexpr,"],
+    "dkdv": ["SlotLse, DOs, Delta, Mrow, InvL, DKs, DVs,"] + _COMMON + ["DSCALE: tl.constexpr,"],
 }
 _OPS = {"lt": "<", "le": "<=", "eq": "==", "ne": "!=", "ge": ">=", "gt": ">"}
 # relations that can hold when pos_q < pos_k: a later fill of one of them may undo -inf

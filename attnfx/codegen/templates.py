@@ -357,18 +357,22 @@ def _attn_routed_dq(
         mask=m_valid[:, None] & (offs_d[None, :] < HEAD_D),
         other=0.0,
     )
-    # dO of the slots (gathered and divided by the count on the host), lse, rowsum(dO·O)
+    # dO of the slots (gathered and divided by the count on the host)
     slot = off_bh * SLOTS + off_c * W + offs_m.to(tl.int64)
     do = tl.load(
         DOs + slot[:, None] * HEAD_DV + offs_dv[None, :],
         mask=m_valid[:, None] & (offs_dv[None, :] < HEAD_DV),
         other=0.0,
     ).to(V.dtype.element_ty)
-    lse = tl.load(SlotLse + slot, mask=m_valid, other=0.0)
     {row_bound}
-    # -- pass 1: delta = rowsum(P·dP), as eager's softmax backward forms it (a row whose
-    # weight is on one key then gets exactly dS = 0 there); dK/dV read it back
-    delta = tl.full([BLOCK_M], 0, dtype=tl.float32)
+    # -- pass 1: the rows' softmax statistics recomputed -- the max m_r and the sum l_r,
+    #    online as in the forward: p = exp(s - lse) from the float32 lse errs by
+    #    |lse|·eps (0.2% at lse ~ -5e4, a row of -5e4 self fills), exp(s - m) / l does
+    #    not -- and delta = rowsum(P·dP), as eager's softmax backward forms it (a row
+    #    whose weight is on one key then gets exactly dS = 0 there); dK/dV read all back
+    m_r = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_r = tl.full([BLOCK_M], 0, dtype=tl.float32)
+    acc_d = tl.full([BLOCK_M], 0, dtype=tl.float32)
     for start_n in range(0, WK, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < WK
@@ -388,11 +392,19 @@ def _attn_routed_dq(
             {score_program}
             filled = ~n_valid[None, :]
             {fills_bwd}
-            p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
-            p = tl.where(n_valid[None, :], p, 0.0)
+            s = tl.where(n_valid[None, :], s, float("-inf"))
+            m_new, pe, alpha = _online_softmax(m_r, s, False)
             dp = tl.dot(do, vT{prec})
-            delta += _row_sum(p * dp)
+            l_r = l_r * alpha + _row_sum(pe)
+            acc_d = acc_d * alpha + _row_sum(pe * dp)
+            m_r = m_new
+    # a row with no kept key: l_r = 0, 1 / l_r = inf, p = 0 · inf = NaN (eager's NaN)
+    inv_l = 1.0 / l_r
+    delta = acc_d * inv_l
+    m_row = tl.where(m_r == float("-inf"), 0.0, m_r)
     tl.store(Delta + slot, delta, mask=m_valid)
+    tl.store(Mrow + slot, m_row, mask=m_valid)
+    tl.store(InvL + slot, inv_l, mask=m_valid)
     # -- pass 2: dS and dQ
     dq = tl.full([BLOCK_M, BLOCK_D], 0, dtype=tl.float32)
     for start_n in range(0, WK, BLOCK_N):
@@ -414,7 +426,7 @@ def _attn_routed_dq(
             {score_program}
             filled = ~n_valid[None, :]
             {fills_bwd}
-            p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
+            p = tl.exp2((s - m_row[:, None]) * 1.4426950408889634) * inv_l[:, None]
             dp = tl.dot(do, vT{prec})
             # a filled score has no gradient
             ds = tl.where(filled, 0.0, p * (dp - delta[:, None]))
@@ -462,10 +474,16 @@ def _attn_routed_dkdv(
     {col_bound}
     dk = tl.full([BLOCK_N, BLOCK_D], 0, dtype=tl.float32)
     dv = tl.full([BLOCK_N, BLOCK_DV], 0, dtype=tl.float32)
+    n_dead = pid_n * 0  # query slots of the cluster with no kept key (lse = -inf)
     for start_m in range(0, W, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_valid = offs_m < W
         tq = tl.load(QI_blk + offs_m.to(tl.int64) * stride_qis, mask=m_valid, other=0).to(tl.int64)
+        # -- a query slot with no kept key makes eager's softmax NaN on its whole row,
+        #    hence NaN in the dV of every key slot of the cluster: kept even where the
+        #    tile is skipped below
+        lse_all = tl.load(SlotLse + off_bh * SLOTS + off_c * W + offs_m.to(tl.int64), mask=m_valid, other=0.0)
+        n_dead += tl.reduce((lse_all == float("-inf")).to(tl.int32), 0, _max_combine)
         {visit}
             q = tl.load(
                 Q_blk + tq[:, None] * stride_qn + offs_d[None, :] * stride_qd,
@@ -478,20 +496,23 @@ def _attn_routed_dkdv(
                 mask=m_valid[:, None] & (offs_dv[None, :] < HEAD_DV),
                 other=0.0,
             ).to(V.dtype.element_ty)
-            lse = tl.load(SlotLse + slot, mask=m_valid, other=0.0)
+            # the rows' statistics from dQ's first pass
+            m_row = tl.load(Mrow + slot, mask=m_valid, other=0.0)
+            inv_l = tl.load(InvL + slot, mask=m_valid, other=0.0)
             delta = tl.load(Delta + slot, mask=m_valid, other=0.0)
             s = tl.dot(q, tl.trans(k){prec})
             {score_program}
             filled = ~(m_valid[:, None] & n_valid[None, :])
             {fills_bwd}
             # (a finite fill keeps its probability: it reaches dV, not dS)
-            p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
+            p = tl.exp2((s - m_row[:, None]) * 1.4426950408889634) * inv_l[:, None]
             p = tl.where(m_valid[:, None] & n_valid[None, :], p, 0.0)
             dv += tl.dot(tl.trans(p).to(do.dtype), do{prec})
             dp = tl.dot(do, tl.trans(v){prec})
             ds = tl.where(filled, 0.0, p * (dp - delta[:, None]))
             dk += tl.dot(tl.trans(ds).to(q.dtype), q{prec})
     dk = dk * DSCALE
+    dv = tl.where(n_dead > 0, float("nan"), dv)
     kslot = off_bh * KSLOTS + off_c * WK + offs_n.to(tl.int64)
     tl.store(
         DKs + kslot[:, None] * HEAD_D + offs_d[None, :],

@@ -81,6 +81,9 @@ def _fuzz(args) -> int:
         grammar.grammars(kinds)
     except ValueError as e:
         raise UsageError(f"--kind {args.kind}: {e}") from e
+    from attnfx.fuzz import frame
+
+    frame.INTERP_EVERY = args.interp_every  # read by each program's draw
     t0 = time.perf_counter()
     summary = fuzz(
         args.examples,
@@ -192,6 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("drop-scale", "accept-query-softmax", "sigmoid-bias"),
         default=None,
         help="plant a bug (test tooling; implies --verify off)",
+    )
+    f.add_argument(
+        "--interp-every",
+        type=_positive_int,
+        default=10,
+        metavar="N",
+        help="on CPU, one program in N runs its sites through the generated kernels under "
+        "Triton's interpreter, as a GPU runs them (1: every program; slower, and it finds "
+        "what the op's CPU path hides)",
     )
     f.add_argument("--no-shrink", action="store_true", help="write failures unminimized")
     f.add_argument("--quiet", action="store_true", help="no progress bar")

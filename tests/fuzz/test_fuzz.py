@@ -176,6 +176,22 @@ def test_cli_fuzz_summary_and_exit_status(capsys):
     assert rc == 0, out
 
 
+def test_cli_interp_every_one_runs_every_program_through_the_kernels(capsys, monkeypatch):
+    """``--interp-every 1``: every CPU program takes the interpreter lane (the kernels a
+    GPU runs), not one in ten."""
+    from attnfx.cli import main
+    from attnfx.fuzz import frame
+
+    monkeypatch.setattr(frame, "INTERP_EVERY", frame.INTERP_EVERY)  # restored after
+    rc = main(["fuzz", "--examples", "2", "--seed", "5", "--kind", "softmax", "--quiet",
+               "--interp-every", "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    line = [ln for ln in out.splitlines() if "through the kernels (interpreter)" in ln][0]
+    ran, lane = line.split("(interpreter)")[1].split("programs")[0].split("/")
+    assert int(lane) == 2 and int(ran) >= 1, line  # both in the lane (a kept site runs none)
+    assert rc == 0, out
+
+
 # -- the lanes, one program each ---------------------------------------------------------
 
 

@@ -202,6 +202,12 @@ def score_program(
         else:
             out.append(init)
     pairs = _vector_products(spec, plan if guard_skip else None)
+    ops = spec.score_ops
+    lead_mul = bool(ops) and (ops[0].entry.form, ops[0].entry.operand) == ("mul", "const")
+    if fold and defer_scale and plan.scale_in_exp is not None and not lead_mul:
+        # no multiplier: log2(e) alone is the scale the exp2 applies (Plan.scale_in_exp)
+        e.scaled = True
+        out.append("# * log2(e): applied in the exp2 and the row max")
     for idx, op in enumerate(spec.score_ops):
         e.L = LOG2E if e.scaled else 1.0
         if idx - 1 in pairs:

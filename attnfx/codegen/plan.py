@@ -163,18 +163,23 @@ def _table_grads(spec: AttentionSpec) -> tuple[int, ...]:
 def _scale_in_exp(spec: AttentionSpec, fold: bool) -> float | None:
     """The forward's deferred scale (``Plan.scale_in_exp``), or None: a softmax in log2
     units whose program is one positive finite constant multiplier followed by -inf
-    fills only, and no sink (a sink's logit is not scaled by it)."""
+    fills only -- or -inf fills alone: the scale is log2(e) itself -- and no sink (a
+    sink's logit is not scaled by it).  In the exp2's fused multiply-add the product
+    s·scale is not rounded; multiplied into each score first, it is, by |s|·eps: more
+    than eager's error in float32 when the scores are large and unscaled."""
     ops = spec.score_ops
-    if not (fold and spec.act.normalized and ops and spec.sink is None):
+    if not (fold and spec.act.normalized and spec.sink is None):
         return None
-    first = ops[0]
-    if (first.entry.form, first.entry.operand) != ("mul", "const"):
+    lead = ops[:1]
+    if lead and (lead[0].entry.form, lead[0].entry.operand) == ("mul", "const"):
+        if not (0 < lead[0].value < math.inf):
+            return None
+        scale, rest = lead[0].value, ops[1:]
+    else:
+        scale, rest = 1.0, ops
+    if not all(op.entry.form == "fill" and op.value == -math.inf for op in rest):
         return None
-    if not (0 < first.value < math.inf):
-        return None
-    if not all(op.entry.form == "fill" and op.value == -math.inf for op in ops[1:]):
-        return None
-    return first.value * LOG2E
+    return scale * LOG2E
 
 
 def _eval_bound(expr, nq: int, nk: int) -> int:

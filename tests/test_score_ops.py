@@ -142,7 +142,8 @@ def test_every_kernel_op_has_a_triton_line(name):
         head_dim=32,
     )
     plan = make_plan(spec)
-    fwd = score_program(spec, plan, orient="mn", s="s")
+    # (absolute indices: the forward's tile-relative coordinates add their definitions)
+    fwd = score_program(spec, plan, orient="mn", s="s", relative=False)
     bwd = score_program(spec, plan, orient="nm", s="sT", grad="fT", keep="keepT")
     assert len(fwd) > 1 and len(bwd) > len(fwd) - 1
     # a derivative factor exists on every path

@@ -814,8 +814,9 @@ def _dq_inner_args(spec: AttentionSpec, plan: Plan, sched) -> Signature:
 def _table_grad_lines(spec: AttentionSpec, plan: Plan, gate: bool) -> list[str]:
     """dQ with TABLE_GRAD: each bias table's gradient, dS of the final scores (the
     tables of ``Plan.table_grads`` are followed by additions and fills only), added into
-    the entry each pair reads (float32 atomics: the order of the sum is not fixed, as in
-    eager's ``index_add_`` on CUDA)."""
+    the entry each pair reads (float64 atomics: the order of the sum is not fixed, as in
+    eager's ``index_add_`` on CUDA, and in float32 that order alone could cost 3x eager's
+    error; the launcher rounds once, to the table's dtype)."""
     if not plan.table_grads:
         return []
     t = _Tile("mn")
@@ -831,7 +832,7 @@ def _table_grad_lines(spec: AttentionSpec, plan: Plan, gate: bool) -> list[str]:
     for i in plan.table_grads:
         (op,) = [op for op in spec.score_ops if op.aux == i]
         lines.append(
-            f"    tl.atomic_add(DT{i} + ({t.index(op.sym)}).to(tl.int64), dsf, mask=inside, "
+            f"    tl.atomic_add(DT{i} + ({t.index(op.sym)}).to(tl.int64), dsf.to(tl.float64), mask=inside, "
             f'sem="relaxed")  # aux{i}[{op.sym}]'
         )
     return lines

@@ -472,8 +472,11 @@ def _backward_tensors(plan, spec, dout, q, k, v, aux, out, lse) -> dict:
     if signature.dead_rows_fix(spec, plan):
         tensors["dead"] = torch.isneginf(lse).any(-1).to(torch.int32).contiguous()
     for i in plan.table_grads:
+        # float64: each entry sums dS over every pair that reads it, in the atomics' order
+        # (not eager's index_add order); in float32 that order alone put a NAT table's
+        # gradient at 3.4x eager's error, over the rule (float64 atomics: sm_60 and up)
         tensors[f"dt{i}"] = torch.zeros(
-            (B, H, aux[i].shape[-1]), dtype=torch.float32, device=q.device
+            (B, H, aux[i].shape[-1]), dtype=torch.float64, device=q.device
         )
     return tensors
 
@@ -482,7 +485,7 @@ def _backward_tensors(plan, spec, dout, q, k, v, aux, out, lse) -> dict:
 def run_backward(spec: AttentionSpec, dout, q, k, v, aux, out, lse, table_grads=None):
     """(dq, dk, dv), contiguous, in the dtypes of q, k, v.  With ``table_grads`` (aux
     indices of ``Plan.table_grads``): instead, those bias tables' gradients, (B, H, T)
-    float32 each, from the dQ kernel run with TABLE_GRAD (dK/dV are not run)."""
+    float64 each, from the dQ kernel run with TABLE_GRAD (dK/dV are not run)."""
     key = _recipe_key("bwd", spec, q, k, v, aux)
     r = _recipe(key, q.device, lambda: _backward_recipe(spec, dout, q, k, v, aux, out, lse))
     _check(r.spec, q, k, v)
@@ -496,7 +499,7 @@ def run_backward(spec: AttentionSpec, dout, q, k, v, aux, out, lse, table_grads=
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if B * H * NQ == 0 or NK == 0:
         if table_grads is not None:
-            return [torch.zeros((B, H, aux[i].shape[-1]), dtype=torch.float32, device=q.device)
+            return [torch.zeros((B, H, aux[i].shape[-1]), dtype=torch.float64, device=q.device)
                     for i in table_grads]  # fmt: skip
         return dq.zero_(), dk.zero_(), dv.zero_()
     tensors = _backward_tensors(plan, r.spec, dout, q, k, v, aux, out, lse)
@@ -565,7 +568,7 @@ def kernel_targets(spec: AttentionSpec, candidates: bool = True) -> list[KernelT
     types.update(dict.fromkeys(("lse", "delta", "m", "lg"), "fp32"))
     types.update(dead="i32", tile_off="i32", tile_idx="i32")
     types.update({f"a{i}": _tt(spec.aux_dtypes[i]) for i in plan.aux_used})
-    types.update({f"dt{i}": "fp32" for i in plan.table_grads})
+    types.update({f"dt{i}": "fp64" for i in plan.table_grads})
     consts = _shape_consts(spec, plan, interpret=False)
 
     def div16(p) -> bool:

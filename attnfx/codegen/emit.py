@@ -178,8 +178,9 @@ def score_program(
     op masked out.  The fill_pred used for block skipping is wrapped in
     ``if APPLY_MASK:`` (full tiles do not need it) when ``guard_skip``.  ``defer_scale``
     (the forward): leave the leading scale off when ``plan.scale_in_exp`` takes it.
-    ``relative``: K - Q expressions on tile-relative coordinates (``_Tile``): the tile is
-    a step of a loop over ``start_n`` (``orient="mn"``) or ``start_m`` (``"nm"``).
+    ``relative``: K - Q expressions on tile-relative coordinates (``_Tile``), in the
+    loops over key tiles (``orient="mn"``, loop variable ``start_n``); dK/dV's ``"nm"``
+    programs keep absolute indices whatever it says (see below).
     """
     # (dK/dV, "nm", keeps absolute indices: its fixed key rows are not grown from the
     # loop variable, and relative ones measured 0-4% more instructions in its loops)

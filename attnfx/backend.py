@@ -142,7 +142,7 @@ def rewrite_graph(
             log.debug("attnfx: %s at %s: %s writes in place", s.kind, s.where, w.name)
     if options.cpu == "auto":
         for s in matched:
-            why = _cpu_refusal(s) if s.spec is not None else None
+            why = _cpu_refusal(s, new, gnx) if s.spec is not None else None
             if why is not None:
                 s.spec, s.reason = None, why
     for s in matched:
@@ -254,13 +254,15 @@ def _on_cpu(site) -> bool:
 
 SLOWER_ON_CPU = "on CPU, inductor is faster for this form"
 SDPA_ON_CPU = "on CPU, the program's SDPA call already runs the fused kernel"
+INDUCTOR_SDPA_ON_CPU = "on CPU, inductor's own SDPA pattern fuses this form"
 
 
-def _cpu_refusal(site) -> str | None:
+def _cpu_refusal(site, gm=None, gnx=None) -> str | None:
     """Why a site on CPU tensors (kernels not forced by ATTNFX_INTERPRET) is kept: an
     SDPA call (the op's CPU path would run the same fused kernel, plus its checks: the
-    CPU benchmark's gpt2-sdpa measured 0.79-0.93x inductor), or an op path slower than
-    what inductor makes of the eager form; None: rewrite it."""
+    CPU benchmark's gpt2-sdpa measured 0.79-0.93x inductor), an eager form inductor's
+    SDPA patterns fuse into that kernel themselves (``passes/inductor_probe.py``), or an
+    op path slower than what inductor makes of the eager form; None: rewrite it."""
     from attnfx import cpu
     from attnfx.passes.recognize import softmax
 
@@ -271,7 +273,17 @@ def _cpu_refusal(site) -> str | None:
     if any(G.requires_grad(a.node) for a in site.aux):
         return SLOWER_ON_CPU  # learnable biases' gradients: the blocked path
     needs_grad = any(G.requires_grad(n) for n in site.operand_nodes)
-    return None if cpu.profitable(site.spec, needs_grad) else SLOWER_ON_CPU
+    if not cpu.profitable(site.spec, needs_grad):
+        return SLOWER_ON_CPU
+    if not needs_grad and gm is not None and _inductor_fuses(gm, gnx, site):
+        return INDUCTOR_SDPA_ON_CPU
+    return None
+
+
+def _inductor_fuses(gm, gnx, site) -> bool:
+    from attnfx.passes import inductor_probe, verify
+
+    return inductor_probe.fuses_to_sdpa(*verify.original_module(gm, gnx, site))
 
 
 def _cache_problem(message: str | None) -> str | None:

@@ -30,6 +30,15 @@ def empty_output(q: Tensor, v: Tensor, spec: AttentionSpec) -> Tensor:
     return q.new_empty((b, h, nq, v.shape[-1]), dtype=dt)
 
 
+def output_strides(q: Tensor, v: Tensor, spec: AttentionSpec) -> tuple[int, ...]:
+    """``empty_output``'s strides, without allocating it."""
+    b, h, nq, _ = q.shape
+    dv = v.shape[-1]
+    if spec.out_layout == "bnhd":  # (B, N, H, D) storage seen as (B, H, N, D)
+        return (nq * h * dv, dv, h * dv, 1)
+    return (h * nq * dv, nq * dv, dv, 1)
+
+
 def torch_dtype(name: str) -> torch.dtype:
     return _TORCH_DTYPES[name]
 

@@ -483,3 +483,40 @@ def test_static_mask_built_in_row_blocks(preds, value, fm, monkeypatch, request)
         assert got is False
     else:
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("case", ["nan q", "inf k", "inf v", "overflow"])
+def test_the_fused_forward_checks_its_operands(case):
+    """The SDPA forward proves q, k, v finite and q·kᵀ within float32's range first; else
+    the call runs the blocked path, eager's semantics.  The check cannot move after the
+    call onto the result: in the last case a row whose float32 scores all overflowed to
+    -inf comes out of the fused kernel as a fully masked row's zeros with a log-sum-exp of
+    0 (eager's row is NaN, the float64 gold's finite and not zero)."""
+    n = 1100  # (the fused kernel works in blocks of 512 keys)
+    spec = _spec([ScoreOp("fill_pred", value=-INF, pred=CAUSAL)])  # (scores * 0.25 first)
+    q, k, v = _inputs(nq=n, nk=n)
+    if case == "nan q":
+        q[0, 0, 3, 2] = math.nan
+    elif case == "inf k":
+        k[0, 1, 5, 0] = math.inf
+    elif case == "inf v":
+        v[0, 0, 0, 1] = -math.inf  # a key every row sees
+    else:  # every score of row 0 below -finfo.max: eager's float32 row is -inf
+        q[0, 0, 0] = -3e19
+        k[0, 0] = k[0, 0].abs() * 3e19 + 3e19
+    s = (q @ k.transpose(-2, -1)) * 0.25
+    s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), -INF)
+    eager = torch.softmax(s, -1) @ v
+    gold, _ = ops.reference_attention(q.double(), k.double(), v.double(), [], spec)
+
+    def same_kind(a, b):
+        return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+
+    args = dict(attn_mask=None, is_causal=True, scale=0.25, rows=None)
+    raw, lse = cpu._flash(*cpu._flash_args(q, k, v, spec, args), args)[:2]
+    if case == "overflow":  # the fused kernel takes the row for a fully masked one: zeros
+        assert not torch.allclose(raw[0, 0, 0], gold[0, 0, 0].float(), **TOL)
+        assert lse[0, 0, 0] == 0 and cpu._prepare(q, k, v, [], spec) is None
+    got = ops.attention(q, k, v, spec)  # eager's (there: the overflowed row's NaN)
+    assert same_kind(got, eager)
+    torch.testing.assert_close(got.nan_to_num(), eager.nan_to_num(), **TOL)

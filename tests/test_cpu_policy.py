@@ -14,6 +14,7 @@ import attnfx
 
 SLOWER = "on CPU, inductor is faster for this form"
 SDPA = "on CPU, the program's SDPA call already runs the fused kernel"
+INDUCTOR_SDPA = "on CPU, inductor's own SDPA pattern fuses this form"
 
 
 class Softmax(nn.Module):
@@ -39,8 +40,47 @@ def _site(model, grad, cpu="auto"):
     return site
 
 
+class Causal(nn.Module):
+    def forward(self, q, k, v):
+        n = q.shape[-2]
+        keep = torch.ones(n, n, dtype=torch.bool).tril()
+        s = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).masked_fill(~keep, float("-inf"))
+        return s.softmax(-1) @ v
+
+
 def test_fused_forms_are_rewritten_on_cpu():
-    assert _site(Softmax(), grad=False).status == "rewritten"  # inference: fused SDPA
+    # inference: the op runs the fused SDPA kernel, which inductor does not reach from
+    # this eager form
+    assert _site(Causal(), grad=False).status == "rewritten"
+
+
+def test_forms_inductor_fuses_itself_are_kept():
+    """``softmax(q @ kᵀ / c) @ v`` is one of inductor's own SDPA patterns: it runs the same
+    fused kernel without the op's dispatch and checks."""
+    site = _site(Softmax(), grad=False)
+    assert site.status == "kept" and site.reason == INDUCTOR_SDPA, site
+    assert _site(Softmax(), grad=False, cpu="always").status == "rewritten"
+
+
+def test_the_inductor_probe_answers_per_form_and_leaves_its_counters():
+    from torch._dynamo.utils import counters
+
+    from attnfx.passes import inductor_probe
+
+    answers = {}
+
+    def probe(gm, example_inputs):  # Dynamo's graph, with its fake example values
+        before = {k: dict(v) for k, v in counters.items()}
+        ext = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        answers[name] = inductor_probe.fuses_to_sdpa(gm, ext)
+        assert {k: dict(v) for k, v in counters.items()} == before
+        return gm
+
+    qkv = [torch.randn(1, 2, 32, 16) for _ in range(3)]
+    for name, model in (("softmax", Softmax()), ("causal", Causal()), ("sigmoid", Sigmoid())):  # noqa: B007 (read by probe)
+        torch._dynamo.reset()
+        torch.compile(model, backend=probe)(*qkv)
+    assert answers == {"softmax": True, "causal": False, "sigmoid": False}
 
 
 def test_sdpa_calls_are_kept_on_cpu():

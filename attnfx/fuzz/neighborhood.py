@@ -154,6 +154,14 @@ def normalize(c: dict) -> dict:
     c["cross"], c["dynamic"] = False, False
     if c["proj"] == "none":
         c["proj"] = "separate"  # q, k, v from one input of the grid's length
+    if c["lane"] in ("nan", "posinf", "neginf", "fully_masked"):
+        # The frame plants the value in token 0's input, whose key and value a window
+        # hides from the far queries.  Eager's 0·NaN spreads it to every row; the kernels
+        # do not read a tile of keys a row masks out whole (docs/architecture.md,
+        # "Semantics decided"), so which rows see it depends on the tiling.  No key is
+        # kept by every query here: the exceptional lanes stay with the other grammars,
+        # whose masks all keep key 0.
+        c["lane"] = "finite"
     if c["NQ"] > 17:
         # the frame cuts a big head dim's sequences to 17 tokens: the grid's would not fit
         c["D"] = min(c["D"], BIG_HEAD_DIM)

@@ -253,6 +253,12 @@ def _candidate_module(gm, ext, site) -> fx.GraphModule:
     return fx.GraphModule(gm, cand)
 
 
+def original_module(gm: fx.GraphModule, gnx: nx.DiGraph, site: Site):
+    """(the site's original subgraph as a module, its inputs' nodes in placeholder order)."""
+    nodes, ext = rewrite.site_inputs(gnx, site)
+    return _region_module(gm, nodes, ext, site)[0], ext
+
+
 def build_graphs(gm: fx.GraphModule, gnx: nx.DiGraph, site: Site):
     """The site's original subgraph and its candidate, as modules with the same inputs."""
     nodes, ext = rewrite.site_inputs(gnx, site)

@@ -362,3 +362,17 @@ def test_relative_position_bias_lane(rpb):
     failures, stats = _check(p)
     assert not failures, failures
     assert stats["rewritten"] == {"neighborhood": 1} and stats["launches"] >= 4
+
+
+@pytest.mark.parametrize("lane", ["nan", "posinf", "neginf", "fully_masked"])
+def test_neighborhood_programs_plant_no_value_a_window_hides(lane):
+    """The frame plants an exceptional lane's value in token 0, whose key every window
+    hides from the far queries: which rows then see it depends on the kernels' tiling
+    (docs/architecture.md, "Semantics decided"), not on the program.  The neighborhood
+    grammar draws those lanes as finite; the grammars whose masks keep key 0 keep them."""
+    from attnfx.fuzz import neighborhood as nb
+
+    c = nb.normalize({"lane": lane, "nb_form": "chunk", "grid": (12,), "nb_kernel": (4,)})
+    assert c["lane"] == "finite"
+    assert "exceptional lane" not in "\n".join(nb.render(c).source.splitlines())
+    assert sm.normalize({"lane": "nan"})["lane"] == "nan"

@@ -502,6 +502,31 @@ class _Tiles:
         ]
 
 
+def _pid_m(spec: AttentionSpec, plan: Plan, kernel: str) -> list[str]:
+    """The query tile of a forward or dQ program.  Under a band open to the left (causal,
+    a kept past: K − Q ≤ c) a query tile's work grows with its index: the programs take
+    the tiles last to first, so that the longest ones start first and the short ones
+    fill the last wave (the GPU starts programs in increasing id order).  Not in a
+    forward with a head dim over 64: at its 128-register cap the reversed index cost the
+    soft-capped D128 forward an 8-byte spill and the causal one 2% more instructions in
+    its masked loops (sm_90 compile); dQ and the D ≤ 64 forward compile as before."""
+    if not heavy_last(spec, plan) or (kernel == "fwd" and plan.block_d > 64):
+        return ["pid_m = tl.program_id(0)"]
+    return [
+        "# -- causal band: the heaviest query tiles first (the last wave runs short tiles)",
+        "pid_m = tl.num_programs(0) - 1 - tl.program_id(0)",
+    ]
+
+
+def heavy_last(spec: AttentionSpec, plan: Plan) -> bool:
+    """Whether a band schedule's query tiles visit more key tiles the later they lie: the
+    skip predicate's band has no left bound and a right one."""
+    if plan.schedule.kind is not ScheduleKind.BAND or plan.skip_op is None:
+        return False
+    mc = spec.score_ops[plan.skip_op].predicate.mask_class
+    return mc.left is None and mc.right is not None and mc.prefix is None
+
+
 def _schedule(plan: Plan) -> _Band | _Tiles:
     return _Tiles() if plan.schedule.kind is ScheduleKind.TILES else _Band(plan)
 
@@ -620,6 +645,7 @@ def forward_source(spec: AttentionSpec) -> str:
     kernel_src = templates.fill(
         templates.FWD,
         params=KERNEL_ARGS["fwd"](spec, plan).declaration(),
+        pid_m=_pid_m(spec, plan, "fwd"),
         aux_bases=_aux_bases(plan, "off_h"),
         load_q=_load(qptr, _mask("(offs_m[:, None] < N_Q)", dims.d("col"))),
         init=_fwd_init(spec, plan),
@@ -870,6 +896,7 @@ def _dq_source(spec: AttentionSpec, plan: Plan, dims: _Dims, sched) -> str:
     kernel_src = templates.fill(
         templates.DQ,
         params=KERNEL_ARGS["bwd_dq"](spec, plan).declaration(),
+        pid_m=_pid_m(spec, plan, "bwd_dq"),
         aux_bases=_aux_bases(plan, "off_h"),
         table_grad_bases=[
             f"DT{i}_blk = DT{i} + off_b * stride_dt{i}b + off_h * stride_dt{i}h"

@@ -63,7 +63,7 @@ FWD = """\
 def _attn_fwd(
 {params}
 ):
-    pid_m = tl.program_id(0)
+    {pid_m}
     pid_bh = tl.program_id(1)
     # -- int64 base offsets of this (batch, query head) and of its kv head (GQA)
     off_b = (pid_bh // H_Q).to(tl.int64)
@@ -229,7 +229,7 @@ DQ = """\
 def _attn_bwd_dq(
 {params}
 ):
-    pid_m = tl.program_id(0)
+    {pid_m}
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H_Q).to(tl.int64)
     off_h = (pid_bh % H_Q).to(tl.int64)

@@ -424,3 +424,33 @@ def test_tiled_neighborhood_kernels_visit_exactly_the_nonempty_tiles(monkeypatch
     assert sorted(seen["_attn_bwd_dq_inner"]) == want
     assert sorted((m, k) for k, m in seen["_attn_bwd_dkdv_inner"]) == want
     assert tiles.density(spec, n, n, 64, 64) == len(want) / 256
+
+
+def test_causal_bands_start_with_the_heaviest_query_tiles():
+    """Under a band open to the left a query tile's work grows with its index: forward and
+    dQ programs take the query tiles last to first (the interpreter runs programs in id
+    order, as a GPU starts them); dK/dV's key tiles, heaviest first already, and bands
+    closed on both sides keep the natural order."""
+    from attnfx.codegen import emit
+
+    nq = nk = 70
+    window = sympy.And(sympy.Ge(K, Q - 20), sympy.Le(K, Q))
+    for pred, reversed_ in ((sympy.Le(K, Q), True), (sympy.Le(K, Q + NK - NQ), True),
+                            (window, False), (sinks_window(3, 20), False)):  # fmt: skip
+        spec = _spec(pred)
+        plan = codegen.make_plan(spec)
+        assert emit.heavy_last(spec, plan) is reversed_, pred
+        with visited_tiles() as seen:
+            check(spec, nq=nq, nk=nk)
+        for name in ("_attn_fwd_inner", "_attn_bwd_dq_inner"):
+            rows = [r for r, _ in seen[name]]
+            first_rows = list(dict.fromkeys(rows))  # query tiles in the order first walked
+            want = sorted(first_rows, reverse=reversed_)
+            assert first_rows == want, (pred, name, first_rows)
+        keys = list(dict.fromkeys(n for n, _ in seen["_attn_bwd_dkdv_inner"]))
+        assert keys == sorted(keys), (pred, keys)
+    # a forward over 64 head dims keeps the natural order (at its register cap the
+    # reversed index spilled); its dQ does not
+    wide = _spec(sympy.Le(K, Q), d=128)
+    reverse = "pid_m = tl.num_programs(0) - 1 - tl.program_id(0)"
+    assert reverse not in emit.source(wide, "fwd") and reverse in emit.source(wide, "bwd")

@@ -79,13 +79,15 @@ class Activation:
         multiplier the scores still lack, ``Plan.scale_in_exp``)."""
         raise NotImplementedError
 
-    def epilogue_lines(self, log2: bool, zero: bool) -> list[str]:
-        """``out`` and ``lse`` from the final state."""
+    def epilogue_lines(self, log2: bool, zero: bool, lse64: bool = False) -> list[str]:
+        """``out`` and ``lse`` from the final state (``lse64``: lse in float64,
+        ``Plan.lse64``)."""
         raise NotImplementedError
 
-    def preprocess_lines(self, o: str, do: str, log2: bool) -> list[str]:
+    def preprocess_lines(self, o: str, do: str, log2: bool, lse64: bool = False) -> list[str]:
         """The backward's row statistics ``delta`` and ``m_row`` (``o`` / ``do``: loads
-        of the output and of its gradient)."""
+        of the output and of its gradient); with ``lse64`` also ``lg_row``, the float64
+        lse's remainder past ``m_row``."""
         raise NotImplementedError
 
     def zero_rows_lines(self) -> list[str]:
@@ -162,12 +164,19 @@ class Softmax(Activation):
             "m_i = m_ij",
         ]
 
-    def epilogue_lines(self, log2, zero):
+    def epilogue_lines(self, log2, zero, lse64=False):
         lse = (
             "lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log"
             if log2
             else "lse = m_i + tl.log(l_i)"
         )
+        if lse64:  # summed in float64, stored as a float32 pair (layout.split_lse)
+            lse = (
+                "lse = (m_i.to(tl.float64) + tl.log2(l_i).to(tl.float64)) * 0.6931471805599453"
+                "  # float64, natural log"
+                if log2
+                else "lse = m_i.to(tl.float64) + tl.log(l_i).to(tl.float64)  # float64"
+            )
         lines = [
             "# -- epilogue: normalize; a row whose scores are all -inf gives 0 / 0 = NaN,",
             "#    as eager softmax does (fully_masked='preserve')",
@@ -186,16 +195,31 @@ class Softmax(Activation):
             )
         return lines
 
-    def preprocess_lines(self, o, do, log2):
-        return [
+    def preprocess_lines(self, o, do, log2, lse64=False):
+        lines = [
             "# -- delta = rowsum(dO * O) (float32)",
             f"o = {o}",
             f"do = {do}",
             "delta = _row_sum(o.to(tl.float32) * do.to(tl.float32))",
-            "lse = tl.load(Lse + row_off + offs_m, mask=offs_m < N_Q, other=0.0)",
-            f"m_row = lse * {_LOG2E}  # log2 units, like the forward scores"
-            if log2
-            else "m_row = lse",
+        ]
+        if not lse64:
+            return lines + [
+                "lse = tl.load(Lse + row_off + offs_m, mask=offs_m < N_Q, other=0.0)",
+                f"m_row = lse * {_LOG2E}  # log2 units, like the forward scores"
+                if log2
+                else "m_row = lse",
+            ]
+        return lines + [
+            "# -- lse as a (value, remainder) pair (layout.split_lse), summed in float64 and",
+            "#    split again into a float32 statistic and a small rest: s - m_row is exact",
+            "#    near the row max (p = exp(s - m_row - lg_row))",
+            "lse = tl.load(Lse + (row_off + offs_m) * 2, mask=offs_m < N_Q, other=0.0)",
+            "lse_lo = tl.load(Lse + (row_off + offs_m) * 2 + 1, mask=offs_m < N_Q, other=0.0)",
+            "m64 = lse.to(tl.float64) + lse_lo.to(tl.float64)",
+            f"m64 = m64 * {_LOG2E}  # log2 units, like the forward scores" if log2 else "m64 = m64",
+            "m_row = m64.to(tl.float32)",
+            'finite = (m_row == m_row) & (tl.abs(m_row) < float("inf"))',
+            "lg_row = tl.where(finite, (m64 - m_row.to(tl.float64)).to(tl.float32), 0.0)",
         ]
 
     def zero_rows_lines(self):
@@ -250,14 +274,14 @@ class Sigmoid(Activation):
             f"acc = tl.dot(p.to(v.dtype), v, acc{prec})",
         ]
 
-    def epilogue_lines(self, log2, zero):
+    def epilogue_lines(self, log2, zero, lse64=False):
         # (a row of -inf scores gives sigmoid 0 anyway)
         return [
             "out = acc",
             "lse = tl.full([BLOCK_M], 0, dtype=tl.float32)  # sigmoid: no normalizer",
         ]
 
-    def preprocess_lines(self, o, do, log2):
+    def preprocess_lines(self, o, do, log2, lse64=False):
         return [
             "delta = tl.full([BLOCK_M], 0, dtype=tl.float32)  # sigmoid: no delta",
             "m_row = tl.full([BLOCK_M], 0, dtype=tl.float32)  # sigmoid: 0 marks a live row",

@@ -21,6 +21,7 @@ gave it, counted under ``kept.internal error``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import logging
@@ -337,8 +338,47 @@ def _inner(gm: fx.GraphModule, example_inputs, options: Options):
     from attnfx.passes.inner_guard import guard_for_inductor
 
     # the inductor config of torch.compile(mode=...), as inductor's own backend applies it
-    patches = dict(list_mode_options(options.mode)) if options.mode else None
+    patches = dict(list_mode_options(options.mode)) if options.mode else {}
+    patches.update(_op_contract_patch(patches))
     return compile_fx(guard_for_inductor(gm), example_inputs, config_patches=patches)
+
+
+@functools.cache
+def op_contract() -> str:
+    """A hash of what inductor cannot see of the attnfx ops: their schemas, fake impls
+    and output layouts (``ops.py``, ``layout.py``).  Inductor's FX graph cache keys on the
+    graph's code, not on a custom op's fake impl: after a change of the op's outputs (the
+    float32 lse became a (value, remainder) pair), a graph cached against the old one
+    was served and failed (or, for a dtype change, read its buffers wrongly)."""
+    from pathlib import Path
+
+    h = hashlib.sha256()
+    for name in ("ops.py", "layout.py"):
+        h.update((Path(__file__).parent / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _op_contract_patch(patches: dict) -> dict:
+    """``post_grad_custom_post_pass``: the pass already configured (or none), wrapped so
+    that inductor's cache key carries ``op_contract``."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    inner = patches.get("post_grad_custom_post_pass", inductor_config.post_grad_custom_post_pass)
+
+    class _OpContract(CustomGraphPass):
+        def __call__(self, graph):
+            if inner is not None:
+                inner(graph)
+
+        def uuid(self):
+            if inner is None:
+                return f"attnfx-op-contract-{op_contract()}"
+            if isinstance(inner, CustomGraphPass) and inner.uuid() is not None:
+                return (f"attnfx-op-contract-{op_contract()}", inner.uuid())
+            return None  # a pass inductor cannot key on: no caching, as without attnfx
+
+    return {"post_grad_custom_post_pass": _OpContract()}
 
 
 def _raising(error: Exception):

@@ -39,6 +39,38 @@ def output_strides(q: Tensor, v: Tensor, spec: AttentionSpec) -> tuple[int, ...]
     return (h * nq * dv, nq * dv, dv, 1)
 
 
+def split_lse(spec: AttentionSpec) -> bool:
+    """Whether the op's log-sum-exp is a (value, remainder) pair: for a float32 softmax.
+    The backward recomputes p = exp(s − lse); a float32 lse is off by |lse|·eps, the same
+    for a whole row, which put the float32 kernels' dV at 2–4x eager's error on peaked
+    rows.  The pair (B, H, NQ, 2), both float32, carries it to float64 precision: the
+    backward splits value + remainder into the row max (float32, the forward's own) and
+    a small rest, so s − lse loses nothing (``Plan.lse64``).  (Float32, not a float64
+    lse: with a float64 output of the op, inductor's buffer reuse gave a wrong
+    gradient elsewhere in a checkpointed model.)"""
+    return spec.dtype == "float32" and spec.act.normalized
+
+
+def lse_shape(spec: AttentionSpec, b: int, h: int, nq: int) -> tuple[int, ...]:
+    return (b, h, nq, 2) if split_lse(spec) else (b, h, nq)
+
+
+def lse_pair(lse: Tensor, spec: AttentionSpec) -> Tensor:
+    """A (B, H, NQ) log-sum-exp in the op's form (``split_lse``), float32."""
+    if not split_lse(spec) or lse.dim() == 4:
+        return lse.float().contiguous()
+    wide = lse.double()
+    hi = wide.float()
+    return torch.stack([hi, (wide - hi.double()).float()], dim=-1)
+
+
+def lse_value(lse: Tensor) -> Tensor:
+    """The op's log-sum-exp as one (B, H, NQ) float32 tensor (a pair summed)."""
+    if lse.dim() == 4:
+        return (lse[..., 0].double() + lse[..., 1].double()).float()
+    return lse
+
+
 def torch_dtype(name: str) -> torch.dtype:
     return _TORCH_DTYPES[name]
 

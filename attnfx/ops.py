@@ -12,8 +12,9 @@ One generic op per family, registered once; the kernel is chosen by the spec str
 ``q`` is (B, Hq, NQ, D), ``k`` (B, Hk, NK, D), ``v`` (B, Hk, NK, Dv), any strides; each
 aux tensor is broadcast (stride-0 views) to (B, Hq, NQ, NK).  ``out`` is (B, Hq, NQ, Dv)
 in the memory order the spec's ``out_layout`` names (``empty_output``); ``lse`` is the
-float32 log-sum-exp of each query row's scores (softmax), saved for the backward; the
-gradients are contiguous.
+log-sum-exp of each query row's scores (softmax), saved for the backward: float32
+(B, H, NQ), or for a float32 softmax a (value, remainder) pair (B, H, NQ, 2)
+(``layout.split_lse``); the gradients are contiguous.
 
 Where the op runs:
 
@@ -33,7 +34,15 @@ import os
 import torch
 from torch import Tensor
 
-from attnfx.layout import dtype_name, empty_output, output_strides, torch_dtype
+from attnfx.layout import (
+    dtype_name,
+    empty_output,
+    lse_pair,
+    lse_shape,
+    lse_value,
+    output_strides,
+    torch_dtype,
+)
 from attnfx.reference import (
     apply_score_ops,
     probabilities,
@@ -147,7 +156,7 @@ def _forward_impl(q, k, v, aux, spec: str) -> tuple[Tensor, Tensor]:
 
     res = cpu.forward(q, k, v, aux, s)
     out, lse = res if res is not None else cpu.reference_forward(q, k, v, aux, s)
-    return _as_output(out, q, v, s), lse.contiguous()
+    return _as_output(out, q, v, s), lse_pair(lse, s)
 
 
 def _as_output(out: Tensor, q: Tensor, v: Tensor, spec: AttentionSpec) -> Tensor:
@@ -171,7 +180,7 @@ def _as_output(out: Tensor, q: Tensor, v: Tensor, spec: AttentionSpec) -> Tensor
 def _(q, k, v, aux, spec):
     s = AttentionSpec.from_key(spec)
     b, h, nq, _ = q.shape
-    return empty_output(q, v, s), q.new_empty((b, h, nq), dtype=torch.float32)
+    return empty_output(q, v, s), q.new_empty(lse_shape(s, b, h, nq), dtype=torch.float32)
 
 
 @torch.library.custom_op("attnfx::attention_backward", mutates_args=())
@@ -197,7 +206,7 @@ def _backward_impl(dout, q, k, v, aux, out, lse, spec: str) -> tuple[Tensor, Ten
         return run_backward(ks, dout, q, k, v, kaux, out, lse)
     from attnfx import cpu
 
-    res = cpu.backward(dout, q, k, v, aux, s, out, lse)
+    res = cpu.backward(dout, q, k, v, aux, s, out, lse_value(lse))
     dq, dk, dv = res if res is not None else cpu.reference_backward(dout, q, k, v, aux, s)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
@@ -286,7 +295,9 @@ def _backward(ctx, dout, dlse, direct: bool = False):
         for i, g in zip(which, grads):
             daux[i] = g
     if ctx.sink in ctx.aux_grad:
-        daux[ctx.sink] = sink_gradient(dout, out, lse, list(aux), AttentionSpec.from_key(ctx.spec))
+        daux[ctx.sink] = sink_gradient(
+            dout, out, lse_value(lse), list(aux), AttentionSpec.from_key(ctx.spec)
+        )
     return dq, dk, dv, daux, None
 
 

@@ -186,3 +186,34 @@ def test_inner_compiler_failure_falls_back_and_is_counted(monkeypatch):
     torch.testing.assert_close(out, m(q, k, v))
     assert attnfx.counters["rewritten.softmax"] == 0
     assert attnfx.counters["kept.inner compiler failed on rewritten graph"] == 1
+
+
+def test_inductor_cache_keys_on_the_op_contract(monkeypatch):
+    """Inductor's FX graph cache keys on the graph's code, not on a custom op's fake impl:
+    a graph cached against another attnfx op contract (e.g. a log-sum-exp of another
+    shape) must not be served.  The inner compile carries ``backend.op_contract`` in the
+    key (a no-op post-grad pass's uuid)."""
+    import uuid
+
+    from torch._dynamo.utils import counters
+
+    import attnfx.backend as B
+
+    def f(q, k, v):
+        s = q @ k.transpose(-2, -1) * 0.25
+        keep = torch.ones(16, 16, dtype=torch.bool).tril()
+        return torch.softmax(s.masked_fill(~keep, float("-inf")), -1) @ v
+
+    q, k, v = (torch.randn(1, 2, 16, 16) for _ in range(3))
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    seen = []
+    for contract in (first, first, second):
+        monkeypatch.setattr(B, "op_contract", lambda c=contract: c)
+        torch._dynamo.reset()
+        counters.clear()
+        torch.compile(f, backend="attnfx", options={"cpu": "always"})(q, k, v)
+        seen.append(
+            (counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"])
+        )
+    assert seen == [(0, 1), (1, 0), (0, 1)], seen
+    torch._dynamo.reset()

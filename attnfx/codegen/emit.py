@@ -381,7 +381,7 @@ def _row_norm_lines(spec: AttentionSpec, plan: Plan, dims: _Dims) -> list[str]:
         "# -- rows whose lse is huge but finite (finite fills near finfo.min, additive",
         "#    masks): float32 lse lost log(l); recompute the row max and log(l) for them",
         f'huge = (tl.abs(lse) >= {HUGE_LSE!r}) & (tl.abs(lse) < float("inf"))',
-        "lg_row = tl.full([BLOCK_M], 0, dtype=tl.float32)",
+        *([] if plan.lse64 else ["lg_row = tl.full([BLOCK_M], 0, dtype=tl.float32)"]),
         "if tl.reduce(huge.to(tl.int32), 0, _max_combine) > 0:",
         "    off_hk = off_h // GROUP",
         "    Q_blk = Q + off_b * stride_qb + off_h * stride_qh",
@@ -400,7 +400,7 @@ def _row_norm_lines(spec: AttentionSpec, plan: Plan, dims: _Dims) -> list[str]:
         f"        l_r = l_r * tl.exp2({alpha_arg}) + _row_sum(tl.exp2({exp_arg}))",
         "        m_r = m_new",
         "    m_row = tl.where(huge, m_r, m_row)",
-        f"    lg_row = tl.where(huge, {lg}, 0.0)",
+        f"    lg_row = tl.where(huge, {lg}, lg_row)",
     ]
 
 
@@ -588,7 +588,20 @@ def _fwd_init(spec: AttentionSpec, plan: Plan) -> list[str]:
 
 
 def _fwd_epilogue(spec: AttentionSpec, plan: Plan) -> list[str]:
-    return spec.act.epilogue_lines(plan.fold_log2e, spec.fully_masked == "zero")
+    return spec.act.epilogue_lines(plan.fold_log2e, spec.fully_masked == "zero", plan.lse64)
+
+
+def _store_lse(plan: Plan) -> list[str]:
+    row = "pid_bh.to(tl.int64) * N_Q + offs_m"
+    if not plan.lse64:
+        return [f"tl.store(Lse + {row}, lse, mask=offs_m < N_Q)"]
+    return [
+        "# -- the float64 lse as a float32 (value, remainder) pair (layout.split_lse)",
+        "lse_hi = lse.to(tl.float32)",
+        'lse_lo = tl.where(tl.abs(lse_hi) < float("inf"), (lse - lse_hi.to(tl.float64)).to(tl.float32), 0.0)',
+        f"tl.store(Lse + ({row}) * 2, lse_hi, mask=offs_m < N_Q)",
+        f"tl.store(Lse + ({row}) * 2 + 1, lse_lo, mask=offs_m < N_Q)",
+    ]
 
 
 def _fwd_inner_args(spec: AttentionSpec, plan: Plan, sched) -> Signature:
@@ -652,6 +665,7 @@ def forward_source(spec: AttentionSpec) -> str:
         schedule=plan.schedule.describe(),
         visit=sched.setup(True) + _visit(sched, True, inner, state),
         epilogue=_fwd_epilogue(spec, plan),
+        store_lse=_store_lse(plan),
         omask=_mask("(offs_m[:, None] < N_Q)", dims.dv("col")),
     )
     return _header(spec, plan) + "\n\n" + inner_src + "\n\n" + kernel_src
@@ -669,6 +683,7 @@ def _pre_row_stats(spec: AttentionSpec, plan: Plan, dims: _Dims) -> list[str]:
         _load('O_blk + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od', _mask('(offs_m[:, None] < N_Q)', dims.dv('col'))),
         _load('DO_blk + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod', _mask('(offs_m[:, None] < N_Q)', dims.dv('col'))),
         plan.fold_log2e,
+        plan.lse64,
     )  # fmt: skip
     if plan.row_norm:
         pre_lines += _row_norm_lines(spec, plan, dims)
@@ -680,7 +695,7 @@ def _pre_row_stats(spec: AttentionSpec, plan: Plan, dims: _Dims) -> list[str]:
 def _dkdv_activation(spec: AttentionSpec, plan: Plan, gate: bool) -> tuple[list[str], list[str]]:
     """dK/dV: (probabilities pT, dS^T) of the activation, on the transposed tile."""
     act = spec.act
-    p_lines = act.p_lines("pT", "sT", "[None, :]", plan.fold_log2e, plan.row_norm)
+    p_lines = act.p_lines("pT", "sT", "[None, :]", plan.fold_log2e, plan.uses_lg)
     masked = keep_in_masked_tiles_only(spec, plan)
     ds_lines = _gated("dsT", act.ds_expr("pT", "dpT", "fT", "[None, :]"), "keepT", gate, masked)
     if act.normalized:
@@ -693,7 +708,7 @@ def _dkdv_activation(spec: AttentionSpec, plan: Plan, gate: bool) -> tuple[list[
 def _dq_activation(spec: AttentionSpec, plan: Plan, gate: bool) -> tuple[list[str], list[str]]:
     """dQ: (probabilities p, dS) of the activation."""
     act = spec.act
-    dq_p = act.p_lines("p", "s", "[:, None]", plan.fold_log2e, plan.row_norm)
+    dq_p = act.p_lines("p", "s", "[:, None]", plan.fold_log2e, plan.uses_lg)
     masked = keep_in_masked_tiles_only(spec, plan)
     dq_ds = _gated("ds", act.ds_expr("p", "dp", "f", "[:, None]"), "keep", gate, masked)
     return dq_p, dq_ds
@@ -708,7 +723,7 @@ def _preprocess_source(spec: AttentionSpec, plan: Plan, dims: _Dims) -> str:
         ],
         row_stats=_pre_row_stats(spec, plan, dims),
         store_lg=(
-            ["tl.store(Lg + row_off + offs_m, lg_row, mask=offs_m < N_Q)"] if plan.row_norm else []
+            ["tl.store(Lg + row_off + offs_m, lg_row, mask=offs_m < N_Q)"] if plan.uses_lg else []
         ),
     )
 
@@ -723,7 +738,7 @@ def _dkdv_loads(spec: AttentionSpec, plan: Plan, dims: _Dims, tail: bool) -> dic
     qmask = _mask("(offs_m[None, :] < N_Q)" if tail else None, dims.d("row"))
     domask = _mask("(offs_m[:, None] < N_Q)" if tail else None, dims.dv("col"))
     stats = [f"m_row = {_load('M_blk + offs_m', row, spec.act.m_other)}"]
-    if plan.row_norm:
+    if plan.uses_lg:
         stats.append(f"lg_row = {_load('L_blk + offs_m', row)}")
     return dict(
         rows=[f"qT = {_load(qptr, qmask)}", f"do = {_load(doptr, domask)}.to(qT.dtype)"],
@@ -752,7 +767,7 @@ def _dkdv_inner_args(spec: AttentionSpec, plan: Plan, sched) -> Signature:
         "_attn_bwd_dkdv_inner",
         (
             *_values("dk", "dv", "k", "v", "Q_blk", "DO_blk", "M_blk", "D_blk"),
-            *(_values("L_blk") if plan.row_norm else []),
+            *(_values("L_blk") if plan.uses_lg else []),
             *_inner_aux_ptrs(plan),
             *_values("stride_qm", "stride_qd", "stride_dom", "stride_dod"),
             *_inner_aux_strides(plan),
@@ -765,7 +780,7 @@ def _dkdv_inner_args(spec: AttentionSpec, plan: Plan, sched) -> Signature:
 
 def _dkdv_source(spec: AttentionSpec, plan: Plan, dims: _Dims, sched) -> str:
     gate = plan.has_fill
-    rn = plan.row_norm
+    rn = plan.uses_lg
     prec = _prec(spec)
     inner = _dkdv_inner_args(spec, plan, sched)
     p_lines, ds_lines = _dkdv_activation(spec, plan, gate)
@@ -819,7 +834,7 @@ def _dq_inner_args(spec: AttentionSpec, plan: Plan, sched) -> Signature:
         "_attn_bwd_dq_inner",
         (
             *_values("dq", "q", "do", "m_row", "delta", "K_blk", "V_blk"),
-            *(_values("lg_row") if plan.row_norm else []),
+            *(_values("lg_row") if plan.uses_lg else []),
             *_inner_aux_ptrs(plan),
             *[Param(f"DT{i}", arg=f"DT{i}_blk") for i in plan.table_grads],
             *_values("stride_kn", "stride_kd", "stride_vn", "stride_vd"),
@@ -912,7 +927,7 @@ def _dq_source(spec: AttentionSpec, plan: Plan, dims: _Dims, sched) -> str:
         ),
         load_lg=(
             ["lg_row = tl.load(Lg + row_off + offs_m, mask=offs_m < N_Q, other=0.0)"]
-            if plan.row_norm
+            if plan.uses_lg
             else []
         ),
         schedule=plan.schedule.describe(),

@@ -29,6 +29,7 @@ from attnfx.codegen.plan import (
     make_plan,
     skip_bounds,
 )
+from attnfx.layout import empty_output, lse_shape, lse_value
 from attnfx.spec import AttentionSpec
 
 # How many times each kernel was launched (tests assert the Triton path ran).
@@ -327,7 +328,6 @@ def _prepare(spec: AttentionSpec, part: str, q, k, v, aux, interpret: bool):
 
 
 def _forward_recipe(spec: AttentionSpec, q, k, v, aux, tma_ok: bool) -> _Recipe:
-    from attnfx.layout import empty_output
 
     interpret = _interpret(q)
     generation = autotune.TUNER.generation
@@ -339,7 +339,7 @@ def _forward_recipe(spec: AttentionSpec, q, k, v, aux, tma_ok: bool) -> _Recipe:
     scalars = {"H_Q": H, "N_Q": NQ, "N_K": NK}
     consts = _shape_consts(spec, plan, interpret)
     out = empty_output(q, v, spec)
-    lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
+    lse = torch.empty(lse_shape(spec, B, H, NQ), dtype=torch.float32, device=q.device)
 
     def make_args(scratch: bool, c: Config):
         assert scratch  # (tuning launches only: the real one goes through the recipe)
@@ -371,8 +371,8 @@ def _forward_recipe(spec: AttentionSpec, q, k, v, aux, tma_ok: bool) -> _Recipe:
 @_serialized_under_interpreter
 def run_forward(spec: AttentionSpec, q, k, v, aux) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse): out (B, Hq, NQ, Dv) in ``spec.out_dtype``, laid out in memory as
-    ``spec.out_layout`` says (``attnfx.ops.empty_output``); lse (B, Hq, NQ) float32."""
-    from attnfx.layout import empty_output
+    ``spec.out_layout`` says (``attnfx.ops.empty_output``); lse float32 (B, Hq, NQ), or
+    (B, Hq, NQ, 2) for a float32 softmax (``layout.split_lse``)."""
 
     tma_ok = _tma_ok(q, k, v)
     key = _recipe_key("fwd", spec, q, k, v, aux, tma_ok)
@@ -382,7 +382,7 @@ def run_forward(spec: AttentionSpec, q, k, v, aux) -> tuple[torch.Tensor, torch.
     # the output in the spec's memory order (bhnd or bnhd); the kernel writes through
     # its strides
     out = empty_output(q, v, r.spec)
-    lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
+    lse = torch.empty(lse_shape(r.spec, B, H, NQ), dtype=torch.float32, device=q.device)
     if B * H * NQ == 0:
         return out, lse
     tensors = {"q": q, "k": k, "v": v, "o": out, "lse": lse, **_aux_tensors(r.plan, aux)}
@@ -465,12 +465,13 @@ def _backward_tensors(plan, spec, dout, q, k, v, aux, out, lse) -> dict:
     """The inputs every backward kernel may read, by their signature names."""
     tensors = {"q": q, "k": k, "v": v, "o": out, "do": dout, "lse": lse}
     tensors.update(_aux_tensors(plan, aux))
-    B, H, NQ = lse.shape
-    for name in ("delta", "m") + (("lg",) if plan.row_norm else ()):
-        # lg: log(l) of the rows whose huge float32 lse lost it (0 elsewhere)
+    B, H, NQ = lse.shape[:3]
+    for name in ("delta", "m") + (("lg",) if plan.uses_lg else ()):
+        # lg: the remainder of a float64 lse past its float32 row statistic (Plan.lse64),
+        # or log(l) of the rows whose huge float32 lse lost it (row_norm; 0 elsewhere)
         tensors[name] = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
     if signature.dead_rows_fix(spec, plan):
-        tensors["dead"] = torch.isneginf(lse).any(-1).to(torch.int32).contiguous()
+        tensors["dead"] = torch.isneginf(lse_value(lse)).any(-1).to(torch.int32).contiguous()
     for i in plan.table_grads:
         # float64: each entry sums dS over every pair that reads it, in the atomics' order
         # (not eager's index_add order); in float32 that order alone put a NAT table's

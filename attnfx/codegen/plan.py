@@ -86,10 +86,19 @@ class Plan:
     # those followed only by additions and fills, so that their gradient is dS of the
     # final scores on the kept pairs
     table_grads: tuple[int, ...] = ()
+    # a float32 softmax: the forward stores lse in float64 (``layout.lse_dtype``) and the
+    # backward splits it into the float32 row statistic and its remainder (``lg``), so
+    # that exp(s − lse) loses nothing to |lse|·eps
+    lse64: bool = False
 
     @property
     def can_skip(self) -> bool:
         return self.skip_op is not None
+
+    @property
+    def uses_lg(self) -> bool:
+        """Whether the backward kernels read a second row statistic (``Lg``)."""
+        return self.row_norm or self.lse64
 
 
 def make_plan(spec: AttentionSpec) -> Plan:
@@ -143,6 +152,7 @@ def make_plan(spec: AttentionSpec) -> Plan:
         schedule=Schedule(kind, skip_op, skip_prefix),
         scale_in_exp=_scale_in_exp(spec, fold),
         table_grads=_table_grads(spec),
+        lse64=act.normalized and spec.dtype == "float32",
     )
 
 

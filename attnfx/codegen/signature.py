@@ -215,7 +215,8 @@ def preprocess_args(spec: AttentionSpec, plan: Plan) -> Signature:
         "_attn_bwd_preprocess",
         (
             *ptrs(Out="o", DO="do", Lse="lse", Delta="delta", M="m"),
-            *(ptrs(Lg="lg", Q="q", K="k") if rn else []),
+            *(ptrs(Lg="lg") if plan.uses_lg else []),
+            *(ptrs(Q="q", K="k") if rn else []),
             *aux_ptrs(plan),
             *strides("o", "do", *(("q", "k") if rn else ())),
             *aux_strides(plan),
@@ -232,7 +233,7 @@ def dkdv_args(spec: AttentionSpec, plan: Plan) -> Signature:
         "_attn_bwd_dkdv",
         (
             *ptrs(Q="q", K="k", V="v", DO="do", M="m", Delta="delta", DK="dk", DV="dv"),
-            *(ptrs(Lg="lg") if plan.row_norm else []),
+            *(ptrs(Lg="lg") if plan.uses_lg else []),
             *aux_ptrs(plan),
             *(ptrs(Dead="dead") if dead_rows_fix(spec, plan) else []),
             *strides("q", "k", "v", "do", "dk", "dv"),
@@ -264,7 +265,7 @@ def dq_args(spec: AttentionSpec, plan: Plan) -> Signature:
         "_attn_bwd_dq",
         (
             *ptrs(Q="q", K="k", V="v", DO="do", M="m", Delta="delta", DQ="dq"),
-            *(ptrs(Lg="lg") if plan.row_norm else []),
+            *(ptrs(Lg="lg") if plan.uses_lg else []),
             *aux_ptrs(plan),
             *table_grad_ptrs(plan),
             *strides("q", "k", "v", "do", "dq"),

@@ -92,7 +92,7 @@ def _attn_fwd(
     {visit}
     {epilogue}
     tl.store(O_blk + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od, out.to(Out.dtype.element_ty), mask={omask})
-    tl.store(Lse + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=offs_m < N_Q)
+    {store_lse}
 """
 
 # ---------------------------------------------------------------------------------------

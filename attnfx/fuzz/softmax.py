@@ -129,13 +129,8 @@ SIMPLER = {
 # Programs attnfx is known not to rewrite yet (an open bug): a missed rewrite there is
 # reported as a known gap, not a failure.  (choices predicate, reason)
 # (einsum scores were one until the fake-mode fix in passes/graph.py.)
+# (the float32 kernels' backward was one until the float64 lse, layout.lse_dtype.)
 KNOWN_GAPS: tuple = (
-    (
-        lambda c: c["interp"] and c["dtype"] == "float32" and c["near_miss"] == "none",
-        "fp32 kernels' backward: p recomputed from the float32 lse errs by ~|s|·eps, so dv "
-        "(and dq, dk on near one-hot rows) can err more than 3x eager's fp32 gradients; the "
-        "verifier then keeps the site (a missed rewrite, not a wrong result)",
-    ),
     (
         lambda c: single_key(c) and c["near_miss"] == "none",
         "one key per row: the softmax gradients of q, k and score multipliers are exactly 0 "
@@ -309,8 +304,6 @@ def normalize_lanes(c: dict, mask_inputs: dict, additive: str | None) -> dict:
         c["grads"] = False  # NaN/inf inputs: eager's gradients are NaN soup
     if c["inplace"] not in INPLACES:
         c["inplace"] = "none"
-    if c["interp"] and c["dtype"] == "float32":
-        c["grads"] = False  # the fp32 kernels' gradients: see KNOWN_GAPS
     if single_key(c):
         c["grads"] = False  # exactly 0 in gold: see single_key
     if c["inplace"] == "out_mul" and c["near_miss"] == "after_pv":

@@ -20,6 +20,7 @@ import torch
 
 from attnfx import codegen, ops
 from attnfx.codegen import emit
+from attnfx.layout import lse_value, split_lse
 from attnfx.predicate import NK, NQ, K, MaskPredicate, Q
 from attnfx.spec import AttentionSpec, ScoreOp
 
@@ -117,9 +118,12 @@ def check(spec, b=1, hk=1, nq=17, nk=33, aux=(), layout="bhnd", bwd=True, seed=0
     _assert_close(out, ref_out, atol, rtol, "out")
     assert out.stride() == ops.empty_output(q, v, spec).stride()  # spec.out_layout
     assert lse.is_contiguous()
+    # a float32 softmax's lse is a (value, remainder) pair (layout.split_lse)
+    assert lse.dim() == (4 if split_lse(spec) else 3)
+    got_lse = lse_value(lse)
     finite = ref_lse.isfinite()
-    assert torch.equal(lse.isneginf(), ref_lse.isneginf())
-    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=1e-4, rtol=1e-4)
+    assert torch.equal(got_lse.isneginf(), ref_lse.isneginf())
+    torch.testing.assert_close(got_lse[finite], ref_lse[finite], atol=1e-4, rtol=1e-4)
     if not bwd:
         return out
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(out.dtype)
@@ -397,7 +401,7 @@ def test_out_layout_bnhd_op_matches_reference_op(monkeypatch):
     assert codegen.LAUNCHES["fwd"] == before + 1
     assert out.shape == ref.shape and out.stride() == ref.stride()
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)  # (both pairs)
 
 
 # -- tanh / soft-capping -------------------------------------------------------------------------------
@@ -457,7 +461,7 @@ def test_tanh_sym_ops_through_the_op():
     qd, kd, vd = q.detach(), k.detach(), v.detach()
     ref, ref_lse = ops.reference_attention(qd, kd, vd, [], spec)
     _assert_close(out.detach(), ref, *TOL["float32"], "out")
-    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse_value(lse), ref_lse, atol=1e-4, rtol=1e-4)
     ref_g = ops.reference_attention_backward(dout, qd, kd, vd, [], spec)
     for name, got, want in zip(("dq", "dk", "dv"), grads, ref_g, strict=True):
         _assert_close(got, want, *GTOL["float32"], name)

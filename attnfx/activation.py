@@ -80,14 +80,14 @@ class Activation:
         raise NotImplementedError
 
     def epilogue_lines(self, log2: bool, zero: bool, lse64: bool = False) -> list[str]:
-        """``out`` and ``lse`` from the final state (``lse64``: lse in float64,
-        ``Plan.lse64``)."""
+        """``out`` and ``lse`` from the final state (``lse64``: lse summed in float64,
+        stored as a float32 pair: ``Plan.lse64``)."""
         raise NotImplementedError
 
     def preprocess_lines(self, o: str, do: str, log2: bool, lse64: bool = False) -> list[str]:
         """The backward's row statistics ``delta`` and ``m_row`` (``o`` / ``do``: loads
-        of the output and of its gradient); with ``lse64`` also ``lg_row``, the float64
-        lse's remainder past ``m_row``."""
+        of the output and of its gradient); with ``lse64`` also ``lg_row``, the rest of
+        the (value, remainder) lse pair past ``m_row``."""
         raise NotImplementedError
 
     def zero_rows_lines(self) -> list[str]:

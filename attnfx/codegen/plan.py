@@ -86,9 +86,10 @@ class Plan:
     # those followed only by additions and fills, so that their gradient is dS of the
     # final scores on the kept pairs
     table_grads: tuple[int, ...] = ()
-    # a float32 softmax: the forward stores lse in float64 (``layout.lse_dtype``) and the
-    # backward splits it into the float32 row statistic and its remainder (``lg``), so
-    # that exp(s − lse) loses nothing to |lse|·eps
+    # a float32 softmax: the forward sums lse in float64 and stores it as a float32
+    # (value, remainder) pair (``layout.split_lse``); the backward splits it into the
+    # float32 row statistic and a small rest (``lg``), so that exp(s − lse) loses nothing
+    # to |lse|·eps
     lse64: bool = False
 
     @property

@@ -129,7 +129,7 @@ SIMPLER = {
 # Programs attnfx is known not to rewrite yet (an open bug): a missed rewrite there is
 # reported as a known gap, not a failure.  (choices predicate, reason)
 # (einsum scores were one until the fake-mode fix in passes/graph.py.)
-# (the float32 kernels' backward was one until the float64 lse, layout.lse_dtype.)
+# (the float32 kernels' backward was one until the split lse, layout.split_lse.)
 KNOWN_GAPS: tuple = (
     (
         lambda c: single_key(c) and c["near_miss"] == "none",

@@ -350,9 +350,8 @@ def op_contract() -> str:
     graph's code, not on a custom op's fake impl: after a change of the op's outputs (the
     float32 lse became a (value, remainder) pair), a graph cached against the old one
     was served and failed (or, for a dtype change, read its buffers wrongly)."""
-    from pathlib import Path
-
     from importlib.metadata import PackageNotFoundError, version
+    from pathlib import Path
 
     try:
         h = hashlib.sha256(version("attnfx").encode())

@@ -45,9 +45,8 @@ def split_lse(spec: AttentionSpec) -> bool:
     for a whole row, which put the float32 kernels' dV at 2–4x eager's error on peaked
     rows.  The pair (B, H, NQ, 2), both float32, carries it to float64 precision: the
     backward splits value + remainder into the row max (float32, the forward's own) and
-    a small rest, so s − lse loses nothing (``Plan.lse64``).  (Float32, not a float64
-    lse: with a float64 output of the op, inductor's buffer reuse gave a wrong
-    gradient elsewhere in a checkpointed model.)"""
+    a small rest, so s − lse loses nothing (``Plan.lse64``).  (A float64 lse was tried
+    first; keeping the op's outputs float32 keeps float64 tensors out of the graph.)"""
     return spec.dtype == "float32" and spec.act.normalized
 
 

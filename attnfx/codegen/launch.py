@@ -328,7 +328,6 @@ def _prepare(spec: AttentionSpec, part: str, q, k, v, aux, interpret: bool):
 
 
 def _forward_recipe(spec: AttentionSpec, q, k, v, aux, tma_ok: bool) -> _Recipe:
-
     interpret = _interpret(q)
     generation = autotune.TUNER.generation
     spec, plan, mkey, mod = _prepare(spec, "fwd", q, k, v, aux, interpret)
@@ -373,7 +372,6 @@ def run_forward(spec: AttentionSpec, q, k, v, aux) -> tuple[torch.Tensor, torch.
     """(out, lse): out (B, Hq, NQ, Dv) in ``spec.out_dtype``, laid out in memory as
     ``spec.out_layout`` says (``attnfx.ops.empty_output``); lse float32 (B, Hq, NQ), or
     (B, Hq, NQ, 2) for a float32 softmax (``layout.split_lse``)."""
-
     tma_ok = _tma_ok(q, k, v)
     key = _recipe_key("fwd", spec, q, k, v, aux, tma_ok)
     r = _recipe(key, q.device, lambda: _forward_recipe(spec, q, k, v, aux, tma_ok))
@@ -467,7 +465,7 @@ def _backward_tensors(plan, spec, dout, q, k, v, aux, out, lse) -> dict:
     tensors.update(_aux_tensors(plan, aux))
     B, H, NQ = lse.shape[:3]
     for name in ("delta", "m") + (("lg",) if plan.uses_lg else ()):
-        # lg: the remainder of a float64 lse past its float32 row statistic (Plan.lse64),
+        # lg: the rest of the lse pair past its float32 row statistic (Plan.lse64),
         # or log(l) of the rows whose huge float32 lse lost it (row_norm; 0 elsewhere)
         tensors[name] = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
     if signature.dead_rows_fix(spec, plan):

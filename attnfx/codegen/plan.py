@@ -13,6 +13,7 @@ import math
 
 import sympy
 
+from attnfx.layout import split_lse
 from attnfx.predicate import NK as SYM_NK
 from attnfx.predicate import NQ as SYM_NQ
 from attnfx.score_ops import HUGE_LSE  # noqa: F401 - the kernels' threshold, emit prints it
@@ -153,7 +154,7 @@ def make_plan(spec: AttentionSpec) -> Plan:
         schedule=Schedule(kind, skip_op, skip_prefix),
         scale_in_exp=_scale_in_exp(spec, fold),
         table_grads=_table_grads(spec),
-        lse64=act.normalized and spec.dtype == "float32",
+        lse64=split_lse(spec),
     )
 
 

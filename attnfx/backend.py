@@ -221,11 +221,9 @@ def _density(site) -> float | None:
     """The report's density of a site at its example lengths (size hints if symbolic)."""
     shapes = []
     for o in (site.q, site.k, site.v):
-        shape = G.shape(o.node)
+        shape = o.op_shape(G.shape(o.node))
         if shape is None or len(shape) < 2:
             return None
-        if o.permute is not None:
-            shape = tuple(shape[i] for i in o.permute)
         shapes.append([G.int_hint(x) for x in shape[-2:]])
     (nq, d), (nk, _), (_, dv) = shapes
     if None in (nq, nk, d, dv):

@@ -57,10 +57,23 @@ class NoMatch(Exception):
 
 @dataclasses.dataclass
 class Operand:
-    """An input of the op: ``node``, then an optional permute (to undo a transposed key)."""
+    """An input of the op: ``node``, then an optional reshape ``view`` (an image's
+    (B, C, H, W) seen as (B, heads, D, H·W): ``recognize.bucketed``), then an optional
+    permute (to undo a transposed key, or to put an image's features last)."""
 
     node: fx.Node
     permute: tuple[int, ...] | None = None
+    view: tuple[int, ...] | None = None
+
+    def op_shape(self, shape):
+        """The shape the op sees, given the node's ``shape`` (None stays None)."""
+        if shape is None:
+            return None
+        if self.view is not None:
+            shape = self.view
+        if self.permute is not None:
+            shape = tuple(shape[i] for i in self.permute)
+        return tuple(shape)
 
 
 @dataclasses.dataclass
@@ -102,6 +115,10 @@ class Site:
     # a shape the op's output is reshaped to (the program's output node: heads merged or
     # split from the (..., N, Dv) result); None: the op's own
     out_shape: tuple | None = None
+    # a permute of the op's output before that reshape, the result made contiguous (a
+    # bucketed image's output back in the image's layout: (B, heads, N, Dv) -> (B, heads,
+    # Dv, N) for channels first)
+    out_permute: tuple | None = None
     # checks of the mask and index analyses not yet run (``masks.deferring_proofs``): the
     # backend runs them before verifying and rewriting the site
     proofs: list = dataclasses.field(default_factory=list)

@@ -1,8 +1,8 @@
 """Rewrite: replace a site's nodes by one call of the attnfx op carrying its spec.
 
 ``emit_call`` builds the call (operand views, aux transforms, the op, the reshape back
-for 3-D sites) into any graph, so the verify pass builds the candidate from the very
-same code that rewrites the model graph.
+for 3-D sites or an image's layout) into any graph, so the verify pass builds the
+candidate from the very same code that rewrites the model graph.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ def emit_call(graph: fx.Graph, site: Site, lookup: Callable[[fx.Node], fx.Node])
 
     def operand(o):
         n = lookup(o.node)
+        if o.view is not None:  # an image's channels split into (heads, D)
+            n = graph.call_method("reshape", (n, o.view))
         if o.permute is not None:
             n = graph.call_function(torch.permute, (n, o.permute))
         if site.rank3:
@@ -71,8 +73,12 @@ def emit_call(graph: fx.Graph, site: Site, lookup: Callable[[fx.Node], fx.Node])
         out = _tiled(graph, out, 2, 4, lay, back=True)
     if site.rank3:
         out = graph.call_method("squeeze", (out, 1))
+    if site.out_permute is not None:  # (an image's layout: features before the tokens)
+        out = graph.call_function(torch.permute, (out, site.out_permute))
     if site.out_shape is not None:
         out = graph.call_method("reshape", (out, site.out_shape))
+    if site.out_permute is not None:  # (the reshape of a permute may be a strided view)
+        out = graph.call_method("contiguous", (out,))
     return out
 
 

@@ -302,7 +302,9 @@ def _ext_labels(site: Site, ext: list, shapes: dict) -> list[list[frozenset] | N
 
     for o, r in ((site.q, qr), (site.k, kr), (site.v, kr)):
         shp = shapes.get(o.node)
-        if shp is None or len(shp) != len(r):
+        if shp is None or len(shp) != len(r) or o.view is not None:
+            # (a reshaped operand, an image's channels split into heads: its dims are not
+            # the op's, so nothing is sliced along them)
             unknown.add(o.node)
             continue
         lab = [None] * len(r)
@@ -998,12 +1000,8 @@ class _Planner:
             return
         self.raw = _ext_labels(site, ext, self.shapes)
         g = site.spec.gqa_group
-        qs = self.shapes[site.q.node]
-        ks = self.shapes[site.k.node]
-        if site.q.permute is not None:
-            qs = tuple(qs[p] for p in site.q.permute)
-        if site.k.permute is not None:
-            ks = tuple(ks[p] for p in site.k.permute)
+        qs = site.q.op_shape(self.shapes[site.q.node])
+        ks = site.k.op_shape(self.shapes[site.k.node])
         if site.rank3:
             self.full = {"H": qs[0], "Q": qs[1], "K": ks[1]}
         else:

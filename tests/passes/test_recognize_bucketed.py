@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attnfx
-from attnfx.passes.recognize import bucketed
+from attnfx.passes.canonicalize import canonicalize
+from attnfx.passes.recognize import bucketed, find_sites
 from attnfx.testing import assert_rewrites_match_eager
 
 NEG = float("-inf")
@@ -255,3 +256,264 @@ def test_finite_fill_reads_back_where_exp_drops_it():
     assert_rewrites_match_eager(m, _qkv(), kind="neighborhood", options=ALWAYS)
     half = [t.half() for t in _qkv()]
     assert _tensor_mask(_site(m.half(), *half))
+
+
+# ---------------------------------------------------------------------------------------
+# 2-D: blocked local attention over an image with a halo (HaloNet)
+# ---------------------------------------------------------------------------------------
+
+EAGER = {"cpu": "always", "inner": "eager"}
+
+
+def _zero_window(x, win, b, halo):
+    """(B, C, H, W) -> (B, C, nh, nw, win, win): windows of ``win`` with stride ``b``
+    over the image padded with ``halo`` zeros (``F.pad`` + ``Tensor.unfold`` per axis)."""
+    p = F.pad(x, [halo, halo, halo, halo])
+    return p.unfold(2, win, b).unfold(3, win, b)
+
+
+class Halo(nn.Module):
+    """Blocked local attention over an image: q cut into ``b``×``b`` blocks, k and v into
+    (b + 2·halo)² windows with stride ``b`` around them, a mask from a ones image cut the
+    same way filling the slots that fall on the padding.  ``channels``: "first" (B, C,
+    H, W) or "last" (B, H, W, C), C = heads·D.  ``spelling``: "pad" (``F.pad`` +
+    ``Tensor.unfold``) or "im2col" (``F.unfold``).  ``flat``: batch, heads and blocks in
+    one dim (the mask repeated over it) rather than (B·heads, blocks, ...).  ``fill``:
+    the masked slots' value.  ``bad`` knobs break what the read-back needs: ``unmasked``
+    (the zero pads join the softmax, no mask at all), ``q_term`` (an additive term
+    computed from q)."""
+
+    def __init__(
+        self, b=4, halo=1, heads=1, channels="first", spelling="pad", flat=False, fill=NEG, **bad
+    ):
+        super().__init__()
+        self.b, self.halo, self.heads, self.channels = b, halo, heads, channels
+        self.spelling, self.flat, self.fill, self.bad = spelling, flat, fill, bad
+        if bad.get("q_term"):
+            win = b + 2 * halo
+            g = torch.Generator().manual_seed(5)
+            self.rel = nn.Parameter(torch.randn(16, win * win, generator=g) * 0.1)
+
+    def windows(self, x):
+        """(B, C, H, W) -> (B, heads, nh·nw, win², D)."""
+        b, halo, heads = self.b, self.halo, self.heads
+        big, c, hh, ww = x.shape
+        win, blocks = b + 2 * halo, (hh // b) * (ww // b)
+        if self.spelling == "im2col":  # (B, C·win², blocks), channel-major
+            u = F.unfold(x, kernel_size=win, stride=b, padding=halo)
+            u = u.reshape(big, heads, c // heads, win * win, blocks)
+            return u.permute(0, 1, 4, 3, 2)
+        u = _zero_window(x, win, b, halo).reshape(big, heads, c // heads, blocks, win * win)
+        return u.permute(0, 1, 3, 4, 2)
+
+    def forward(self, q, k, v):
+        b, halo, heads = self.b, self.halo, self.heads
+        if self.channels == "last":
+            big, hh, ww, c = q.shape
+            d, nh, nw = c // heads, hh // b, ww // b
+            qb = q.reshape(big, nh, b, nw, b, heads, d).permute(0, 5, 1, 3, 2, 4, 6)
+            k, v = k.permute(0, 3, 1, 2), v.permute(0, 3, 1, 2)  # (windows: channels first)
+        else:
+            big, c, hh, ww = q.shape
+            d, nh, nw = c // heads, hh // b, ww // b
+            qb = q.reshape(big, heads, d, nh, b, nw, b).permute(0, 1, 3, 5, 4, 6, 2)
+        win2, blocks = (b + 2 * halo) ** 2, nh * nw
+        qb = qb.reshape(big * heads, blocks, b * b, d)
+        kb, vb = (self.windows(t).reshape(big * heads, blocks, win2, d) for t in (k, v))
+        if self.flat:  # one dim of B·heads·blocks, as lucid-style code has it
+            qb, kb, vb = qb.flatten(0, 1), kb.flatten(0, 1), vb.flatten(0, 1)
+        s = qb @ kb.transpose(-1, -2) * d**-0.5  # (B·heads, blocks, b², win²)
+        if self.bad.get("q_term"):
+            s = s + qb @ self.rel
+        if not self.bad.get("unmasked"):
+            ones = torch.ones(1, 1, hh, ww, device=q.device)
+            if self.spelling == "im2col":
+                m = F.unfold(ones, kernel_size=b + 2 * halo, stride=b, padding=halo)
+                m = m.transpose(1, 2)  # (1, blocks, win²)
+            else:
+                m = _zero_window(ones, b + 2 * halo, b, halo).reshape(1, blocks, win2)
+            m = m[:, :, None, :]
+            if self.flat:  # (the mask repeated over batch and heads)
+                m = m.expand(big * heads, -1, -1, -1).flatten(0, 1)
+            s = s.masked_fill(m == 0, self.fill)
+        o = s.softmax(-1) @ vb
+        o = o.reshape(big, heads, nh, nw, b, b, d)
+        if self.channels == "last":
+            return o.permute(0, 2, 4, 3, 5, 1, 6).reshape(big, hh, ww, c)
+        return o.permute(0, 1, 6, 2, 4, 3, 5).reshape(big, c, hh, ww)
+
+
+def _image(m: Halo, hh, ww, d=16, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = m.heads * d
+    shape = (batch, hh, ww, c) if m.channels == "last" else (batch, c, hh, ww)
+    return [torch.randn(shape, generator=g) for _ in range(3)]
+
+
+def _halo_brute(hh, ww, b, halo):
+    """(N, N) kept pairs of an H×W image, token by token: the key in the query block
+    grown by ``halo`` on each side, cut at the image's border."""
+    t = torch.arange(hh * ww)
+    y, x = t // ww, t % ww
+    ky, kx = y[None, :], x[None, :]
+    y0, x0 = (b * (y // b))[:, None], (b * (x // b))[:, None]
+    return (ky >= y0 - halo) & (ky < y0 + b + halo) & (kx >= x0 - halo) & (kx < x0 + b + halo)
+
+
+def _span(length, b, halo) -> int:
+    """The most keys a query keeps on an axis: b + 2·halo, less where every block's
+    window is cut by the border."""
+    y = torch.arange(length)
+    y0 = b * (y // b)
+    return int(
+        (torch.minimum(y0 + b + halo, torch.tensor(length)) - (y0 - halo).clamp(min=0)).max()
+    )
+
+
+def _program_keep(m: Halo, hh, ww) -> torch.Tensor:
+    """(N, N) pairs the program itself keeps, read off eager: q = 0 (every kept score
+    equal) and v one-hot over the tokens, so each query's output is 1/count on its kept
+    keys and exactly 0 elsewhere (per head; channels D = N)."""
+    n = hh * ww
+    zero = _image(m, hh, ww, d=n, batch=1)[0].zero_()
+    eye = torch.eye(n).repeat(1, m.heads)  # (N tokens, heads·N channels)
+    v = eye.view(1, hh, ww, -1) if m.channels == "last" else eye.t().reshape(1, -1, hh, ww)
+    with torch.no_grad():
+        o = m(zero, zero, v)
+    # (query token, head, key): channels last (token, head·key); first (head·key, token)
+    if m.channels == "last":
+        o = o.reshape(n, m.heads, n)
+    else:
+        o = o.reshape(m.heads, n, n).permute(2, 0, 1)
+    keep = o[:, 0] > 0
+    assert all(torch.equal(o[:, h] > 0, keep) for h in range(m.heads))
+    return keep
+
+
+HALO_CASES = [
+    dict(channels="first", spelling="pad", b=4, halo=1, heads=1, size=(8, 8)),
+    dict(channels="first", spelling="im2col", b=4, halo=2, heads=2, size=(8, 12)),
+    dict(channels="last", spelling="pad", b=4, halo=1, heads=2, size=(12, 8)),
+    dict(channels="last", spelling="im2col", b=2, halo=1, heads=1, size=(6, 10)),
+    dict(channels="first", spelling="im2col", b=4, halo=1, heads=2, size=(8, 8), flat=True),
+    dict(channels="first", spelling="pad", b=4, halo=2, heads=1, size=(12, 12), fill="finfo"),
+]
+HALO_IDS = ["first-pad", "first-im2col-heads", "last-pad-heads", "last-im2col", "flat", "finfo"]
+
+
+def _halo(kw) -> tuple[Halo, tuple[int, int]]:
+    kw = dict(kw)
+    size = kw.pop("size")
+    if kw.get("fill") == "finfo":  # lucid-style: the most negative finite float32
+        kw["fill"] = -torch.finfo(torch.float32).max
+    return Halo(**kw), size
+
+
+@pytest.mark.parametrize("kw", HALO_CASES, ids=HALO_IDS)
+def test_halo_blocks_read_back_over_the_image(kw):
+    """An image's q blocks, k/v windows grown by a halo and a ones-image mask: the site
+    is read back over the H·W tokens, its predicate keeps exactly the pairs the program
+    keeps (read off eager, and by brute force: the block grown by the halo, cut at the
+    border, per axis), it is labelled a 2-D neighborhood of (b + 2·halo)² keys, and the
+    rewrite (forward and gradients) passes the rule against eager."""
+    m, (hh, ww) = _halo(kw)
+    n, b, halo = hh * ww, kw["b"], kw["halo"]
+    site = _site(m, *_image(m, hh, ww), options=EAGER)
+    assert site.kind == "neighborhood", site
+    assert site.mask == f"neighborhood 2-D {hh}x{ww} k=({_span(hh, b, halo)},{_span(ww, b, halo)})"
+    assert site.spec.aux_dtypes == ()  # no mask tensor: the predicate is the mask
+    (fill,) = [op for op in site.spec.score_ops if op.op == "fill_pred"]
+    keep = fill.predicate.materialize(n, n)
+    assert torch.equal(keep, _program_keep(m, hh, ww))
+    assert torch.equal(keep, _halo_brute(hh, ww, b, halo))
+    attnfx.reset_counters()
+    torch._dynamo.reset()
+    assert_rewrites_match_eager(m, _image(m, hh, ww), kind="neighborhood", grad=True, options=EAGER)
+
+
+def _found(m, *inputs):
+    """The matched site of ``m``'s graph (``find_sites`` on the canonical graph)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(m, backend=backend)(*inputs)
+    (gm,) = graphs
+    canonicalize(gm)
+    (site,) = [s for s in find_sites(gm) if s.spec is not None]
+    return site
+
+
+def test_halo_operands_are_the_images():
+    """The op reads the images themselves: channels first, an (B, heads, D, H·W) view
+    put features last; channels last, (B, H·W, heads, D) with heads moved out; the
+    predicate is the AND of per-axis block bounds on ``Q // W`` and ``Q % W``, and the
+    output is permuted back into the image's layout."""
+    m = Halo(b=4, halo=1, heads=2)
+    site = _found(m, *_image(m, 8, 12))
+    assert site.kind == "neighborhood" and site.bucketed is not None
+    assert all(o.node.op == "placeholder" for o in (site.q, site.k, site.v))
+    assert (site.q.view, site.q.permute) == ((2, 2, 16, 96), (0, 1, 3, 2))
+    assert site.out_permute == (0, 1, 3, 2) and site.out_shape == (2, 32, 8, 12)
+    (fill,) = [op for op in site.spec.score_ops if op.op == "fill_pred"]
+    assert str(fill.predicate) == (
+        "(Mod(K, 12) >= 4*floor((Mod(Q, 12))/4) - 1)"
+        " & (Mod(K, 12) <= 4*floor((Mod(Q, 12))/4) + 4)"
+        " & (floor(K/12) >= 4*floor(floor(Q/12)/4) - 1)"
+        " & (floor(K/12) <= 4*floor(floor(Q/12)/4) + 4)"
+    )
+    last = Halo(b=4, halo=1, heads=2, channels="last")
+    site = _found(last, *_image(last, 8, 12))
+    assert (site.q.view, site.q.permute) == ((2, 96, 2, 16), (0, 2, 1, 3))
+    assert site.out_permute == (0, 2, 1, 3) and site.spec.out_layout == "bnhd"
+
+
+def test_halo_cpu_runs_keep_the_bucketed_form():
+    """As in 1-D: on CPU with ``cpu="auto"`` the read-back would run the token mask
+    densely, so the site stays in its blocked form (a tensor mask)."""
+    m = Halo(b=4, halo=1)
+    auto = _site(m, *_image(m, 8, 8), options={"cpu": "auto", "inner": "eager"})
+    assert auto.kind == "softmax" and _tensor_mask(auto)
+
+
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        # timm-style halo attention: k and v padded with zeros, no mask: the pads' zero
+        # scores join every border query's softmax — not attention over the tokens
+        (dict(unmasked=True), "no fill: nothing bucketed is masked"),
+        (dict(q_term=True), "score op add_aux"),  # relative logits from q: data
+    ],
+    ids=["unmasked-pads", "q-term"],
+)
+def test_halo_what_is_not_exact_stays_bucketed(bad, why, caplog, monkeypatch):
+    """Unmasked zero pads, or an additive term computed from q: the site stays the
+    blocked (dense per block) one, with the reason in the debug log, and still matches
+    eager."""
+    m = Halo(b=4, halo=1, heads=2, **bad)
+    monkeypatch.setenv("ATTNFX_DEBUG", "1")
+    with caplog.at_level("WARNING", logger="attnfx"):
+        site = _site(m, *_image(m, 8, 8), options=EAGER)
+    assert site.kind == "softmax"  # the blocks as heads: no predicate over the tokens
+    assert not [op for op in site.spec.score_ops if op.op == "fill_pred"]
+    assert why in caplog.text
+    attnfx.reset_counters()
+    torch._dynamo.reset()
+    assert_rewrites_match_eager(m, _image(m, 8, 8), kind="softmax", options=EAGER)
+
+
+@pytest.mark.parametrize("kw", HALO_CASES[:3:2], ids=["first", "last-heads"])
+def test_halo_kernels_match_eager(kw, monkeypatch, tmp_path):
+    """The read-back image site through the generated kernels (interpreter), fp32, 8×8
+    image, blocks of 4, forward and gradients."""
+    monkeypatch.setenv("ATTNFX_INTERPRET", "1")
+    monkeypatch.setenv("ATTNFX_CACHE_DIR", str(tmp_path))
+    m, _ = _halo(kw)
+    attnfx.reset_counters()
+    torch._dynamo.reset()
+    assert_rewrites_match_eager(
+        m, _image(m, 8, 8), kind="neighborhood", grad=True, options={"inner": "eager"}
+    )

@@ -218,12 +218,10 @@ def of_site(site) -> Neighborhood | None:
     ]
     if len(preds) != 1:
         return None
-    shapes = [G.shape(o.node) for o in (site.q, site.k)]
+    shapes = [o.op_shape(G.shape(o.node)) for o in (site.q, site.k)]
     if any(s is None or len(s) < 2 for s in shapes):
         return None
     (qs, ks) = shapes
-    if site.k.permute is not None:
-        ks = tuple(ks[i] for i in site.k.permute)
     nq, nk = (G.int_hint(s[-2]) for s in (qs, ks))
     if nq is None or nq != nk:
         return None
@@ -368,12 +366,12 @@ def _choose_layout(site, nb: Neighborhood) -> None:
     if not isinstance(ev, torch.Tensor) or not _runs_kernels(ev.device):
         return  # the CPU paths evaluate the predicate on every pair: tiles buy them nothing
     n = math.prod(lengths)
-    length = G.shape(site.q.node)[-2]
+    length = site.q.op_shape(G.shape(site.q.node))[-2]
     if not isinstance(length, int):
         return  # a symbolic length: the grid, and the token order, hold at one length only
     if n != length:
         return  # a ragged grid (a shorter last chunk): no whole tiles
-    d, dv = (G.int_hint(G.shape(o.node)[-1]) for o in (site.q, site.v))
+    d, dv = (G.int_hint(o.op_shape(G.shape(o.node))[-1]) for o in (site.q, site.v))
     if d is None or dv is None:
         return
     tiles = [t for t in (tile, shaped_tile(nb)) if t is not None]

@@ -236,6 +236,10 @@ def attention_aux_backward_op(
     kernels run: the dQ kernel adds dS into them (``run_backward(table_grads=...)``,
     from the saved ``out`` and ``lse``).  The others: PyTorch, in blocks of query rows
     (bounded memory), on any device."""
+    return _aux_backward_impl(dout, q, k, v, aux, out, lse, spec, which)
+
+
+def _aux_backward_impl(dout, q, k, v, aux, out, lse, spec: str, which) -> list[Tensor]:
     from attnfx import cpu
     from attnfx.reference import broadcast_dims, concentrate_gradient
 

@@ -739,3 +739,22 @@ def test_peaky_rows_float16_gradients_within_the_rule(n, sharpness):
     for name, c, b, gd in zip(("dq", "dk", "dv"), cand, base, gold):
         res = compare(c, b, gd, grad=True, context=name)
         assert res.ok, res.message
+
+
+@pytest.mark.parametrize("ops_", [(), (ScoreOp("mul", 0.125),)])
+def test_float32_scores_stay_in_natural_units(ops_, tmp_path, monkeypatch):
+    """A float32 softmax does not fold log2(e) into its scores (``Plan.fold_log2e``): the
+    kernels take exp2((s − m)·log2 e), whose rounding is |s − m|·eps, not the folded
+    scores' |s|·eps, which large unscaled float32 scores put over the rule.  16-bit
+    specs fold it (into the exp2's fused multiply-add where the program allows)."""
+    monkeypatch.setenv("ATTNFX_CACHE_DIR", str(tmp_path))
+    for dtype, fold in (("float32", False), ("float16", True)):
+        spec = AttentionSpec(
+            score_ops=ops_, head_dim=32, head_dim_v=32, dtype=dtype, out_dtype=dtype
+        )
+        assert codegen.make_plan(spec).fold_log2e is fold
+        fwd = codegen.generate_source(spec, "fwd")
+        bwd = codegen.generate_source(spec, "bwd")
+        folded = "_online_softmax_scaled(" in fwd or "1.4426950408889634  #" in fwd
+        assert folded is fold, fwd
+        assert ("* 1.4426950408889634)" in bwd) is not fold  # p = exp2((s - m) * log2 e)

@@ -21,6 +21,13 @@ model).  Choices (values simplest first, as the shrinker tries them):
                          position (``nb_causal``), ``nb_exact``: no key more than
                          ``nb_back·w`` before its query; read back over the tokens
                          (``attnfx.passes.recognize.bucketed``)
+                | halo    (2-D) blocked local attention on an image (HaloNet): q, k, v
+                         put in an image of the grid, channels ``nb_chan`` first or
+                         last; q cut into ``nb_block``² blocks, k and v into windows
+                         with ``nb_halo`` pixels around each block (``F.pad`` +
+                         ``Tensor.unfold``, or ``F.unfold``: ``nb_look``), a ones image
+                         cut the same way masking the padding; read back over the
+                         image's tokens
     nb_fill     masked_fill | where
     grid        the token grid: (n,), (a, b) or (a, b, c), small
     nb_kernel   kernel size per axis (may exceed the axis: clamped)
@@ -47,10 +54,12 @@ from attnfx.fuzz.frame import BIG_HEAD_DIM, Frame, Program, SiteGrammar
 
 KIND = "neighborhood"
 
-FORMS = ("natten", "grid2d", "sliding", "band", "chunk", "bucket")
+FORMS = ("natten", "grid2d", "sliding", "band", "chunk", "bucket", "halo")
 GRIDS = {1: ((5,), (7,), (12,), (17,), (24,)), 2: ((2, 3), (3, 3), (3, 5), (4, 4), (4, 6), (5, 5)),
          3: ((2, 2, 3), (2, 3, 3))}  # fmt: skip
 BUCKET_GRIDS = ((8,), (12,), (16,), (24,))  # lengths with divisors for the bucket size
+# images of 2x2 blocks or more (block 2: 4x4..6x6; block 3: 6x6)
+HALO_GRIDS = ((4, 4), (4, 6), (6, 4), (6, 6))
 
 SIMPLER = {
     **sm.SIMPLER_FRAME,
@@ -64,6 +73,9 @@ SIMPLER = {
     "nb_ahead": (0,),
     "nb_exact": (False,),
     "nb_rpb": ("none",),
+    "nb_block": (2,),
+    "nb_halo": (1,),
+    "nb_chan": ("first",),
 }
 RPB_FORMS = ("none", "heads", "shared", "swin")
 
@@ -72,7 +84,8 @@ def choices(draw, device: str) -> dict:
     c = sm.draw_frame(draw, device)
     form = draw(st.sampled_from(FORMS))
     dims = 2 if form == "grid2d" else 1 if form != "natten" else draw(st.sampled_from((1, 2, 3)))
-    grid = draw(st.sampled_from(BUCKET_GRIDS if form == "bucket" else GRIDS[dims]))
+    grids = {"bucket": BUCKET_GRIDS, "halo": HALO_GRIDS}.get(form, GRIDS[dims])
+    grid = draw(st.sampled_from(grids))
     c.update(
         {
             "near_miss": "none",
@@ -83,11 +96,16 @@ def choices(draw, device: str) -> dict:
             "nb_kernel": tuple(draw(st.integers(1, n + 1)) for n in grid),
             "nb_dil": draw(st.sampled_from((1, 1, 2))),
             "nb_causal": draw(st.booleans()) if form in ("natten", "bucket") else False,
-            "nb_look": draw(st.sampled_from(("cat", "unfold"))),
+            "nb_look": draw(
+                st.sampled_from(("unfold", "im2col") if form == "halo" else ("cat", "unfold"))
+            ),
             "nb_back": draw(st.sampled_from((1, 1, 2))),
             "nb_ahead": draw(st.sampled_from((0, 1))),
             "nb_exact": draw(st.booleans()),
             "nb_rpb": draw(st.sampled_from(RPB_FORMS)),
+            "nb_block": draw(st.sampled_from((2, 3))),
+            "nb_halo": draw(st.sampled_from((1, 2))),
+            "nb_chan": draw(st.sampled_from(("first", "last"))),
         }
     )
     return c
@@ -107,6 +125,9 @@ DEFAULTS = {
     "nb_ahead": 0,
     "nb_exact": False,
     "nb_rpb": "none",
+    "nb_block": 2,
+    "nb_halo": 1,
+    "nb_chan": "first",
 }
 
 
@@ -118,6 +139,19 @@ def normalize(c: dict) -> dict:
     grid = tuple(c["grid"])
     if c["nb_form"] == "grid2d" and len(grid) != 2:
         grid = (3, 3)
+    if c["nb_form"] == "halo":
+        # blocks that tile the image, at least two per axis; a halo that leaves some
+        # key out of every window (never all pairs)
+        grid = grid if grid in HALO_GRIDS else (4, 4)
+        b = int(c["nb_block"]) if int(c["nb_block"]) in (2, 3) else 2
+        if any(n % b or n // b < 2 for n in grid):
+            b = 2
+        c["nb_block"] = b
+        c["nb_halo"] = max(1, min(int(c["nb_halo"]), (min(grid) - b) // 2))
+        c["nb_chan"] = c["nb_chan"] if c["nb_chan"] in ("first", "last") else "first"
+        c["nb_look"] = c["nb_look"] if c["nb_look"] in ("unfold", "im2col") else "unfold"
+        c["nb_causal"], c["nb_dil"], c["nb_rpb"] = False, 1, "none"
+        c["gqa"] = "none"  # (the image holds the heads' channels of q, k and v alike)
     if c["nb_form"] in ("sliding", "band", "chunk") and len(grid) != 1:
         grid = (math.prod(grid),)
     ks = tuple(c["nb_kernel"])[: len(grid)]
@@ -126,7 +160,9 @@ def normalize(c: dict) -> dict:
         c["nb_dil"] = 1
     if c["nb_form"] not in ("natten", "bucket"):
         c["nb_causal"] = False
-    if c["nb_form"] == "bucket":
+    if c["nb_form"] == "halo":
+        ks = (c["nb_block"] + 2 * c["nb_halo"],) * 2  # (the window, for the report)
+    elif c["nb_form"] == "bucket":
         # w divides the length, and the window never spans every bucket: each query's
         # keys stop short of some bucket (never all pairs, nor, causal, the whole past)
         grid = grid if grid in BUCKET_GRIDS else (12,)
@@ -147,7 +183,7 @@ def normalize(c: dict) -> dict:
         ks = (max(1, min(ks[0], grid[0] // c["nb_dil"]) - 1),) + ks[1:]
         if ks[0] * c["nb_dil"] >= grid[0]:
             ks, c["nb_dil"] = (1,) + ks[1:], 1
-    if c["nb_rpb"] not in RPB_FORMS or c["nb_form"] == "bucket":
+    if c["nb_rpb"] not in RPB_FORMS or c["nb_form"] in ("bucket", "halo"):
         c["nb_rpb"] = "none"
     c["grid"], c["nb_kernel"] = grid, ks
     c["NQ"] = c["NKV"] = math.prod(grid)
@@ -243,6 +279,67 @@ def bucket_lines(c) -> list[str]:
     return L + [f"o = ({pv}).reshape(q.shape[0], q.shape[1], n_, d_)"]
 
 
+def halo_lines(c) -> list[str]:
+    """Blocked local attention on an image of the grid (``o`` back in (B, H, N, D))."""
+    (hh, ww), b, halo = c["grid"], c["nb_block"], c["nb_halo"]
+    win, nh, nw = b + 2 * halo, hh // b, ww // b
+    L = [
+        "b_, h_, n_, d_ = q.shape",
+        f"hh, ww, blk, win, nbl = {hh}, {ww}, {b}, {win}, {nh * nw}",
+    ]
+    if c["nb_chan"] == "last":  # (B, H, W, C), C = heads·D
+        L += [
+            "qi, ki, vi = (t.transpose(1, 2).reshape(b_, hh, ww, h_ * d_) for t in (q, k, v))",
+            f"bq = qi.reshape(b_, {nh}, blk, {nw}, blk, h_, d_).permute(0, 5, 1, 3, 2, 4, 6)",
+            "ki, vi = ki.permute(0, 3, 1, 2), vi.permute(0, 3, 1, 2)  # windows: channels first",
+        ]
+    else:  # (B, C, H, W)
+        L += [
+            "qi, ki, vi = (t.transpose(-1, -2).reshape(b_, h_ * d_, hh, ww) for t in (q, k, v))",
+            f"bq = qi.reshape(b_, h_, d_, {nh}, blk, {nw}, blk).permute(0, 1, 3, 5, 4, 6, 2)",
+        ]
+    L.append("bq = bq.reshape(b_ * h_, nbl, blk * blk, d_)")
+    if c["nb_look"] == "im2col":
+        cut = f"F.unfold({{x}}, kernel_size=win, stride=blk, padding={halo})"
+        L += [
+            f"bk, bv = ({cut.format(x='t')}.reshape(b_ * h_, d_, win * win, nbl)"
+            ".permute(0, 3, 2, 1) for t in (ki, vi))",
+            f"ones = {cut.format(x='torch.ones(1, 1, hh, ww, device=q.device)')}",
+            "pad = (ones == 0).transpose(1, 2)[:, :, None, :]  # (1, blocks, 1, win²)",
+        ]
+    else:
+        cut = f"F.pad({{x}}, ({halo},) * 4).unfold(2, win, blk).unfold(3, win, blk)"
+        L += [
+            f"bk, bv = ({cut.format(x='t')}.reshape(b_ * h_, d_, nbl, win * win)"
+            ".permute(0, 2, 3, 1) for t in (ki, vi))",
+            f"ones = {cut.format(x='torch.ones(1, 1, hh, ww, device=q.device)')}",
+            "pad = (ones == 0).reshape(1, nbl, 1, win * win)",
+        ]
+    if c["mm"] == "einsum":
+        L.append(f's = torch.einsum("bnid,bnjd->bnij", bq, bk) * {c["D"]} ** -0.5')
+    else:
+        L.append(f"s = (bq @ bk.transpose(-1, -2)) / math.sqrt({c['D']})")
+    if c["nb_fill"] == "where":
+        L.append('s = torch.where(pad, float("-inf"), s)')
+    else:
+        L.append('s = s.masked_fill(pad, float("-inf"))')
+    L.append(sm.softmax_line(c))
+    pv = 'torch.einsum("bnij,bnjd->bnid", p, bv)' if c["pv"] == "einsum" else "p @ bv"
+    if c["nb_chan"] == "last":
+        back = [
+            f"o = ({pv}).reshape(b_, h_, {nh}, {nw}, blk, blk, d_)",
+            "o = o.permute(0, 2, 4, 3, 5, 1, 6).reshape(b_, hh, ww, h_ * d_)",
+            "o = o.reshape(b_, n_, h_, d_).transpose(1, 2)",
+        ]
+    else:
+        back = [
+            f"o = ({pv}).reshape(b_, h_, {nh}, {nw}, blk, blk, d_)",
+            "o = o.permute(0, 1, 6, 2, 4, 3, 5).reshape(b_, h_ * d_, hh, ww)",
+            "o = o.reshape(b_, h_, d_, n_).transpose(-1, -2)",
+        ]
+    return L + back
+
+
 def _rpb_size(c) -> int:
     """Entries of the bias table: NAT's (2k−1)^n, else offsets −R..R."""
     if c["nb_form"] == "natten":
@@ -285,6 +382,8 @@ def rpb_init(c) -> list[str]:
 def body(c) -> list[str]:
     if c["nb_form"] == "bucket":
         return bucket_lines(c)
+    if c["nb_form"] == "halo":
+        return halo_lines(c)
     L = sm.scores_lines(c) + rpb_lines(c) + mask_lines(c)
     if c["nb_fill"] == "where":
         L.append('s = torch.where(keep, s, float("-inf"))')

@@ -117,6 +117,8 @@ def normalize(c: dict) -> dict:
         c["grads"] = False
     c = sm.normalize_frame(c, {})
     c["NKV"] = c["NQ"]
+    if sm.single_key(c):  # (judged by the frame on the length before NKV followed NQ)
+        c["grads"] = False
     return c
 
 

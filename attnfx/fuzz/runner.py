@@ -86,6 +86,8 @@ class Summary:
         rows.append(("known gaps (open bugs)", str(sum(gaps.values()))))
         ill = sum(r.stats.get("ill_conditioned", 0) for r in self.results)
         rows.append(("ill-conditioned (held to exact)", str(ill)))
+        prop = sum(r.stats.get("propagated", 0) for r in self.results)
+        rows.append(("several sites, each within the rule", str(prop)))
         cons = sum(r.stats.get("verifier_conservative", 0) for r in self.results)
         rows.append(("verifier kept, forced passes", str(cons)))
         rows.append(("near-misses correctly kept", f"{len(near_ok)} / {len(near)}"))

@@ -140,6 +140,34 @@ def test_look_around_buckets_read_back_over_the_tokens(kw):
     assert_rewrites_match_eager(m, _qkv(n), kind="neighborhood", grad=True, options=ALWAYS)
 
 
+class ScaledCopy(nn.Module):
+    """``Buckets`` on a copy of v scaled in place (``v = v.clone(); v.mul_(0.5)``)."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.inner = Buckets(w=w, back=1, fwd=0, causal=False)
+
+    def forward(self, q, k, v):
+        v = v.clone()
+        v.mul_(0.5)
+        return self.inner(q, k, v)
+
+
+@pytest.mark.parametrize("w", [1, 4])
+def test_copy_written_in_place_is_read_from_after_the_write(w):
+    """fuzz seed 5150 #90/#91: v is read from the copy written in place, not from the
+    input before it (that reading would drop the ``mul_``: the verifier caught it as a
+    write inside the site, and the site was kept); buckets of one token are a sequence,
+    not an (N, 1) image (whose reading started before the write)."""
+    n = 16
+    m = ScaledCopy(w)
+    site = _site(m, *_qkv(n))
+    assert site.kind == "neighborhood", site  # (kept, it was not in ``rewritten``)
+    attnfx.reset_counters()
+    torch._dynamo.reset()
+    assert_rewrites_match_eager(m, _qkv(n), kind="neighborhood", grad=True, options=ALWAYS)
+
+
 def test_read_back_predicate_is_a_bucket_and_band_form():
     """Causal look-back: ``K >= w·(Q // w) - w`` and ``K <= Q``, and the report names a
     1-D causal window of two buckets."""

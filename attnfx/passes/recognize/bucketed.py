@@ -254,11 +254,13 @@ def _token_views(shape: tuple, d: int):
     if len(shape) in (3, 4) and shape[-1] == d:
         yield None, None, tuple(shape[:-2]), shape[-2], (shape[-2],)
     if len(shape) == 4:
+        # (an image with a side of 1 is a sequence: read as one, its reading starts
+        # nearer the site, e.g. after a copy written in place)
         b, c, h, w = shape
-        if c % d == 0:
+        if c % d == 0 and h > 1 and w > 1:
             yield (b, c // d, d, h * w), (0, 1, 3, 2), (b, c // d), h * w, (h, w)
         b, h, w, c = shape
-        if c % d == 0:
+        if c % d == 0 and h > 1 and w > 1:
             yield (b, h * w, c // d, d), (0, 2, 1, 3), (b, c // d), h * w, (h, w)
 
 
@@ -292,6 +294,7 @@ def _reads(operand: Operand, want: tuple | None = None):
     ``want``: a ``_Source.key`` it must have."""
     start = operand.node
     d = operand.op_shape(G.shape(start))[-1]
+    written = _written_bases(start.graph)
     for src in reversed(_chain(start)[1:]):
         shape = G.shape(src)
         if (
@@ -305,6 +308,13 @@ def _reads(operand: Operand, want: tuple | None = None):
             continue
         try:
             nodes = _between(src, start)
+            # a copy on the way (``v.clone()``) written in place (``v.mul_(0.5)``) holds
+            # other values than ``src``: read from there, not from before it (writes into
+            # ``src``'s own storage reach the op's read too; ``rewrite.write_inside``
+            # keeps sites whose reads a write in between would change)
+            own = G.view_base(src)
+            if any(G.view_base(n) in written - {own} for n in nodes):
+                raise _No("a copy on the way is written in place")
             ids = _ids(src)
             env = _replay(nodes, {src: ids})
         except _No as e:
@@ -325,6 +335,21 @@ def _reads(operand: Operand, want: tuple | None = None):
             if not _one_lead(rows, n) or (want is None and not _each_once(rows, lead, n)):
                 continue  # (the token axis is another one: heads before tokens, say)
             yield _Source(src, rows, pads, lead, n, grid, view, perm)
+
+
+def _written_bases(graph: fx.Graph) -> set:
+    """The storages (view bases) some node of ``graph`` writes in place; every node's
+    base where a write cannot be placed."""
+    out = set()
+    for n in graph.nodes:
+        if n.op not in ("call_method", "call_function") or not G.has_side_effects(n):
+            continue
+        target = G.written_tensor(n)
+        if target is None:
+            return {G.view_base(m) for m in graph.nodes}  # (assume the worst)
+        if target is not False:
+            out.add(G.view_base(target))
+    return out
 
 
 def _one_lead(rows: torch.Tensor, n: int) -> bool:

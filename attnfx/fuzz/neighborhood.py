@@ -266,22 +266,29 @@ def bucket_lines(c) -> list[str]:
     L += _look_lines(c, "bk", "bk", "0.0") + _look_lines(c, "bv", "bv", "0.0")
     L += _look_lines(c, "kpos", "pos", "-1")
     L += ["kpos, qpos = kpos[..., 0][:, :, None, :], pos[..., 0][:, :, :, None]"]
-    if c["mm"] == "einsum":
-        L.append(f's = torch.einsum("bnid,bnjd->bnij", bq, bk) * {c["D"]} ** -0.5')
-    else:
-        L.append(f"s = (bq @ bk.transpose(-1, -2)) / math.sqrt({c['D']})")
     L.append("drop = kpos < 0")
     if c["nb_causal"]:
         L.append("drop = drop | (kpos > qpos)")
     if c["nb_exact"]:
         L.append(f"drop = drop | (qpos - kpos > {c['nb_back']} * w)")
-    if c["nb_fill"] == "where":
-        L.append('s = torch.where(drop, float("-inf"), s)')
+    L += _blocked_attention_lines(c, "drop")
+    return L + ["o = o.reshape(q.shape[0], q.shape[1], n_, d_)"]
+
+
+def _blocked_attention_lines(c, drop: str) -> list[str]:
+    """Softmax attention of the blocked ``bq`` over ``bk``/``bv``, the slots ``drop``
+    filled with -inf: ``o`` (blocks, rows, D)."""
+    if c["mm"] == "einsum":
+        L = [f's = torch.einsum("bnid,bnjd->bnij", bq, bk) * {c["D"]} ** -0.5']
     else:
-        L.append('s = s.masked_fill(drop, float("-inf"))')
+        L = [f"s = (bq @ bk.transpose(-1, -2)) / math.sqrt({c['D']})"]
+    if c["nb_fill"] == "where":
+        L.append(f's = torch.where({drop}, float("-inf"), s)')
+    else:
+        L.append(f's = s.masked_fill({drop}, float("-inf"))')
     L.append(sm.softmax_line(c))
     pv = 'torch.einsum("bnij,bnjd->bnid", p, bv)' if c["pv"] == "einsum" else "p @ bv"
-    return L + [f"o = ({pv}).reshape(q.shape[0], q.shape[1], n_, d_)"]
+    return L + [f"o = {pv}"]
 
 
 def halo_lines(c) -> list[str]:
@@ -320,25 +327,16 @@ def halo_lines(c) -> list[str]:
             f"ones = {cut.format(x='torch.ones(1, 1, hh, ww, device=q.device)')}",
             "pad = (ones == 0).reshape(1, nbl, 1, win * win)",
         ]
-    if c["mm"] == "einsum":
-        L.append(f's = torch.einsum("bnid,bnjd->bnij", bq, bk) * {c["D"]} ** -0.5')
-    else:
-        L.append(f"s = (bq @ bk.transpose(-1, -2)) / math.sqrt({c['D']})")
-    if c["nb_fill"] == "where":
-        L.append('s = torch.where(pad, float("-inf"), s)')
-    else:
-        L.append('s = s.masked_fill(pad, float("-inf"))')
-    L.append(sm.softmax_line(c))
-    pv = 'torch.einsum("bnij,bnjd->bnid", p, bv)' if c["pv"] == "einsum" else "p @ bv"
+    L += _blocked_attention_lines(c, "pad")
     if c["nb_chan"] == "last":
         back = [
-            f"o = ({pv}).reshape(b_, h_, {nh}, {nw}, blk, blk, d_)",
+            f"o = o.reshape(b_, h_, {nh}, {nw}, blk, blk, d_)",
             "o = o.permute(0, 2, 4, 3, 5, 1, 6).reshape(b_, hh, ww, h_ * d_)",
             "o = o.reshape(b_, n_, h_, d_).transpose(1, 2)",
         ]
     else:
         back = [
-            f"o = ({pv}).reshape(b_, h_, {nh}, {nw}, blk, blk, d_)",
+            f"o = o.reshape(b_, h_, {nh}, {nw}, blk, blk, d_)",
             "o = o.permute(0, 1, 6, 2, 4, 3, 5).reshape(b_, h_ * d_, hh, ww)",
             "o = o.reshape(b_, h_, d_, n_).transpose(-1, -2)",
         ]
